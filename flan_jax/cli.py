@@ -1,0 +1,162 @@
+"""The `flan-jax` command: parses T5X-style gin flags and runs one subcommand.
+
+  flan-jax train --gin_file=runs/smoke.gin [--gin_file=...] [--gin.KEY=VALUE ...]
+  flan-jax eval  --gin_file=runs/smoke.gin [--step=N]
+  flan-jax infer --model_dir=DIR [--step=N] [PROMPT ...]   (prompts from stdin if none)
+
+`--gin_file` is searched relative to the working directory, then the repo's
+`gin/` directory. `--gin.KEY=VALUE` adds the binding `KEY = VALUE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
+
+
+def _quiet_backends() -> None:
+    """Keeps TensorFlow to the CPU input pipeline and its logs quiet."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+    from absl import logging as absl_logging
+
+    # SeqIO warns once per task about uncached sources; only errors matter here.
+    absl_logging.set_verbosity(absl_logging.ERROR)
+
+    tf.config.set_visible_devices([], "GPU")
+    if os.environ.get("FLAN_JAX_DISTRIBUTED") == "1":
+        import jax
+
+        jax.distributed.initialize()  # Coordinator and process ids from the environment.
+
+
+def _split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+    """Pulls --gin_file=F and --gin.K=V out of argv; returns (files, bindings, rest)."""
+    files, bindings, rest = [], [], []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--gin_file" and args:
+            files.append(args.pop(0))
+        elif arg.startswith("--gin_file="):
+            files.append(arg.split("=", 1)[1])
+        elif arg.startswith("--gin."):
+            key, sep, value = arg[len("--gin."):].partition("=")
+            if not sep:
+                raise SystemExit(f"flan-jax: error: gin flag {arg!r} needs the form --gin.KEY=VALUE")
+            bindings.append(f"{key} = {value}")
+        else:
+            rest.append(arg)
+    return files, bindings, rest
+
+
+def _resolve_gin_file(name: str) -> str:
+    for candidate in (Path(name), GIN_DIR / name):
+        if candidate.is_file():
+            return str(candidate)
+    raise SystemExit(f"flan-jax: error: gin file {name!r} not found (looked in . and {GIN_DIR})")
+
+
+class _GinProbeFilter(logging.Filter):
+    """gin logs an error for every search-path prefix an include is not under; that is normal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Path not found:")
+
+
+def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
+    """Parses gin files and bindings; a bad one ends the program with gin's message."""
+    import gin
+
+    logging.getLogger().addFilter(_GinProbeFilter())
+
+    from flan_jax import trainer  # noqa: F401  (registers the configurables)
+    import tasks  # noqa: F401  (registers the SeqIO tasks and mixtures)
+
+    gin.add_config_file_search_path(str(GIN_DIR))
+    try:
+        gin.parse_config_files_and_bindings([_resolve_gin_file(f) for f in files], bindings, finalize_config=False)
+    except SystemExit:
+        raise
+    except Exception as e:  # gin raises several types; all are user errors here.
+        raise SystemExit(f"flan-jax: error: bad gin config: {e}") from None
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from flan_jax import trainer
+
+    try:
+        config = trainer.TrainConfig()
+    except TypeError as e:
+        raise SystemExit(f"flan-jax: error: incomplete gin config: {e}") from None
+    summary = trainer.train(config)
+    print(summary.format())
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from flan_jax import evaluation, inference, partitioning, trainer
+
+    config = trainer.TrainConfig()
+    model_dir = args.model_dir or config.model_dir
+    loaded = inference.load_run(model_dir, args.step)
+    evaluator = evaluation.Evaluator(evaluation.EvalConfig(), config.task_feature_lengths)
+    decode = trainer.make_decode_fn(loaded.module, partitioning.Partitioner(), evaluator.max_decode_length)
+    metrics = evaluator.evaluate(lambda x: decode(loaded.params, x), loaded.step)
+    print(f"step {loaded.step}")
+    for key, value in sorted(metrics.items()):
+        print(f"  {key.removeprefix('eval/'):<56} {value:7.2f}")
+
+
+def _cmd_infer(args: argparse.Namespace) -> None:
+    from flan_jax import inference
+
+    prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise SystemExit("flan-jax: error: no prompt given (pass it as an argument or on stdin)")
+    model = inference.load_run(args.model_dir, args.step)
+    answers = inference.generate(
+        model, prompts, max_decode_length=args.max_decode_length, max_input_length=args.max_input_length
+    )
+    for prompt, answer in zip(prompts, answers):
+        print(f"> {prompt}\n{answer}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flan-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="finetune on a SeqIO mixture (gin-configured)")
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint on EvalConfig's tasks")
+    p.add_argument("--model_dir", help="run directory (default: TrainConfig.model_dir)")
+    p.add_argument("--step", type=int, help="checkpoint step (default: best, else latest)")
+    p = sub.add_parser("infer", help="answer prompts with a trained model")
+    p.add_argument("--model_dir", required=True, help="run directory written by `flan-jax train`")
+    p.add_argument("--step", type=int, help="checkpoint step (default: best, else latest)")
+    p.add_argument("--max_decode_length", type=int, default=128)
+    p.add_argument("--max_input_length", type=int, default=512)
+    p.add_argument("prompts", nargs="*", help="prompts; read one per line from stdin if none")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    files, bindings, rest = _split_gin_args(argv)
+    args = build_parser().parse_args(rest)
+    _quiet_backends()
+    from flan_jax.errors import UserError
+
+    parse_gin(files, bindings)
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "infer": _cmd_infer}
+    try:
+        commands[args.command](args)
+    except UserError as e:
+        raise SystemExit(f"flan-jax: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

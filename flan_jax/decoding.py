@@ -1,0 +1,250 @@
+"""Batched autoregressive decoding with the decoder's kv cache; jit-compatible.
+
+Every decoder runs the same way (`prepare_decoder`): encode once, create
+the cache with the real encoder output, then call one decoder step per token
+inside a `jax.lax.while_loop` that stops when every row is done. Token 0 is
+both the decoder start id and the padding emitted after EOS. Outputs [.., L]
+hold the new tokens only (no start token), EOS included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flan_jax.model import Transformer
+
+Array = jax.Array
+PyTree = Any
+StepFn = Callable[[Array, PyTree], tuple[Array, PyTree]]
+
+EOS_ID = 1
+# Large but finite: sums of it with log-probs never turn into NaN.
+NEG_INF = -1.0e7
+
+
+def prepare_decoder(
+    model: Transformer,
+    params: PyTree,
+    encoder_input_tokens: Array,
+    max_decode_length: int,
+    num_copies: int = 1,
+) -> tuple[PyTree, StepFn]:
+    """Encodes the inputs and returns (initial cache, step).
+
+    `step(tokens [n], cache) -> (logits [n, v] float32, cache)` feeds one token
+    per row, n = batch * num_copies (copies of a row are adjacent, as beams are).
+    """
+    params = nn.unbox(params)
+    encoded = model.apply({"params": params}, encoder_input_tokens, enable_dropout=False, method=model.encode)
+    if num_copies > 1:
+        encoded = jnp.repeat(encoded, num_copies, axis=0)
+        encoder_input_tokens = jnp.repeat(encoder_input_tokens, num_copies, axis=0)
+
+    def run(tokens: Array, cache: PyTree | None) -> tuple[Array, PyTree]:
+        variables = {"params": params} if cache is None else {"params": params, "cache": cache}
+        step_tokens = tokens[:, None].astype(jnp.int32)  # [n, 1]
+        logits, mutated = model.apply(
+            variables,
+            encoded,
+            encoder_input_tokens,
+            step_tokens,
+            step_tokens,
+            enable_dropout=False,
+            decode=True,
+            max_decode_length=max_decode_length,
+            method=model.decode,
+            mutable=["cache"],
+        )
+        return logits[:, 0], mutated["cache"]
+
+    # The creating call stores the cross-attention projections of `encoded`
+    # and an empty self-attention cache; its logits are not used.
+    _, cache = run(jnp.zeros(encoded.shape[:1], jnp.int32), None)
+    return cache, run
+
+
+def _decode_loop(
+    model: Transformer,
+    params: PyTree,
+    encoder_input_tokens: Array,
+    max_decode_length: int,
+    eos_id: int,
+    choose: Callable[[Array, Array], Array],
+) -> Array:
+    """One token per row per step from `choose(logits [b, v], step) -> [b]`."""
+    batch = encoder_input_tokens.shape[0]
+    cache, step = prepare_decoder(model, params, encoder_input_tokens, max_decode_length)
+
+    def cond(state):
+        i, _, _, done, _ = state
+        return (i < max_decode_length) & ~jnp.all(done)
+
+    def body(state):
+        i, sequences, last, done, cache = state
+        logits, cache = step(last, cache)
+        token = jnp.where(done, 0, choose(logits, i).astype(jnp.int32))
+        sequences = sequences.at[:, i].set(token)
+        return i + 1, sequences, token, done | (token == eos_id), cache
+
+    state = (
+        jnp.array(0, jnp.int32),
+        jnp.zeros((batch, max_decode_length), jnp.int32),
+        jnp.zeros((batch,), jnp.int32),  # decoder start id
+        jnp.zeros((batch,), jnp.bool_),
+        cache,
+    )
+    return lax.while_loop(cond, body, state)[1]
+
+
+def greedy_decode(
+    model: Transformer,
+    params: PyTree,
+    encoder_input_tokens: Array,
+    *,
+    max_decode_length: int,
+    eos_id: int = EOS_ID,
+) -> Array:
+    """Argmax decoding: encoder_input_tokens [b, k] -> tokens [b, max_decode_length]."""
+    return _decode_loop(
+        model, params, encoder_input_tokens, max_decode_length, eos_id, lambda logits, _: jnp.argmax(logits, -1)
+    )
+
+
+def _top_k_filter(logits: Array, k: int) -> Array:
+    kth_best = lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits < kth_best, -jnp.inf, logits)
+
+
+def _top_p_filter(logits: Array, p: float) -> Array:
+    """Keeps the smallest set of best tokens whose probability reaches p."""
+    ranked = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    keep = jnp.cumsum(probs, axis=-1) - probs < p  # the best token is always kept
+    threshold = jnp.min(jnp.where(keep, ranked, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def temperature_sample(
+    model: Transformer,
+    params: PyTree,
+    encoder_input_tokens: Array,
+    rng: Array,
+    *,
+    max_decode_length: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int = EOS_ID,
+) -> Array:
+    """Ancestral sampling from softmax(logits / temperature), optionally
+    restricted to the top_k tokens and/or the top_p nucleus -> [b, L].
+
+    `temperature`, `top_k`, `top_p` are static; temperature 0 is greedy.
+    """
+
+    def choose(logits: Array, i: Array) -> Array:
+        if temperature == 0.0:
+            return jnp.argmax(logits, -1)
+        logits = logits / temperature
+        if top_k > 0:
+            logits = _top_k_filter(logits, top_k)
+        if top_p < 1.0:
+            logits = _top_p_filter(logits, top_p)
+        return jax.random.categorical(jax.random.fold_in(rng, i), logits, axis=-1)
+
+    return _decode_loop(model, params, encoder_input_tokens, max_decode_length, eos_id, choose)
+
+
+# --------------------------------------------------------------- beam search
+
+
+class _Beams(NamedTuple):
+    step: Array  # []
+    alive_sequences: Array  # [b, K, L], best first, no EOS yet
+    alive_log_probs: Array  # [b, K]
+    finished_sequences: Array  # [b, K, L], best first
+    finished_scores: Array  # [b, K] length-penalised
+    cache: PyTree  # batch b * K
+
+
+def _reorder_self_attention_cache(cache: PyTree, rows: Array) -> PyTree:
+    """Gathers cached keys/values [b*K, L, h, d] by beam; the cross-attention
+    projections are identical across a row's beams and stay put."""
+
+    def pick(path, x):
+        return x[rows] if path[-1].key in ("cached_key", "cached_value") else x
+
+    return jax.tree_util.tree_map_with_path(pick, cache)
+
+
+def beam_search(
+    model: Transformer,
+    params: PyTree,
+    encoder_input_tokens: Array,
+    *,
+    max_decode_length: int,
+    num_beams: int = 4,
+    alpha: float = 0.6,
+    eos_id: int = EOS_ID,
+) -> tuple[Array, Array]:
+    """Beam search -> (sequences [b, K, L], scores [b, K]), best first.
+
+    score = sum log p / ((5 + length) / 6) ** alpha (T5X's length penalty;
+    alpha 0 scores by the plain sum). Each step extends the K alive beams to
+    their 2K best continuations; as in HF and fairseq, a continuation ending in
+    EOS (or at max_decode_length) finishes only if it ranks in the top K. A row
+    stops when no alive beam can beat its K-th finished one even at full length.
+    """
+    batch, beams, length = encoder_input_tokens.shape[0], num_beams, max_decode_length
+    cache, step = prepare_decoder(model, params, encoder_input_tokens, length, num_copies=beams)
+
+    def penalty(n):
+        return ((5.0 + n) / 6.0) ** alpha
+
+    def take(x, index):  # x [b, n, ...], index [b, m] -> [b, m, ...]
+        return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    def cond(s: _Beams):
+        best_possible = s.alive_log_probs[:, 0] / penalty(length)
+        done = s.finished_scores[:, -1] >= best_possible
+        return (s.step < length) & ~jnp.all(done)
+
+    def body(s: _Beams):
+        i = s.step
+        last = jnp.where(i > 0, s.alive_sequences[:, :, jnp.maximum(i - 1, 0)], 0)  # [b, K]
+        logits, cache = step(last.reshape(-1), s.cache)
+        vocab = logits.shape[-1]
+        log_probs = jax.nn.log_softmax(logits).reshape(batch, beams, vocab)
+        candidates = (s.alive_log_probs[:, :, None] + log_probs).reshape(batch, beams * vocab)
+        top_log_probs, top_index = lax.top_k(candidates, 2 * beams)  # [b, 2K]
+        parent, token = top_index // vocab, top_index % vocab
+        sequences = take(s.alive_sequences, parent).at[:, :, i].set(token)  # [b, 2K, L]
+        ends = (token == eos_id) | (i == length - 1)
+
+        alive_log_probs, keep = lax.top_k(jnp.where(ends, NEG_INF, top_log_probs), beams)
+        rows = (jnp.arange(batch)[:, None] * beams + take(parent, keep)).reshape(-1)
+        cache = _reorder_self_attention_cache(cache, rows)
+
+        finishing = ends & (jnp.arange(2 * beams) < beams)
+        new_scores = jnp.where(finishing, top_log_probs / penalty(i + 1), NEG_INF)
+        finished_scores, best = lax.top_k(jnp.concatenate([s.finished_scores, new_scores], axis=1), beams)
+        finished_sequences = take(jnp.concatenate([s.finished_sequences, sequences], axis=1), best)
+        return _Beams(i + 1, take(sequences, keep), alive_log_probs, finished_sequences, finished_scores, cache)
+
+    start = _Beams(
+        step=jnp.array(0, jnp.int32),
+        alive_sequences=jnp.zeros((batch, beams, length), jnp.int32),
+        # Only beam 0 is live at first, so the first step does not pick copies.
+        alive_log_probs=jnp.tile(jnp.array([0.0] + [NEG_INF] * (beams - 1), jnp.float32), (batch, 1)),
+        finished_sequences=jnp.zeros((batch, beams, length), jnp.int32),
+        finished_scores=jnp.full((batch, beams), NEG_INF, jnp.float32),
+        cache=cache,
+    )
+    final = lax.while_loop(cond, body, start)
+    return final.finished_sequences, final.finished_scores

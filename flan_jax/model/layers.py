@@ -1,0 +1,343 @@
+"""Building blocks of T5: RMS norm, embedding, dense, attention, MLP, masks.
+
+Shape letters: b batch, q query length, k key length, L cache length,
+e emb_dim, h heads, d head_dim, m mlp_dim, v vocab, n relative buckets.
+Parameters are float32 and carry logical axis names (T5X's) so that
+`partitioning.Partitioner` can shard them; activation constraints are no-ops
+unless logical axis rules are active.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+Dtype = Any
+
+# T5X's initialisers: attention kernels normal, MLP/logits truncated normal.
+attention_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+mlp_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+# Large but finite, so that fully masked rows stay NaN-free.
+_MASK_VALUE = -1e10
+
+constrain = nn.with_logical_constraint
+
+
+# --------------------------------------------------------------------- masks
+
+
+def padding_mask(query_valid: Array, key_valid: Array) -> Array:
+    """[b, q], [b, k] bool -> [b, 1, q, k]: both positions hold real tokens."""
+    return query_valid[:, None, :, None] & key_valid[:, None, None, :]
+
+
+def segment_mask(query_segments: Array, key_segments: Array) -> Array:
+    """[b, q], [b, k] ids -> [b, 1, q, k]: query and key are in the same packed example."""
+    return query_segments[:, None, :, None] == key_segments[:, None, None, :]
+
+
+def causal_mask(length: int) -> Array:
+    """[1, 1, length, length]: a query sees itself and earlier keys."""
+    return jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]
+
+
+# ---------------------------------------------------------------- primitives
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: scale only, no centring or bias, computed in float32."""
+
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],), jnp.float32
+        )
+        x = x.astype(jnp.float32)
+        x = x * lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
+        return (x * scale).astype(self.dtype)
+
+
+class Dense(nn.Module):
+    """x[..., in] @ kernel[in, features], no bias; kernel float32, math in `dtype`."""
+
+    features: int
+    kernel_axes: tuple[str, str]
+    kernel_init: Initializer = mlp_kernel_init
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+            (x.shape[-1], self.features),
+            jnp.float32,
+        )
+        return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class Embed(nn.Module):
+    """Token embedding [v, e]; `attend` reuses it as a tied output layer."""
+
+    num_embeddings: int
+    features: int
+    dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+            (self.num_embeddings, self.features),
+            jnp.float32,
+        )
+
+    def __call__(self, ids: Array) -> Array:
+        """[b, l] int -> [b, l, e]."""
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: Array) -> Array:
+        """[b, l, e] -> [b, l, v] float32 logits against the embedding table."""
+        return jnp.dot(x.astype(jnp.float32), self.embedding.T)
+
+
+def relative_position_bucket(
+    relative_position: np.ndarray, bidirectional: bool, num_buckets: int, max_distance: int
+) -> np.ndarray:
+    """T5's bucketing of (key - query) offsets: exact near 0, logarithmic beyond.
+
+    Computed in numpy float32 at trace time, like T5X, so bucket boundaries are
+    bit-for-bit those of T5X checkpoints.
+    """
+    buckets = np.zeros_like(relative_position)
+    n = -relative_position
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (n < 0).astype(np.int32) * num_buckets
+        n = np.abs(n)
+    else:
+        n = np.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    log_ratio = np.log(n.astype(np.float32) / max_exact + np.finfo(np.float32).eps) / np.log(max_distance / max_exact)
+    val_if_large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(np.int32)
+    val_if_large = np.minimum(val_if_large, num_buckets - 1)
+    return buckets + np.where(is_small, n, val_if_large)
+
+
+class RelativePositionBiases(nn.Module):
+    """Learned per-head attention bias from bucketed relative positions."""
+
+    num_buckets: int
+    max_distance: int
+    num_heads: int
+
+    @nn.compact
+    def __call__(self, query_length: int, key_length: int, bidirectional: bool) -> Array:
+        """-> [1, h, q, k] float32.
+
+        Offsets come from aranges, not from packed `positions`: inside one
+        contiguous packed example the offsets are the same either way, and
+        pairs across examples are masked out.
+        """
+        relative = np.arange(key_length)[None, :] - np.arange(query_length)[:, None]  # [q, k]
+        buckets = relative_position_bucket(relative, bidirectional, self.num_buckets, self.max_distance)
+        table = self.param(
+            "rel_embedding",
+            nn.with_logical_partitioning(
+                nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"), ("heads", "relpos_buckets")
+            ),
+            (self.num_heads, self.num_buckets),
+            jnp.float32,
+        )
+        return jnp.take(table, jnp.asarray(buckets), axis=1)[None]  # [1, h, q, k]
+
+
+# ----------------------------------------------------------------- attention
+
+
+def dot_product_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    bias: Array | None,
+    *,
+    dropout: Callable[[Array], Array],
+    float32_logits: bool,
+) -> Array:
+    """softmax(q k^T + bias) v without 1/sqrt(d) (folded into the query init).
+
+    query [b, q, h, d], key/value [b, k, h, d], bias broadcastable to
+    [b, h, q, k] -> [b, q, h, d].
+    """
+    dtype = query.dtype
+    if float32_logits:
+        query, key = query.astype(jnp.float32), key.astype(jnp.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key)
+    # Bias and softmax in float32: -1e10 masks and small differences survive.
+    logits = logits.astype(jnp.float32)
+    if bias is not None:
+        logits = logits + bias
+    weights = dropout(jax.nn.softmax(logits, axis=-1).astype(dtype))
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, value.astype(dtype))
+
+
+class MultiHeadDotProductAttention(nn.Module):
+    """T5 attention with fused-head kernels [e, h*d] ('embed', 'joined_kv').
+
+    Decode mode (`decode=True`) keeps variables in the 'cache' collection:
+      * `causal=True` (decoder self-attention): `cached_key`/`cached_value`
+        [b, L, h, d] and `cache_index`; each call appends one token.
+      * `causal=False` (cross-attention): `projected_key`/`projected_value`,
+        the projections of `inputs_kv`, computed on the call that creates the
+        cache and reused afterwards.
+    The call that creates the cache (no 'cache' variables yet) writes nothing
+    else; use `flan_jax.decoding.init_cache`, which makes it with the real
+    encoder output.
+    """
+
+    num_heads: int
+    head_dim: int
+    dtype: Dtype = jnp.float32
+    dropout_rate: float = 0.0
+    float32_logits: bool = False
+    causal: bool = False
+    kernel_init: Initializer = attention_kernel_init
+
+    def _project(self, name: str, x: Array, kernel_init: Initializer) -> Array:
+        """[b, l, e] -> [b, l, h, d]."""
+        y = Dense(self.num_heads * self.head_dim, ("embed", "joined_kv"), kernel_init, self.dtype, name=name)(x)
+        y = y.reshape(*y.shape[:-1], self.num_heads, self.head_dim)
+        return constrain(y, ("batch", "length", "heads", "kv"))
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs_q: Array,
+        inputs_kv: Array,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        *,
+        deterministic: bool = True,
+        decode: bool = False,
+        cache_length: int | None = None,
+    ) -> Array:
+        """inputs_q [b, q, e], inputs_kv [b, k, e], mask [b, 1, q, k] bool,
+        bias [1|b, h, q, k] (decode: [1|b, h, L, L]) -> [b, q, e]."""
+        base_init = self.kernel_init
+        depth_scaling = self.head_dim**-0.5
+
+        def query_init(*args: Any) -> Array:
+            # T5X folds 1/sqrt(head_dim) into the initial query kernel.
+            return base_init(*args) * depth_scaling
+
+        query = self._project("query", inputs_q, query_init)
+        if decode and not self.causal:
+            key, value = self._cross_attention_cache(inputs_kv)
+        else:
+            key = self._project("key", inputs_kv, base_init)
+            value = self._project("value", inputs_kv, base_init)
+        if decode and self.causal:
+            if cache_length is None:
+                raise ValueError("decoder self-attention in decode mode needs cache_length")
+            key, value, mask, bias = self._append_to_cache(key, value, mask, bias, cache_length)
+
+        attention_bias = None
+        if mask is not None:
+            attention_bias = jnp.where(mask, 0.0, _MASK_VALUE).astype(jnp.float32)
+        if bias is not None:
+            attention_bias = bias if attention_bias is None else attention_bias + bias
+
+        dropout = nn.Dropout(rate=self.dropout_rate, broadcast_dims=(-2,))
+        x = dot_product_attention(
+            query,
+            key,
+            value,
+            attention_bias,
+            dropout=lambda w: dropout(w, deterministic=deterministic),
+            float32_logits=self.float32_logits,
+        )  # [b, q, h, d]
+        x = x.reshape(*x.shape[:-2], self.num_heads * self.head_dim)
+        out = Dense(inputs_q.shape[-1], ("joined_kv", "embed"), base_init, self.dtype, name="out")(x)
+        return constrain(out, ("batch", "length", "embed"))
+
+    def _cross_attention_cache(self, inputs_kv: Array) -> tuple[Array, Array]:
+        """Projects the encoder output once per decode, then reads it back."""
+        if self.has_variable("cache", "projected_key"):
+            return self.get_variable("cache", "projected_key"), self.get_variable("cache", "projected_value")
+        key = self._project("key", inputs_kv, self.kernel_init)
+        value = self._project("value", inputs_kv, self.kernel_init)
+        self.put_variable("cache", "projected_key", key)
+        self.put_variable("cache", "projected_value", value)
+        return key, value
+
+    def _append_to_cache(
+        self, key: Array, value: Array, mask: Array | None, bias: Array | None, cache_length: int
+    ) -> tuple[Array, Array, Array, Array | None]:
+        """Writes this step's key/value [b, 1, h, d] at `cache_index` and returns
+        the whole cache [b, L, h, d], a mask over filled slots [.., 1, L] and the
+        bias row of the current position [.., h, 1, L]."""
+        is_initialized = self.has_variable("cache", "cached_key")
+        batch, _, heads, depth = key.shape
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, (batch, cache_length, heads, depth), key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, (batch, cache_length, heads, depth), value.dtype)
+        cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        if is_initialized and key.shape[1] != 1:
+            raise ValueError(f"decode mode takes one token per call, got {key.shape[1]}")
+        index = cache_index.value
+        key = lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), (0, index, 0, 0))
+        value = lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype), (0, index, 0, 0))
+        if is_initialized:  # the creating call leaves an empty cache behind
+            cached_key.value, cached_value.value = key, value
+            cache_index.value = index + 1
+        filled = (jnp.arange(cache_length) <= index)[None, None, None, :]  # [1, 1, 1, L]
+        mask = filled if mask is None else mask & filled
+        if bias is not None:
+            bias = lax.dynamic_slice_in_dim(bias, index, 1, axis=-2)
+        return key, value, mask, bias
+
+
+# ----------------------------------------------------------------------- MLP
+
+_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": lambda x: nn.gelu(x, approximate=True),  # HF's gelu_new / T5X's gelu
+    "gelu_exact": lambda x: nn.gelu(x, approximate=False),
+    "relu": nn.relu,
+    "silu": nn.silu,
+    "linear": lambda x: x,
+}
+
+
+class MlpBlock(nn.Module):
+    """Position-wise feed-forward: product of activated `wi_*` branches, then `wo`.
+
+    One activation gives `wi`; several give gated units `wi_0`, `wi_1`, ...
+    """
+
+    mlp_dim: int
+    activations: Sequence[str] = ("relu",)
+    dtype: Dtype = jnp.float32
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+        """[b, l, e] -> [b, l, e]."""
+        hidden = None
+        for i, name in enumerate(self.activations):
+            branch_name = "wi" if len(self.activations) == 1 else f"wi_{i}"
+            branch = _ACTIVATIONS[name](Dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype, name=branch_name)(x))
+            hidden = branch if hidden is None else hidden * branch  # [b, l, m]
+        hidden = nn.Dropout(rate=self.dropout_rate, broadcast_dims=(-2,))(hidden, deterministic=deterministic)
+        hidden = constrain(hidden, ("batch", "length", "mlp"))
+        return Dense(x.shape[-1], ("mlp", "embed"), dtype=self.dtype, name="wo")(hidden)

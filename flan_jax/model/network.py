@@ -1,0 +1,291 @@
+"""The T5 encoder-decoder, with T5X's parameter tree and call signature."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flan_jax.model import layers
+from flan_jax.model.config import T5Config
+
+Array = jax.Array
+constrain = layers.constrain
+
+
+def _dropout(config: T5Config) -> nn.Dropout:
+    # Like T5X: one dropout mask per example, shared along the length axis.
+    return nn.Dropout(rate=config.dropout_rate, broadcast_dims=(-2,))
+
+
+def _norm(config: T5Config, name: str) -> layers.RMSNorm:
+    return layers.RMSNorm(epsilon=config.layer_norm_epsilon, dtype=config.activation_dtype, name=name)
+
+
+def _attention(config: T5Config, name: str, causal: bool = False) -> layers.MultiHeadDotProductAttention:
+    return layers.MultiHeadDotProductAttention(
+        num_heads=config.num_heads,
+        head_dim=config.head_dim,
+        dtype=config.activation_dtype,
+        dropout_rate=config.dropout_rate,
+        float32_logits=config.float32_attention_logits,
+        causal=causal,
+        name=name,
+    )
+
+
+def _mlp(config: T5Config) -> layers.MlpBlock:
+    return layers.MlpBlock(
+        mlp_dim=config.mlp_dim,
+        activations=config.mlp_activations,
+        dtype=config.activation_dtype,
+        dropout_rate=config.dropout_rate,
+        name="mlp",
+    )
+
+
+def _relpos(config: T5Config) -> layers.RelativePositionBiases:
+    return layers.RelativePositionBiases(
+        num_buckets=config.relative_attention_num_buckets,
+        max_distance=config.relative_attention_max_distance,
+        num_heads=config.num_heads,
+        name="relpos_bias",
+    )
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm self-attention and MLP blocks with residuals."""
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array, bias: Array, *, deterministic: bool) -> Array:
+        """x [b, l, e], mask [b, 1, l, l], bias [1, h, l, l] -> [b, l, e]."""
+        cfg = self.config
+        y = _norm(cfg, "pre_attention_layer_norm")(x)
+        y = _attention(cfg, "attention")(y, y, mask, bias, deterministic=deterministic)
+        x = x + _dropout(cfg)(y, deterministic=deterministic)
+        y = _norm(cfg, "pre_mlp_layer_norm")(x)
+        y = _mlp(cfg)(y, deterministic=deterministic)
+        x = x + _dropout(cfg)(y, deterministic=deterministic)
+        return constrain(x, ("batch", "length", "embed"))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm causal self-attention, cross-attention and MLP blocks."""
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        encoded: Array,
+        self_mask: Array | None,
+        cross_mask: Array,
+        bias: Array,
+        *,
+        deterministic: bool,
+        decode: bool,
+        cache_length: int | None,
+    ) -> Array:
+        """x [b, q, e], encoded [b, k, e], self_mask [b, 1, q, q] (None when
+        decoding), cross_mask [b, 1, q, k], bias [1, h, q, q] -> [b, q, e]."""
+        cfg = self.config
+        y = _norm(cfg, "pre_self_attention_layer_norm")(x)
+        y = _attention(cfg, "self_attention", causal=True)(
+            y, y, self_mask, bias, deterministic=deterministic, decode=decode, cache_length=cache_length
+        )
+        x = x + _dropout(cfg)(y, deterministic=deterministic)
+        y = _norm(cfg, "pre_cross_attention_layer_norm")(x)
+        y = _attention(cfg, "encoder_decoder_attention")(
+            y, encoded, cross_mask, None, deterministic=deterministic, decode=decode
+        )
+        x = x + _dropout(cfg)(y, deterministic=deterministic)
+        y = _norm(cfg, "pre_mlp_layer_norm")(x)
+        y = _mlp(cfg)(y, deterministic=deterministic)
+        x = x + _dropout(cfg)(y, deterministic=deterministic)
+        return constrain(x, ("batch", "length", "embed"))
+
+
+class Encoder(nn.Module):
+    """Token embedding, encoder layers and final norm."""
+
+    config: T5Config
+    shared_embedding: layers.Embed
+
+    @nn.compact
+    def __call__(self, tokens: Array, mask: Array, *, deterministic: bool) -> Array:
+        """tokens [b, l], mask [b, 1, l, l] -> encoded [b, l, e]."""
+        cfg = self.config
+        x = self.shared_embedding(tokens.astype(jnp.int32))
+        x = _dropout(cfg)(x, deterministic=deterministic)
+        x = constrain(x, ("batch", "length", "embed"))
+        length = tokens.shape[-1]
+        bias = _relpos(cfg)(length, length, bidirectional=True)
+        for i in range(cfg.num_encoder_layers):
+            x = EncoderLayer(cfg, name=f"layers_{i}")(x, mask, bias, deterministic=deterministic)
+        x = _norm(cfg, "encoder_norm")(x)
+        return _dropout(cfg)(x, deterministic=deterministic)
+
+
+class Decoder(nn.Module):
+    """Token embedding, decoder layers, final norm and output logits."""
+
+    config: T5Config
+    shared_embedding: layers.Embed
+
+    @nn.compact
+    def __call__(
+        self,
+        encoded: Array,
+        tokens: Array,
+        self_mask: Array | None,
+        cross_mask: Array,
+        *,
+        deterministic: bool,
+        decode: bool = False,
+        max_decode_length: int | None = None,
+    ) -> Array:
+        """encoded [b, k, e], tokens [b, q] -> logits [b, q, v] float32."""
+        cfg = self.config
+        x = self.shared_embedding(tokens.astype(jnp.int32))
+        x = _dropout(cfg)(x, deterministic=deterministic)
+        x = constrain(x, ("batch", "length", "embed"))
+        if decode:
+            if max_decode_length is None:
+                raise ValueError("decode=True needs max_decode_length")
+            # The whole [L, L] table; each self-attention takes its current row.
+            length = max_decode_length
+        else:
+            length = tokens.shape[-1]
+        bias = _relpos(cfg)(length, length, bidirectional=False)
+        for i in range(cfg.num_decoder_layers):
+            x = DecoderLayer(cfg, name=f"layers_{i}")(
+                x,
+                encoded,
+                self_mask,
+                cross_mask,
+                bias,
+                deterministic=deterministic,
+                decode=decode,
+                cache_length=max_decode_length,
+            )
+        x = _norm(cfg, "decoder_norm")(x)
+        x = _dropout(cfg)(x, deterministic=deterministic)
+        if cfg.logits_via_embedding:
+            # Tied output layer: rescale like Mesh TF T5 / HF do.
+            logits = self.shared_embedding.attend(x) * cfg.emb_dim**-0.5
+        else:
+            logits = layers.Dense(cfg.vocab_size, ("embed", "vocab"), dtype=jnp.float32, name="logits_dense")(x)
+        return constrain(logits, ("batch", "length", "vocab"))
+
+
+class Transformer(nn.Module):
+    """T5 encoder-decoder (T5X's `network.Transformer`).
+
+    Token id 0 is padding and the decoder start id. Packed rows carry
+    `*_segment_ids` (1, 2, ...; 0 = padding) that keep examples apart.
+    `*_positions` are accepted for T5X compatibility; relative offsets inside
+    a contiguous packed example equal those of the example alone, so the
+    biases are the same without them.
+    """
+
+    config: T5Config
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.token_embedder = layers.Embed(cfg.vocab_size, cfg.emb_dim, dtype=cfg.activation_dtype)
+        self.encoder = Encoder(cfg, shared_embedding=self.token_embedder)
+        self.decoder = Decoder(cfg, shared_embedding=self.token_embedder)
+
+    def encode(
+        self,
+        encoder_input_tokens: Array,
+        encoder_segment_ids: Array | None = None,
+        encoder_positions: Array | None = None,
+        *,
+        enable_dropout: bool = True,
+    ) -> Array:
+        """encoder_input_tokens [b, k] -> encoded [b, k, e]."""
+        del encoder_positions  # see the class docstring
+        valid = encoder_input_tokens > 0
+        mask = layers.padding_mask(valid, valid)
+        if encoder_segment_ids is not None:
+            mask &= layers.segment_mask(encoder_segment_ids, encoder_segment_ids)
+        return self.encoder(encoder_input_tokens, mask, deterministic=not enable_dropout)
+
+    def decode(
+        self,
+        encoded: Array,
+        encoder_input_tokens: Array,
+        decoder_input_tokens: Array,
+        decoder_target_tokens: Array,
+        encoder_segment_ids: Array | None = None,
+        decoder_segment_ids: Array | None = None,
+        decoder_positions: Array | None = None,
+        *,
+        enable_dropout: bool = True,
+        decode: bool = False,
+        max_decode_length: int | None = None,
+    ) -> Array:
+        """Decoder logits [b, q, v] float32 for decoder_input_tokens [b, q].
+
+        With `decode=True` it runs one step per call against the 'cache'
+        collection (see `flan_jax.decoding`); masks then come from the cache.
+        """
+        del decoder_positions  # see the class docstring
+        encoder_valid = encoder_input_tokens > 0
+        if decode:
+            self_mask = None
+            cross_mask = layers.padding_mask(jnp.ones_like(decoder_input_tokens, jnp.bool_), encoder_valid)
+        else:
+            # Like T5X, validity comes from the targets: inputs start with id 0.
+            valid = decoder_target_tokens > 0
+            self_mask = layers.padding_mask(valid, valid) & layers.causal_mask(decoder_target_tokens.shape[-1])
+            cross_mask = layers.padding_mask(valid, encoder_valid)
+            if (encoder_segment_ids is None) != (decoder_segment_ids is None):
+                raise ValueError("pass both encoder_segment_ids and decoder_segment_ids, or neither")
+            if decoder_segment_ids is not None:
+                self_mask &= layers.segment_mask(decoder_segment_ids, decoder_segment_ids)
+                cross_mask &= layers.segment_mask(decoder_segment_ids, encoder_segment_ids)
+        return self.decoder(
+            encoded,
+            decoder_input_tokens,
+            self_mask,
+            cross_mask,
+            deterministic=not enable_dropout,
+            decode=decode,
+            max_decode_length=max_decode_length,
+        )
+
+    def __call__(
+        self,
+        encoder_input_tokens: Array,
+        decoder_input_tokens: Array,
+        decoder_target_tokens: Array,
+        encoder_segment_ids: Array | None = None,
+        decoder_segment_ids: Array | None = None,
+        encoder_positions: Array | None = None,
+        decoder_positions: Array | None = None,
+        *,
+        enable_dropout: bool = True,
+        decode: bool = False,
+        max_decode_length: int | None = None,
+    ) -> Array:
+        """Teacher-forced logits [b, q, v] float32."""
+        encoded = self.encode(
+            encoder_input_tokens, encoder_segment_ids, encoder_positions, enable_dropout=enable_dropout
+        )
+        return self.decode(
+            encoded,
+            encoder_input_tokens,
+            decoder_input_tokens,
+            decoder_target_tokens,
+            encoder_segment_ids,
+            decoder_segment_ids,
+            decoder_positions,
+            enable_dropout=enable_dropout,
+            decode=decode,
+            max_decode_length=max_decode_length,
+        )

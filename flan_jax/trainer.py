@@ -1,0 +1,405 @@
+"""The training loop: packed batches -> jit train step on a mesh -> checkpoints and evals.
+
+One function, `train`, configured by gin. It resumes from the latest
+checkpoint in `model_dir`, logs to TensorBoard and `metrics.jsonl`, evaluates
+held-out tasks every `eval_every` steps, keeps the best checkpoint, and
+returns a `TrainSummary`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from clu import metric_writers
+
+from flan_jax import checkpoints as ckpt_lib
+from flan_jax import data as data_lib
+from flan_jax import decoding
+from flan_jax import evaluation
+from flan_jax import losses
+from flan_jax import optim
+from flan_jax import partitioning
+from flan_jax.errors import UserError
+from flan_jax.model import T5Config, Transformer
+
+PyTree = Any
+Batch = Mapping[str, jax.Array]
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What to train on and for how long."""
+
+    model_dir: str
+    mixture_or_task_name: str
+    num_steps: int
+    task_feature_lengths: Mapping[str, int] = dataclasses.field(
+        default_factory=lambda: {"inputs": 512, "targets": 128}
+    )
+    batch_size: int = 32  # global, across all devices and hosts
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    z_loss: float = 1e-4
+    label_smoothing: float = 0.0
+    loss_normalizing_factor: float | None = None
+
+
+@dataclasses.dataclass
+class TrainSummary:
+    """What a run reports at its end."""
+
+    first_step: int
+    last_step: int
+    first_loss: float | None
+    last_loss: float | None
+    tokens_per_sec: float | None
+    eval_metrics: dict[str, float]
+    checkpoint_dir: str
+    best_step: int | None
+    tensorboard_dir: str
+    config_path: str
+    already_complete: bool = False
+
+    def format(self) -> str:
+        lines = ["", "=" * 72]
+        if self.already_complete:
+            lines.append(f"Run already complete at step {self.last_step}; nothing to do.")
+        lines.append(f"steps           {self.first_step} -> {self.last_step}")
+        if self.first_loss is not None:
+            lines.append(f"loss            first {self.first_loss:.4f}   last {self.last_loss:.4f}")
+        if self.tokens_per_sec:
+            lines.append(f"throughput      {self.tokens_per_sec:,.0f} tokens/s")
+        if self.eval_metrics:
+            lines.append("held-out eval:")
+            for key, value in sorted(self.eval_metrics.items()):
+                lines.append(f"  {key.removeprefix('eval/'):<56} {value:7.2f}")
+        lines.append(f"checkpoints     {self.checkpoint_dir} (best step: {self.best_step})")
+        lines.append(f"tensorboard     {self.tensorboard_dir}")
+        lines.append(f"config          {self.config_path}")
+        lines.append("=" * 72)
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class _Model:
+    """The module plus the shardings of its parameters and optimizer state."""
+
+    module: Transformer
+    params_shardings: PyTree
+    opt_state_shardings: PyTree
+
+
+def _dummy_batch(lengths: Mapping[str, int], batch_size: int = 1) -> dict[str, jnp.ndarray]:
+    enc = jnp.ones((batch_size, lengths["inputs"]), jnp.int32)
+    dec = jnp.ones((batch_size, lengths["targets"]), jnp.int32)
+    return {"encoder_input_tokens": enc, "decoder_input_tokens": dec, "decoder_target_tokens": dec}
+
+
+def initialize(
+    module: Transformer,
+    tx: optax.GradientTransformation,
+    partitioner: partitioning.Partitioner,
+    lengths: Mapping[str, int],
+    seed: int,
+) -> tuple[_Model, PyTree, PyTree]:
+    """Initialises params and optimizer state directly into their shardings."""
+
+    def init_params(rng: jax.Array) -> PyTree:
+        return module.init(rng, **_dummy_batch(lengths), enable_dropout=False)["params"]
+
+    boxed = jax.eval_shape(init_params, jax.random.key(seed))
+    params_shardings = partitioner.params_shardings(boxed)
+    with partitioner.activate():
+        params = jax.jit(lambda rng: nn.unbox(init_params(rng)), out_shardings=params_shardings)(
+            jax.random.key(seed)
+        )
+        # The compiler propagates parameter shardings to Adafactor's (partly
+        # factored) statistics; we keep whatever it chose.
+        opt_state = jax.jit(tx.init)(params)
+    opt_state_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
+    return _Model(module, params_shardings, opt_state_shardings), params, opt_state
+
+
+def make_train_step(
+    model: _Model,
+    tx: optax.GradientTransformation,
+    config: TrainConfig,
+    partitioner: partitioning.Partitioner,
+) -> Callable[[PyTree, PyTree, Batch, jax.Array, jax.Array], tuple[PyTree, PyTree, dict]]:
+    """A jit-compiled (params, opt_state, batch, rng, step) -> (params, opt_state, metrics)."""
+
+    def train_step(params, opt_state, batch, rng, step):
+        dropout_rng = jax.random.fold_in(rng, step)
+
+        def loss_fn(p):
+            logits = model.module.apply(
+                {"params": p},
+                batch["encoder_input_tokens"],
+                batch["decoder_input_tokens"],
+                batch["decoder_target_tokens"],
+                encoder_segment_ids=batch.get("encoder_segment_ids"),
+                decoder_segment_ids=batch.get("decoder_segment_ids"),
+                encoder_positions=batch.get("encoder_positions"),
+                decoder_positions=batch.get("decoder_positions"),
+                enable_dropout=True,
+                rngs={"dropout": dropout_rng},
+            )
+            return losses.cross_entropy_loss(
+                logits,
+                batch["decoder_target_tokens"],
+                batch["decoder_loss_weights"],
+                z_loss=config.z_loss,
+                label_smoothing=config.label_smoothing,
+                loss_normalizing_factor=config.loss_normalizing_factor,
+            )
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+        return params, opt_state, metrics
+
+    batch_sharding = partitioner.batch_sharding()
+    replicated = partitioner.replicated()
+    return jax.jit(
+        train_step,
+        in_shardings=(model.params_shardings, model.opt_state_shardings, batch_sharding, replicated, replicated),
+        out_shardings=(model.params_shardings, model.opt_state_shardings, replicated),
+        donate_argnums=(0, 1),
+    )
+
+
+def make_decode_fn(
+    module: Transformer,
+    partitioner: partitioning.Partitioner,
+    max_decode_length: int,
+) -> Callable[[PyTree, np.ndarray], np.ndarray]:
+    """(params, encoder_input_tokens) -> greedy output tokens, jit-compiled once per shape."""
+    fn = jax.jit(functools.partial(decoding.greedy_decode, module, max_decode_length=max_decode_length))
+
+    def decode(params: PyTree, inputs: np.ndarray) -> np.ndarray:
+        with partitioner.activate():
+            return np.asarray(jax.device_get(fn(params, jnp.asarray(inputs))))
+
+    return decode
+
+
+class _MetricsLog:
+    """Appends one JSON line per logged step and mirrors scalars to TensorBoard."""
+
+    def __init__(self, model_dir: str, enabled: bool) -> None:
+        self.path = os.path.join(model_dir, "metrics.jsonl")
+        self.tb_dir = os.path.join(model_dir, "tb")
+        self.enabled = enabled
+        self.writer = metric_writers.create_default_writer(self.tb_dir, just_logging=not enabled)
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        scalars = {k: float(v) for k, v in scalars.items()}
+        self.writer.write_scalars(step, scalars)
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+    def read(self) -> list[dict]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+def _save_config(model_dir: str, step: int) -> str:
+    """Writes the operative gin config; an existing config.gin is never overwritten."""
+    path = os.path.join(model_dir, "config.gin")
+    text = gin.operative_config_str()
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return path
+        path = os.path.join(model_dir, f"config_resumed_at_{step}.gin")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def _summary_from_log(records: list[dict]) -> tuple[float | None, float | None, float | None, dict[str, float]]:
+    losses_ = [r["loss"] for r in records if "loss" in r]
+    speeds = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r]
+    evals = [r for r in records if any(k.startswith("eval/") for k in r)]
+    last_eval = {k: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {}
+    return (
+        losses_[0] if losses_ else None,
+        losses_[-1] if losses_ else None,
+        float(np.median(speeds)) if speeds else None,
+        last_eval,
+    )
+
+
+@gin.configurable(denylist=["config"])
+def train(
+    config: TrainConfig | None = None,
+    *,
+    model_config: T5Config | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    partitioner: partitioning.Partitioner | None = None,
+    checkpoint_config: ckpt_lib.CheckpointConfig | None = None,
+    eval_config: evaluation.EvalConfig | None = None,
+    show_progress: bool = True,
+) -> TrainSummary:
+    """Finetunes (or trains from scratch) a T5 on a SeqIO mixture; see module doc."""
+    config = config or TrainConfig()
+    model_config = model_config or T5Config()
+    tx = optimizer or optim.adafactor()
+    partitioner = partitioner or partitioning.Partitioner()
+    checkpoint_config = checkpoint_config or ckpt_lib.CheckpointConfig()
+    eval_config = eval_config or evaluation.EvalConfig()
+    lengths = dict(config.task_feature_lengths)
+    is_chief = jax.process_index() == 0
+
+    # Validate names and sizes before any work is done.
+    task = data_lib.get_mixture_or_task(config.mixture_or_task_name)
+    vocabulary = data_lib.targets_vocabulary(task)
+    if vocabulary.vocab_size > model_config.vocab_size:
+        raise UserError(
+            f"the vocabulary of {config.mixture_or_task_name!r} has {vocabulary.vocab_size} ids but "
+            f"T5Config.vocab_size is {model_config.vocab_size}"
+        )
+    if config.batch_size % partitioner.data_parallel_size:
+        raise UserError(
+            f"TrainConfig.batch_size={config.batch_size} is not divisible by the "
+            f"{partitioner.data_parallel_size} data-parallel devices"
+        )
+    evaluator = evaluation.Evaluator(eval_config, lengths) if eval_config.mixture_or_task_name else None
+
+    os.makedirs(config.model_dir, exist_ok=True)
+    checkpoint_dir = os.path.join(config.model_dir, "checkpoints")
+    checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, checkpoint_config)
+    log = _MetricsLog(config.model_dir, enabled=is_chief)
+
+    module = Transformer(model_config)
+    model, params, opt_state = initialize(module, tx, partitioner, lengths, config.seed)
+    start_step = checkpointer.latest_step() or 0
+    if start_step:
+        params, opt_state, meta = checkpointer.restore(
+            start_step, ckpt_lib.abstract_like(params), ckpt_lib.abstract_like(opt_state)
+        )
+        print(f"Resumed from {checkpoint_dir} at step {start_step}.")
+    config_path = _save_config(config.model_dir, start_step)
+    vocab_record = data_lib.save_vocabulary(vocabulary, config.model_dir) if is_chief else {}
+
+    def meta(step: int) -> dict:
+        return {
+            "step": step,
+            "model_config": dataclasses.asdict(model_config),
+            "vocabulary": vocab_record,
+            "data": {"mixture_or_task_name": config.mixture_or_task_name, "seed": config.seed, "batches_consumed": step},
+        }
+
+    if start_step >= config.num_steps:
+        checkpointer.close()
+        log.close()
+        first, last, speed, last_eval = _summary_from_log(log.read())
+        return TrainSummary(
+            start_step, start_step, first, last, speed, last_eval, checkpoint_dir,
+            checkpointer.best_step(), log.tb_dir, config_path, already_complete=True,
+        )
+
+    ds = data_lib.get_train_dataset(
+        config.mixture_or_task_name,
+        lengths,
+        config.batch_size // jax.process_count(),
+        seed=config.seed,
+        start_batch=start_step,
+        shard_index=jax.process_index(),
+        num_shards=jax.process_count(),
+    )
+    train_step = make_train_step(model, tx, config, partitioner)
+    decode = make_decode_fn(module, partitioner, lengths["targets"]) if evaluator else None
+    rng = jax.random.key(config.seed + 1)
+
+    def run_eval(step: int) -> dict[str, float]:
+        metrics = evaluator.evaluate(functools.partial(decode, params), step)
+        log.write(step, metrics)
+        return metrics
+
+    progress = tqdm.tqdm(
+        total=config.num_steps, initial=start_step, disable=not (show_progress and is_chief),
+        unit="step", dynamic_ncols=True,
+    )
+    window_tokens, window_start, pending = 0, time.perf_counter(), []
+    first_loss = last_loss = None
+    speeds: list[float] = []
+    eval_metrics: dict[str, float] = {}
+    step = start_step
+    with partitioner.activate():
+        for host_batch in data_lib.as_numpy(ds):
+            if step >= config.num_steps:
+                break
+            fill = data_lib.fill_rates(host_batch)
+            window_tokens += data_lib.num_real_tokens(host_batch) * jax.process_count()
+            batch = partitioner.shard_batch(host_batch)
+            params, opt_state, metrics = train_step(params, opt_state, batch, rng, jnp.asarray(step, jnp.int32))
+            step += 1
+            pending.append(metrics)
+            progress.update(1)
+            if step == start_step + 1 or step % config.log_every == 0 or step == config.num_steps:
+                host = jax.device_get(pending)  # Syncs with the device once per log interval.
+                elapsed = time.perf_counter() - window_start
+                totals = {k: sum(float(m[k]) for m in host) for k in host[0]}
+                scalars = {
+                    "loss": totals["loss"] / len(host),
+                    "cross_ent_loss": totals["cross_ent_sum"] / max(totals["num_tokens"], 1.0),
+                    "accuracy": totals["correct"] / max(totals["num_tokens"], 1.0),
+                    "grad_norm": totals["grad_norm"] / len(host),
+                    "tokens_per_sec": window_tokens / elapsed,
+                    **fill,
+                }
+                if step > start_step + 1:  # The first window includes compilation.
+                    speeds.append(scalars["tokens_per_sec"])
+                log.write(step, scalars)
+                first_loss = scalars["loss"] if first_loss is None else first_loss
+                last_loss = scalars["loss"]
+                progress.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{scalars['tokens_per_sec']:,.0f}")
+                window_tokens, window_start, pending = 0, time.perf_counter(), []
+            is_last = step == config.num_steps
+            eval_now = evaluator is not None and (
+                is_last or (config.eval_every and step % config.eval_every == 0)
+            )
+            if eval_now:
+                progress.write(f"Evaluating at step {step} on {len(evaluator.task_names)} tasks...")
+                eval_metrics = run_eval(step)
+                progress.write(f"  average accuracy {eval_metrics.get('eval/average_accuracy', float('nan')):.2f}")
+                window_start = time.perf_counter()
+            if eval_now or is_last or step % checkpoint_config.save_every == 0:
+                checkpointer.save(step, params, opt_state, meta(step), metrics=eval_metrics if eval_now else None)
+    progress.close()
+    checkpointer.wait()
+    best_step = checkpointer.best_step()
+    checkpointer.close()
+    log.close()
+    if first_loss is None:
+        raise UserError(f"the dataset of {config.mixture_or_task_name!r} yielded no batch")
+    first_loss = _summary_from_log(log.read())[0] or first_loss  # The run's, across resumes.
+    return TrainSummary(
+        start_step, step, first_loss, last_loss,
+        float(np.median(speeds)) if speeds else None,
+        eval_metrics, checkpoint_dir, best_step, log.tb_dir, config_path,
+    )

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The CPU smoke run: install, finetune a tiny T5 on the built-in Flan-style
+# mixture, then ask the trained model a question. Extra flags go to
+# `flan-jax train`, e.g. --gin.TrainConfig.num_steps=100.
+# Re-running resumes from the last checkpoint (or reports the run complete).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/launch/setup_env.sh"
+cd "$ROOT"
+MODEL_DIR="${MODEL_DIR:-$ROOT/runs/smoke}"
+flan-jax train --gin_file=runs/smoke.gin --gin.TrainConfig.model_dir="'$MODEL_DIR'" "$@"
+PROMPT="${PROMPT:-Q: Tom has 3 boxes with 4 apples each. He eats 2 apples. How many apples are left? Let's think step by step.}"
+flan-jax infer --model_dir="$MODEL_DIR" "$PROMPT"

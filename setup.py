@@ -1,0 +1,41 @@
+"""Installs flan-jax: Flan-style instruction finetuning of T5 in JAX."""
+
+from setuptools import find_packages, setup
+
+# `t5` depends on `seqio-nightly`, which installs into the same `seqio/`
+# directory as `seqio`. launch/install.sh reinstalls the pinned `seqio` last
+# so that its files win; tests/test_install.py checks the installed version.
+SEQIO_VERSION = "0.0.20"
+
+setup(
+    name="flan-jax",
+    version="0.1.0",
+    description="Flan-style instruction finetuning of T5 encoder-decoders in JAX.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["flan_jax", "flan_jax.*", "tasks", "tasks.*"]),
+    include_package_data=True,
+    install_requires=[
+        "jax>=0.10,<0.13",
+        "flax>=0.11,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        f"seqio=={SEQIO_VERSION}",
+        "t5>=0.9.4,<0.10",
+        "tensorflow-text>=2.16,<2.22",
+        "gin-config>=0.5,<0.6",
+        "clu>=0.0.12",
+        "tensorboard>=2.16",
+        "tqdm>=4.66",
+        "sentencepiece>=0.2",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "transformers>=4.40",
+            "torch==2.13.0",
+            "safetensors>=0.4",
+        ],
+    },
+    entry_points={"console_scripts": ["flan-jax=flan_jax.cli:main"]},
+)

@@ -1,0 +1,263 @@
+"""Task families and their SeqIO registration.
+
+A `Family` is a `TaskSpec` (templates) plus a function that draws one example
+from a random generator. `add_family` records it; `register_seqio` (run by
+`import tasks` after every module in the package is imported) registers, for
+each family and each of its variants, the SeqIO task
+`builtin_{family}_{variant}`, and then the mixtures:
+
+  builtin_train          train split of every family not held out, all variants.
+                         Rates: equal per family, split evenly over its
+                         variants (so multiple-choice families, which have six
+                         variants instead of four, are not over-sampled).
+  builtin_validation_zs  the same families' zero-shot variants, for
+                         in-distribution evaluation on the validation split.
+  builtin_heldout        every variant of the held-out families, never trained on.
+
+Examples are deterministic in (family, split, index). Train examples whose
+question also occurs in the validation split are redrawn, so the splits are
+disjoint even where a family's space of questions is small.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import random
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import seqio
+import t5.evaluation.metrics
+import tensorflow as tf
+
+from tasks import templates
+
+TRAIN_MIXTURE = "builtin_train"
+HELDOUT_MIXTURE = "builtin_heldout"
+VALIDATION_MIXTURE = "builtin_validation_zs"
+SPLITS = ("train", "validation")
+TASK_PREFIX = "builtin_"
+RENDER_SEED = 0  # Seeds template and exemplar choice; fixed so a task's data never changes.
+
+Example = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A task family: how to render its examples and how to generate them."""
+
+    spec: templates.TaskSpec
+    generate: Callable[[random.Random], Example]
+    train_size: int = 10_000
+    validation_size: int = 100
+    heldout: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def split_size(self, split: str) -> int:
+        if split not in SPLITS:
+            raise ValueError(f"family {self.name!r} has no split {split!r}; it has {SPLITS}")
+        return self.train_size if split == "train" else self.validation_size
+
+    def example(self, split: str, index: int) -> Example:
+        """Example `index` of `split`; the same arguments always give the same example."""
+        if not 0 <= index < self.split_size(split):
+            raise IndexError(f"{self.name}/{split} has no example {index}")
+        # A str seed is hashed with sha512, so it is stable across processes.
+        rng = random.Random(f"{self.name}/{split}/{index}")
+        example = self.generate(rng)
+        if split == "train":
+            while example["question"] in _validation_questions(self):
+                example = self.generate(rng)
+        return example
+
+
+@functools.lru_cache(maxsize=None)
+def _validation_questions(family: Family) -> frozenset[str]:
+    return frozenset(family.example("validation", i)["question"] for i in range(family.validation_size))
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def add_family(family: Family) -> Family:
+    """Records a family; `register_seqio` turns it into SeqIO tasks.
+
+    Adding a family under a name already present replaces it, so re-importing
+    a module is harmless.
+    """
+    _FAMILIES[family.name] = family
+    return family
+
+
+def families() -> dict[str, Family]:
+    """Every recorded family, by name."""
+    return dict(_FAMILIES)
+
+
+def task_name(family_name: str, variant: str) -> str:
+    return f"{TASK_PREFIX}{family_name}_{variant}"
+
+
+def render_example(family: Family, split: str, index: int, example: Mapping[str, Any], variant: str, *,
+                   seed: int = RENDER_SEED, max_input_length: int | None = None,
+                   length_fn: Callable[[str], int] = len) -> dict[str, str]:
+    """Renders example `index` of `split` as `variant`: picks the template and exemplars, then renders."""
+    spec = family.spec
+    exemplars = []
+    if variant.startswith("fs_"):
+        exemplars = templates.pick_exemplars(
+            spec.name, split, index, seed, example,
+            train_example=functools.partial(family.example, "train"),
+            num_train=family.train_size, count=spec.num_shots,
+        )
+    return templates.render(
+        spec, example, variant,
+        template_index=templates.pick_template(spec.name, split, index, seed, len(spec.templates)),
+        exemplars=exemplars, max_input_length=max_input_length, length_fn=length_fn,
+    )
+
+
+def postprocess(output: str | bytes, example: Mapping[str, Any] | None = None, is_target: bool = False) -> str:
+    """SeqIO postprocess_fn: the final answer, for predictions and targets alike."""
+    del example, is_target  # Same extraction either way, so exact match compares answers.
+    return templates.extract_answer(output)
+
+
+# ---------------------------------------------------------------------------
+# SeqIO plumbing: a source of raw examples, then render -> tokenize -> EOS.
+
+
+def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *, family: Family) -> tf.data.Dataset:
+    """The raw examples of one split, plus their `split` and `index`.
+
+    Shuffling permutes the whole split (not just a buffer), so training sees
+    every example once per epoch in a seed-determined order.
+    """
+    size = family.split_size(split)
+    has_options = family.spec.multiple_choice
+
+    def lookup(index: np.int64) -> list[Any]:
+        ex = family.example(split, int(index))
+        fields = [ex["question"], ex["answer"], ex["rationale"]]
+        if has_options:
+            fields.append(np.array(ex["options"], dtype=object))
+        return fields
+
+    def to_features(index: tf.Tensor) -> dict[str, tf.Tensor]:
+        tout = [tf.string] * (4 if has_options else 3)
+        values = tf.numpy_function(lookup, [index], tout, stateful=False)
+        names = ["question", "answer", "rationale", "options"]
+        features = {"split": tf.constant(split), "index": index}
+        for name, value in zip(names, values):
+            value.set_shape([None] if name == "options" else [])
+            features[name] = value
+        return features
+
+    ds = tf.data.Dataset.range(size)
+    if shuffle_files:
+        ds = ds.shuffle(size, seed=seed, reshuffle_each_iteration=True)
+    return ds.map(to_features)
+
+
+def render_preprocessor(
+    dataset: tf.data.Dataset,
+    sequence_length: Mapping[str, int] | None = None,
+    output_features: Mapping[str, seqio.Feature] | None = None,
+    *,
+    family: Family,
+    variant: str,
+    seed: int = RENDER_SEED,
+) -> tf.data.Dataset:
+    """Maps raw examples to {"inputs", "targets", "answer"} strings.
+
+    With a sequence length, few-shot prompts drop exemplars until they fit in
+    `sequence_length["inputs"]` tokens, counting the EOS that is appended later.
+    """
+    limit = None
+    length_fn: Callable[[str], int] = len
+    if sequence_length and sequence_length.get("inputs") and output_features:
+        limit = sequence_length["inputs"] - 1
+        vocab = output_features["inputs"].vocabulary
+        length_fn = lambda text: len(vocab.encode(text))  # noqa: E731
+
+    def py_render(split: bytes, index: np.int64, question: bytes, answer: bytes, rationale: bytes, *options: Any) -> list[bytes]:
+        example = {"question": question.decode(), "answer": answer.decode(), "rationale": rationale.decode()}
+        if options:
+            example["options"] = [o.decode() for o in options[0]]
+        rendered = render_example(family, split.decode(), int(index), example, variant, seed=seed,
+                                  max_input_length=limit, length_fn=length_fn)
+        return [rendered["inputs"].encode(), rendered["targets"].encode()]
+
+    def fn(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        args = [ex["split"], ex["index"], ex["question"], ex["answer"], ex["rationale"]]
+        if "options" in ex:
+            args.append(ex["options"])
+        inputs, targets = tf.numpy_function(py_render, args, [tf.string, tf.string], stateful=False)
+        inputs.set_shape([])
+        targets.set_shape([])
+        return {"inputs": inputs, "targets": targets, "answer": ex["answer"]}
+
+    return dataset.map(fn)
+
+
+def _register_family(family: Family, vocabulary: seqio.Vocabulary) -> None:
+    output_features = {
+        "inputs": seqio.Feature(vocabulary, add_eos=True),
+        "targets": seqio.Feature(vocabulary, add_eos=True),
+    }
+    source = seqio.FunctionDataSource(
+        functools.partial(_dataset_fn, family=family),
+        splits=SPLITS,
+        num_input_examples={split: family.split_size(split) for split in SPLITS},
+    )
+    for variant in family.spec.variants:
+        name = task_name(family.name, variant)
+        seqio.TaskRegistry.remove(name)  # Re-registering must not raise.
+        seqio.TaskRegistry.add(
+            name,
+            source=source,
+            preprocessors=[
+                functools.partial(render_preprocessor, family=family, variant=variant),
+                seqio.preprocessors.tokenize,
+                seqio.preprocessors.append_eos_after_trim,
+            ],
+            output_features=output_features,
+            postprocess_fn=postprocess,
+            metric_fns=[t5.evaluation.metrics.accuracy],
+        )
+
+
+def _add_mixture(name: str, tasks: list[tuple[str, float]]) -> None:
+    seqio.MixtureRegistry.remove(name)
+    if tasks:
+        seqio.MixtureRegistry.add(name, tasks)
+
+
+def register_seqio(vocabulary: seqio.Vocabulary | None = None) -> None:
+    """(Re-)registers every recorded family's tasks and the three mixtures.
+
+    Idempotent. Call it again after `add_family` outside a `tasks/` module
+    (e.g. in a notebook) to make the new family's tasks visible.
+    """
+    if vocabulary is None:
+        from tasks import vocab  # Late import: the vocabulary is built from the families.
+
+        vocabulary = vocab.get_default_vocabulary()
+    train, validation, heldout = [], [], []
+    for family in sorted(_FAMILIES.values(), key=lambda f: f.name):
+        _register_family(family, vocabulary)
+        variants = family.spec.variants
+        names = [task_name(family.name, v) for v in variants]
+        if family.heldout:
+            heldout += [(n, 1.0) for n in names]
+        else:
+            train += [(n, 1.0 / len(variants)) for n in names]
+            validation += [(task_name(family.name, v), 1.0) for v in variants if v in templates.ZERO_SHOT_VARIANTS]
+    _add_mixture(TRAIN_MIXTURE, train)
+    _add_mixture(VALIDATION_MIXTURE, validation)
+    _add_mixture(HELDOUT_MIXTURE, heldout)

@@ -1,0 +1,22 @@
+"""Shared test set-up: quiet TensorFlow, keep it off GPUs, find ../shared."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("FLAN_JAX_DATA_DIR", str(REPO.parent / "shared" / "data"))
+os.environ.setdefault("FLAN_JAX_FIXTURES_DIR", str(REPO.parent / "shared" / "fixtures"))
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from flan_jax.model import T5Config
+
+    return T5Config(
+        vocab_size=128, emb_dim=32, num_heads=2, head_dim=16, num_encoder_layers=2,
+        num_decoder_layers=2, mlp_dim=64, dropout_rate=0.0,
+    )

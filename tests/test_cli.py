@@ -1,0 +1,94 @@
+"""The `flan-jax` command end to end: train, resume, infer, and its error messages."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A few steps of the smoke config, small enough for a test.
+SMALL = [
+    "--gin_file=runs/smoke.gin",
+    "--gin.TrainConfig.task_feature_lengths={'inputs': 64, 'targets': 32}",
+    "--gin.TrainConfig.batch_size=4",
+    "--gin.TrainConfig.log_every=2",
+    "--gin.TrainConfig.eval_every=0",
+    "--gin.EvalConfig.num_examples=2",
+    "--gin.EvalConfig.batch_size=4",
+    "--gin.CheckpointConfig.save_every=2",
+]
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run(
+        [sys.executable, "-m", "flan_jax.cli", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, input=stdin, timeout=600,
+    )
+
+
+def test_bad_gin_flag_names_the_key(tmp_path):
+    result = run_cli("train", *SMALL, f"--gin.TrainConfig.model_dir='{tmp_path}'", "--gin.TrainConfig.num_stepz=3")
+    assert result.returncode != 0
+    assert "num_stepz" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_unknown_gin_file_is_named():
+    result = run_cli("train", "--gin_file=runs/nope.gin")
+    assert result.returncode != 0
+    assert "runs/nope.gin" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unknown_task_is_named(tmp_path):
+    result = run_cli(
+        "train", *SMALL, f"--gin.TrainConfig.model_dir='{tmp_path}'",
+        "--gin.TrainConfig.mixture_or_task_name='no_such_task'",
+    )
+    assert result.returncode != 0
+    assert "no_such_task" in result.stderr
+    assert "builtin_train" in result.stderr  # lists what exists
+    assert "Traceback" not in result.stderr
+
+
+def test_train_resume_and_infer(tmp_path):
+    model_dir = tmp_path / "run"
+    first = run_cli("train", *SMALL, f"--gin.TrainConfig.model_dir='{model_dir}'", "--gin.TrainConfig.num_steps=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "held-out eval" in first.stdout
+    records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 4]
+    assert all(r["loss"] > 0 and r["tokens_per_sec"] > 0 for r in records if "loss" in r)
+    assert any(k.startswith("eval/") and k.endswith("/accuracy") for k in records[-1])
+    assert 0 < records[0]["fill_rate/inputs"] <= 1
+    config_text = (model_dir / "config.gin").read_text()
+    assert "TrainConfig.num_steps = 4" in config_text and "T5Config.emb_dim" in config_text
+    assert list((model_dir / "tb").iterdir()), "no TensorBoard event files"
+    assert sorted(p.name for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+
+    again = run_cli("train", *SMALL, f"--gin.TrainConfig.model_dir='{model_dir}'", "--gin.TrainConfig.num_steps=4")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already complete" in again.stdout
+
+    longer = run_cli("train", *SMALL, f"--gin.TrainConfig.model_dir='{model_dir}'", "--gin.TrainConfig.num_steps=6")
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "Resumed from" in longer.stdout and "steps           4 -> 6" in longer.stdout
+    records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 4, 5, 6]
+    assert (model_dir / "config.gin").read_text() == config_text  # never overwritten
+    assert (model_dir / "config_resumed_at_4.gin").exists()
+
+    answer = run_cli("infer", f"--model_dir={model_dir}", "--max_decode_length=8", stdin="What is 2 plus 3?\n")
+    assert answer.returncode == 0, answer.stderr[-3000:]
+    assert "> What is 2 plus 3?" in answer.stdout
+
+
+def test_infer_on_missing_run_is_clear(tmp_path):
+    result = run_cli("infer", f"--model_dir={tmp_path}", "hello")
+    assert result.returncode != 0
+    assert str(tmp_path) in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,268 @@
+"""The T5 model: gin configs, parameter tree, HF parity, packing, kv cache."""
+
+import dataclasses
+import os
+from pathlib import Path
+
+import flax
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flan_jax import decoding
+from flan_jax.model import T5Config, Transformer, params_from_hf_state_dict
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(os.environ.get("FLAN_JAX_FIXTURES_DIR", REPO.parent / "shared" / "fixtures"))
+
+TINY = T5Config(
+    vocab_size=256, emb_dim=64, num_heads=4, head_dim=16, num_encoder_layers=2, num_decoder_layers=2,
+    mlp_dim=128, dropout_rate=0.0,
+)
+
+
+def _init(config: T5Config, seed: int = 0):
+    tokens = jnp.ones((1, 8), jnp.int32)
+    variables = Transformer(config).init(jax.random.key(seed), tokens, tokens, tokens, enable_dropout=False)
+    return flax.linen.unbox(variables["params"])
+
+
+def _random_tokens(rng, shape, vocab, lengths):
+    """Rows of random ids ending in EOS (1) at `lengths`, then padding."""
+    tokens = rng.integers(2, vocab, shape)
+    for row, n in enumerate(lengths):
+        tokens[row, n - 1] = 1
+        tokens[row, n:] = 0
+    return tokens
+
+
+def _shift_right(targets):
+    return np.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+
+
+# ------------------------------------------------------------------ configs
+
+
+# Parameter counts of the published checkpoints (HF's T5ForConditionalGeneration).
+KNOWN_PARAM_COUNTS = {
+    "flan_t5_small": 76_961_152,
+    "flan_t5_base": 247_577_856,
+    "t5_1_1_small": 76_961_152,
+    "t5_1_1_base": 247_577_856,
+    "t5_small": 60_506_624,
+    "t5_base": 222_903_552,
+}
+
+
+def _model_gin_files():
+    return sorted((REPO / "gin" / "models").glob("*.gin"))
+
+
+def test_every_model_gin_file_parses():
+    names = {path.stem for path in _model_gin_files()}
+    sizes = ("small", "base", "large", "xl", "xxl")
+    assert {f"t5_1_1_{s}" for s in sizes} | {f"flan_t5_{s}" for s in sizes} | {"t5_small", "t5_base", "tiny"} <= names
+    try:
+        for path in _model_gin_files():
+            gin.clear_config()
+            gin.parse_config_file(str(path))
+            config = T5Config()
+            assert config.vocab_size == (1024 if path.stem == "tiny" else 32128), path
+            original_t5 = path.stem in ("t5_small", "t5_base")
+            assert config.mlp_activations == (("relu",) if original_t5 else ("gelu", "linear")), path
+            assert config.logits_via_embedding == original_t5, path
+    finally:
+        gin.clear_config()
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_PARAM_COUNTS))
+def test_published_sizes_have_known_parameter_counts(name):
+    try:
+        gin.clear_config()
+        gin.parse_config_file(str(REPO / "gin" / "models" / f"{name}.gin"))
+        config = T5Config()
+    finally:
+        gin.clear_config()
+    tokens = jnp.ones((1, 4), jnp.int32)
+    shapes = jax.eval_shape(lambda: Transformer(config).init(jax.random.key(0), tokens, tokens, tokens))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"])) == KNOWN_PARAM_COUNTS[name]
+
+
+def test_parameter_tree_and_axes_match_t5x():
+    shapes_file = FIXTURES / "t5x" / "param_shapes.txt"
+    if not shapes_file.exists():
+        pytest.skip("T5X fixture not found")
+    config = T5Config(
+        vocab_size=512, emb_dim=64, num_heads=4, head_dim=16, num_encoder_layers=2, num_decoder_layers=2,
+        mlp_dim=128,
+    )
+    tokens = jnp.ones((1, 4), jnp.int32)
+    boxed = jax.eval_shape(lambda: Transformer(config).init(jax.random.key(0), tokens, tokens, tokens))["params"]
+    flat = flax.traverse_util.flatten_dict(boxed, sep="/")
+    got = {path: tuple(leaf.value.shape) for path, leaf in flat.items()}
+    want = {}
+    for line in shapes_file.read_text().splitlines():
+        if line and not line.startswith("#"):
+            path, shape, _ = line.split("\t")
+            want[path] = tuple(int(d) for d in shape.strip("()").split(",") if d.strip())
+    assert got == want
+    axes = {path: leaf.names for path, leaf in flat.items()}
+    assert axes["token_embedder/embedding"] == ("vocab", "embed")
+    assert axes["encoder/relpos_bias/rel_embedding"] == ("heads", "relpos_buckets")
+    assert axes["encoder/layers_0/attention/query/kernel"] == ("embed", "joined_kv")
+    assert axes["decoder/layers_1/self_attention/out/kernel"] == ("joined_kv", "embed")
+    assert axes["decoder/layers_0/mlp/wo/kernel"] == ("mlp", "embed")
+    assert axes["decoder/logits_dense/kernel"] == ("embed", "vocab")
+
+
+# -------------------------------------------------------------- HF parity
+
+
+def _hf_model(v1_1: bool, seed: int = 0):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    hf_config = transformers.T5Config(
+        vocab_size=TINY.vocab_size, d_model=TINY.emb_dim, d_kv=TINY.head_dim, d_ff=TINY.mlp_dim,
+        num_layers=TINY.num_encoder_layers, num_decoder_layers=TINY.num_decoder_layers, num_heads=TINY.num_heads,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.0,
+        layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu" if v1_1 else "relu", tie_word_embeddings=not v1_1,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )
+    model = transformers.T5ForConditionalGeneration(hf_config).eval()
+    if v1_1:
+        # transformers 5.x ties lm_head to `shared` even with tie_word_embeddings=False.
+        model.lm_head.weight = torch.nn.Parameter(torch.randn(TINY.vocab_size, TINY.emb_dim) * 0.5)
+        assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    if v1_1:
+        assert not np.array_equal(state["lm_head.weight"], state["shared.weight"])
+    return model, state
+
+
+@pytest.mark.parametrize("v1_1", [True, False], ids=["v1_1_gated_gelu_untied", "original_relu_tied"])
+def test_logits_match_hf(v1_1):
+    import torch
+
+    hf, state = _hf_model(v1_1)
+    config = TINY if v1_1 else dataclasses.replace(TINY, mlp_activations=("relu",), logits_via_embedding=True)
+    params = params_from_hf_state_dict(state, config)
+    rng = np.random.default_rng(1)
+    encoder_tokens = _random_tokens(rng, (3, 14), config.vocab_size, [14, 9, 5])
+    targets = _random_tokens(rng, (3, 10), config.vocab_size, [10, 6, 3])
+    decoder_inputs = _shift_right(targets)
+
+    got = Transformer(config).apply(
+        {"params": params}, jnp.asarray(encoder_tokens), jnp.asarray(decoder_inputs), jnp.asarray(targets),
+        enable_dropout=False,
+    )
+    with torch.no_grad():
+        want = hf(
+            input_ids=torch.tensor(encoder_tokens),
+            attention_mask=torch.tensor(encoder_tokens > 0),
+            decoder_input_ids=torch.tensor(decoder_inputs),
+        ).logits.numpy()
+    real = targets > 0
+    assert np.abs(want[real]).max() > 0.1  # not a degenerate model
+    np.testing.assert_allclose(np.asarray(got)[real], want[real], atol=1e-4, rtol=0)
+
+
+def test_hf_mapping_rejects_a_mismatched_config():
+    state = {k: np.zeros(v.shape, v.dtype) for k, v in _hf_model(v1_1=True)[1].items()}
+    with pytest.raises(ValueError, match="does not fit"):
+        params_from_hf_state_dict(state, dataclasses.replace(TINY, mlp_dim=96))
+    del state["lm_head.weight"]
+    with pytest.raises(KeyError, match="lm_head"):
+        params_from_hf_state_dict(state, TINY)
+
+
+# ---------------------------------------------------------------- packing
+
+
+def test_packed_example_sees_what_it_sees_alone():
+    params = _init(TINY)
+    model = Transformer(TINY)
+    apply = jax.jit(model.apply, static_argnames="enable_dropout")
+    rng = np.random.default_rng(2)
+    # Three examples (inputs, targets), EOS-terminated.
+    examples = [
+        (_random_tokens(rng, (1, n), TINY.vocab_size, [n])[0], _random_tokens(rng, (1, m), TINY.vocab_size, [m])[0])
+        for n, m in [(5, 4), (7, 3), (4, 5)]
+    ]
+
+    def pack(parts, length):
+        tokens, segments, positions = (np.zeros((1, length), np.int32) for _ in range(3))
+        start = 0
+        for segment, part in enumerate(parts, 1):
+            end = start + len(part)
+            tokens[0, start:end], segments[0, start:end], positions[0, start:end] = part, segment, np.arange(len(part))
+            start = end
+        return tokens, segments, positions
+
+    enc, enc_seg, enc_pos = pack([x for x, _ in examples], 20)
+    tgt, dec_seg, dec_pos = pack([y for _, y in examples], 14)
+    # seqio shifts targets right within each packed example.
+    dec_in = np.where(dec_pos == 0, 0, np.roll(tgt, 1, axis=1))
+    packed = apply(
+        {"params": params}, enc, dec_in, tgt, enc_seg, dec_seg, enc_pos, dec_pos, enable_dropout=False
+    )
+    for segment, (inputs, targets) in enumerate(examples, 1):
+        alone = apply(
+            {"params": params}, inputs[None], _shift_right(targets[None]), targets[None], enable_dropout=False
+        )
+        rows = np.asarray(dec_seg[0] == segment)
+        np.testing.assert_allclose(np.asarray(packed)[0, rows], np.asarray(alone)[0], atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------- kv cache
+
+
+@pytest.mark.parametrize("extra_cache", [0, 5])
+def test_cached_decoding_matches_the_full_forward_pass(extra_cache):
+    params = _init(TINY, seed=3)
+    model = Transformer(TINY)
+    rng = np.random.default_rng(3)
+    encoder_tokens = _random_tokens(rng, (2, 12), TINY.vocab_size, [12, 7])
+    targets = rng.integers(2, TINY.vocab_size, (2, 9))
+    decoder_inputs = _shift_right(targets)
+    full = jax.jit(model.apply, static_argnames="enable_dropout")(
+        {"params": params}, encoder_tokens, decoder_inputs, targets, enable_dropout=False
+    )
+
+    cache, step = decoding.prepare_decoder(model, params, jnp.asarray(encoder_tokens), targets.shape[1] + extra_cache)
+    step = jax.jit(step)
+    for t in range(targets.shape[1]):
+        logits, cache = step(jnp.asarray(decoder_inputs[:, t]), cache)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, t]), atol=1e-5, rtol=0, err_msg=f"step {t}")
+
+
+def test_decode_mode_takes_one_token_per_call():
+    params = _init(TINY)
+    model = Transformer(TINY)
+    tokens = jnp.ones((1, 4), jnp.int32)
+    cache, _ = decoding.prepare_decoder(model, params, tokens, 4)
+    encoded = model.apply({"params": params}, tokens, enable_dropout=False, method=model.encode)
+    with pytest.raises(ValueError, match="one token per call"):
+        model.apply(
+            {"params": params, "cache": cache}, encoded, tokens, tokens, tokens, enable_dropout=False, decode=True,
+            max_decode_length=4, method=model.decode, mutable=["cache"],
+        )
+
+
+# ------------------------------------------------------------ dtype/dropout
+
+
+def test_bfloat16_activations_and_dropout():
+    config = dataclasses.replace(TINY, dtype="bfloat16", dropout_rate=0.1)
+    params = _init(config)
+    model = Transformer(config)
+    tokens = jnp.asarray(_random_tokens(np.random.default_rng(4), (2, 8), config.vocab_size, [8, 5]))
+    quiet = model.apply({"params": params}, tokens, tokens, tokens, enable_dropout=False)
+    assert quiet.dtype == jnp.float32 and bool(jnp.isfinite(quiet).all())
+    noisy = [
+        model.apply({"params": params}, tokens, tokens, tokens, rngs={"dropout": jax.random.key(s)}) for s in (0, 1)
+    ]
+    assert not np.allclose(noisy[0], noisy[1])
+    np.testing.assert_array_equal(quiet, model.apply({"params": params}, tokens, tokens, tokens, enable_dropout=False))
