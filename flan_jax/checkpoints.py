@@ -82,20 +82,19 @@ class Checkpointer:
         self,
         step: int,
         params: PyTree,
-        opt_state: PyTree,
+        opt_state: PyTree | None,
         meta: Mapping[str, Any],
         metrics: Mapping[str, float] | None = None,
     ) -> None:
-        """Saves asynchronously; an existing step is never overwritten."""
+        """Saves asynchronously; an existing step is never overwritten. opt_state may be None."""
         if step in self.manager.all_steps():
             return
+        items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(dict(meta))}
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
         self.manager.save(
             step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                opt_state=ocp.args.StandardSave(opt_state),
-                meta=ocp.args.JsonSave(dict(meta)),
-            ),
+            args=ocp.args.Composite(**items),
             metrics=dict(metrics) if metrics else None,
             force=True,
         )

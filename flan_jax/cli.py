@@ -2,7 +2,8 @@
 
   flan-jax train --gin_file=runs/smoke.gin [--gin_file=...] [--gin.KEY=VALUE ...]
   flan-jax eval  --gin_file=runs/smoke.gin [--step=N]
-  flan-jax infer --model_dir=DIR [--step=N] [PROMPT ...]   (prompts from stdin if none)
+  flan-jax infer --checkpoint=PATH [--decode=greedy|beam|sample] [PROMPT ...]   (stdin if none)
+  flan-jax convert SRC DST [--to=flan-jax|hf]
 
 `--gin_file` is searched relative to the working directory, then the repo's
 `gin/` directory. `--gin.KEY=VALUE` adds the binding `KEY = VALUE`.
@@ -103,12 +104,11 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from flan_jax import evaluation, inference, partitioning, trainer
 
     config = trainer.TrainConfig()
-    model_dir = args.model_dir or config.model_dir
-    loaded = inference.load_run(model_dir, args.step)
+    model = inference.load_model(args.checkpoint or config.model_dir, step=args.step, vocab_path=args.vocab)
     evaluator = evaluation.Evaluator(evaluation.EvalConfig(), config.task_feature_lengths)
-    decode = trainer.make_decode_fn(loaded.module, partitioning.Partitioner(), evaluator.max_decode_length)
-    metrics = evaluator.evaluate(lambda x: decode(loaded.params, x), loaded.step)
-    print(f"step {loaded.step}")
+    decode = trainer.make_decode_fn(model.module, partitioning.Partitioner(), evaluator.max_decode_length)
+    metrics = evaluator.evaluate(lambda x: decode(model.params, x), model.step)
+    print(f"step {model.step}")
     for key, value in sorted(metrics.items()):
         print(f"  {key.removeprefix('eval/'):<56} {value:7.2f}")
 
@@ -119,27 +119,68 @@ def _cmd_infer(args: argparse.Namespace) -> None:
     prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         raise SystemExit("flan-jax: error: no prompt given (pass it as an argument or on stdin)")
-    model = inference.load_run(args.model_dir, args.step)
+    model = inference.load_model(args.checkpoint, step=args.step, vocab_path=args.vocab)
+    options = {}
+    if args.decode == "beam":
+        options = {"num_beams": args.num_beams, "alpha": args.alpha}
+    elif args.decode == "sample":
+        options = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     answers = inference.generate(
-        model, prompts, max_decode_length=args.max_decode_length, max_input_length=args.max_input_length
+        model, prompts, method=args.decode, max_decode_length=args.max_decode_length,
+        max_input_length=args.max_input_length, seed=args.seed, **options,
     )
     for prompt, answer in zip(prompts, answers):
         print(f"> {prompt}\n{answer}\n")
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from flan_jax import formats
+    from flan_jax.formats import hf
+
+    loaded = formats.load_checkpoint(args.src, step=args.step)
+    vocab_file = args.vocab or formats.vocab_file_of(loaded)
+    if args.to == "hf":
+        if os.path.exists(args.dst) and os.listdir(args.dst):
+            raise SystemExit(f"flan-jax: error: {args.dst} exists and is not empty; refusing to overwrite it")
+        import jax
+
+        hf.save_hf_directory(args.dst, jax.device_get(loaded.params), loaded.config, vocab_file)
+    else:
+        formats.save_flan_jax(args.dst, loaded.config, loaded.params, vocab_file, loaded.step)
+    print(f"{args.src} ({loaded.format}, step {loaded.step}) -> {args.dst} ({args.to})")
+    if not vocab_file:
+        print("note: no vocabulary was found or given (--vocab); the result carries none")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flan-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="finetune on a SeqIO mixture (gin-configured)")
-    p = sub.add_parser("eval", help="evaluate a run's checkpoint on EvalConfig's tasks")
-    p.add_argument("--model_dir", help="run directory (default: TrainConfig.model_dir)")
+    checkpoint_help = "a flan-jax run or step directory, a HF model directory or a T5X checkpoint_<step>/"
+    p = sub.add_parser("eval", help="evaluate a checkpoint on EvalConfig's tasks")
+    p.add_argument("--checkpoint", "--model_dir", help=checkpoint_help + " (default: TrainConfig.model_dir)")
     p.add_argument("--step", type=int, help="checkpoint step (default: best, else latest)")
+    p.add_argument("--vocab", help="spiece.model, for checkpoints that carry none")
     p = sub.add_parser("infer", help="answer prompts with a trained model")
-    p.add_argument("--model_dir", required=True, help="run directory written by `flan-jax train`")
+    p.add_argument("--checkpoint", "--model_dir", required=True, help=checkpoint_help)
     p.add_argument("--step", type=int, help="checkpoint step (default: best, else latest)")
+    p.add_argument("--vocab", help="spiece.model, for checkpoints that carry none")
+    p.add_argument("--decode", choices=["greedy", "beam", "sample"], default="greedy")
+    p.add_argument("--num_beams", type=int, default=4)
+    p.add_argument("--alpha", type=float, default=0.6, help="beam length penalty (T5X); 0 for none")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max_decode_length", type=int, default=128)
     p.add_argument("--max_input_length", type=int, default=512)
     p.add_argument("prompts", nargs="*", help="prompts; read one per line from stdin if none")
+    p = sub.add_parser("convert", help="convert a checkpoint between formats")
+    p.add_argument("src", help=checkpoint_help)
+    p.add_argument("dst", help="output directory (must not exist or be empty)")
+    p.add_argument("--to", choices=["flan-jax", "hf"], default="flan-jax")
+    p.add_argument("--step", type=int, help="step of a flan-jax run (default: best, else latest)")
+    p.add_argument("--vocab", help="spiece.model to bundle, for sources that carry none")
     return parser
 
 
@@ -151,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from flan_jax.errors import UserError
 
     parse_gin(files, bindings)
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "infer": _cmd_infer}
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "infer": _cmd_infer, "convert": _cmd_convert}
     try:
         commands[args.command](args)
     except UserError as e:

@@ -1,11 +1,10 @@
-"""Load a trained model from a run directory and answer prompts."""
+"""Load a model from any checkpoint format and answer prompts."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -13,11 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from flan_jax import checkpoints as ckpt_lib
 from flan_jax import data as data_lib
-from flan_jax import decoding
+from flan_jax import decoding, formats
 from flan_jax.errors import UserError
-from flan_jax.model import T5Config, Transformer
+from flan_jax.model import Transformer
 
 
 @dataclasses.dataclass
@@ -26,29 +24,19 @@ class LoadedModel:
     params: Any
     vocabulary: seqio.Vocabulary
     step: int
+    format: str
 
 
-def config_from_dict(fields: dict) -> T5Config:
-    """Rebuilds a T5Config from its JSON form (lists back to tuples)."""
-    known = {f.name for f in dataclasses.fields(T5Config)}
-    unknown = set(fields) - known
-    if unknown:
-        raise UserError(f"checkpoint model_config has unknown fields {sorted(unknown)}")
-    return T5Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-
-
-def load_run(model_dir: str, step: int | None = None) -> LoadedModel:
-    """Restores params from MODEL_DIR/checkpoints (the best step, else the latest)."""
-    ckpt = ckpt_lib.open_for_reading(os.path.join(model_dir, "checkpoints"))
-    if step is None:
-        step = ckpt.best_step() or ckpt.latest_step()
-    elif step not in ckpt.all_steps():
-        raise UserError(f"no step {step} in {ckpt.directory}; available: {ckpt.all_steps()}")
-    params, meta = ckpt.restore_params(step)
-    ckpt.close()
-    config = config_from_dict(meta["model_config"])
-    vocab = data_lib.load_vocabulary(meta["vocabulary"], model_dir)
-    return LoadedModel(Transformer(config), params, vocab, step)
+def load_model(path: str, *, step: int | None = None, vocab_path: str | None = None) -> LoadedModel:
+    """A model from a flan-jax run, a HF directory or a T5X checkpoint, plus its vocabulary."""
+    ckpt = formats.load_checkpoint(path, step=step)
+    if vocab_path:
+        vocab = seqio.SentencePieceVocabulary(vocab_path)
+    elif ckpt.vocab_record:
+        vocab = data_lib.load_vocabulary(ckpt.vocab_record, ckpt.vocab_dir)
+    else:
+        raise UserError(f"{path} ({ckpt.format}) carries no vocabulary; pass --vocab=PATH/TO/spiece.model")
+    return LoadedModel(Transformer(ckpt.config), ckpt.params, vocab, ckpt.step, ckpt.format)
 
 
 def encode_prompts(vocab: seqio.Vocabulary, prompts: Sequence[str], max_input_length: int) -> np.ndarray:
@@ -62,9 +50,34 @@ def encode_prompts(vocab: seqio.Vocabulary, prompts: Sequence[str], max_input_le
     return out
 
 
-def generate(model: LoadedModel, prompts: Sequence[str], *, max_decode_length: int = 128, max_input_length: int = 512) -> list[str]:
-    """Greedy answers to a batch of prompts."""
-    inputs = encode_prompts(model.vocabulary, prompts, max_input_length)
-    fn = jax.jit(functools.partial(decoding.greedy_decode, model.module, max_decode_length=max_decode_length))
-    tokens = np.asarray(fn(model.params, jnp.asarray(inputs)))
+def decode_fn(module: Transformer, method: str, max_decode_length: int, **options: Any) -> Callable[..., jax.Array]:
+    """A jit-compiled (params, inputs[, rng]) -> tokens [batch, length] for one decoding method."""
+    if method == "greedy":
+        fn = functools.partial(decoding.greedy_decode, module, max_decode_length=max_decode_length)
+    elif method == "beam":
+        search = functools.partial(decoding.beam_search, module, max_decode_length=max_decode_length, **options)
+        fn = lambda params, inputs: search(params, inputs)[0][:, 0]  # noqa: E731  (best beam)
+    elif method == "sample":
+        sample = functools.partial(decoding.temperature_sample, module, max_decode_length=max_decode_length, **options)
+        fn = lambda params, inputs, rng: sample(params, inputs, rng)  # noqa: E731
+    else:
+        raise UserError(f"unknown decoding method {method!r}; use greedy, beam or sample")
+    return jax.jit(fn)
+
+
+def generate(
+    model: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    method: str = "greedy",
+    max_decode_length: int = 128,
+    max_input_length: int = 512,
+    seed: int = 0,
+    **options: Any,
+) -> list[str]:
+    """Answers to a batch of prompts (options: num_beams, alpha, temperature, top_k, top_p)."""
+    inputs = jnp.asarray(encode_prompts(model.vocabulary, prompts, max_input_length))
+    fn = decode_fn(model.module, method, max_decode_length, **options)
+    args = (model.params, inputs) + ((jax.random.key(seed),) if method == "sample" else ())
+    tokens = np.asarray(fn(*args))
     return [model.vocabulary.decode(row.tolist()) for row in tokens]

@@ -29,6 +29,7 @@ from flan_jax import checkpoints as ckpt_lib
 from flan_jax import data as data_lib
 from flan_jax import decoding
 from flan_jax import evaluation
+from flan_jax import formats
 from flan_jax import losses
 from flan_jax import optim
 from flan_jax import partitioning
@@ -57,6 +58,9 @@ class TrainConfig:
     z_loss: float = 1e-4
     label_smoothing: float = 0.0
     loss_normalizing_factor: float | None = None
+    # Pretrained weights to start from (HF directory, T5X checkpoint or flan-jax
+    # run); ignored once model_dir holds a checkpoint of its own.
+    init_checkpoint: str | None = None
 
 
 @dataclasses.dataclass
@@ -226,6 +230,29 @@ class _MetricsLog:
         self.writer.close()
 
 
+def _load_pretrained(
+    path: str,
+    model_config: T5Config,
+    model: _Model,
+    tx: optax.GradientTransformation,
+    partitioner: partitioning.Partitioner,
+    init_params: PyTree,
+) -> tuple[PyTree, PyTree]:
+    """Params from a pretrained checkpoint (any format), placed on the mesh, plus a fresh optimizer state."""
+    loaded = formats.load_checkpoint(path, config=model_config, shardings=model.params_shardings)
+    want = jax.tree.map(lambda x: (x.shape, x.dtype), init_params)
+    if jax.tree.structure(loaded.params) != jax.tree.structure(init_params):
+        raise UserError(f"{path}: its parameter tree does not match T5Config {model_config}")
+    for (key, (shape, _)), got in zip(jax.tree.leaves_with_path(want, is_leaf=lambda x: isinstance(x, tuple)), jax.tree.leaves(loaded.params)):
+        if tuple(got.shape) != tuple(shape):
+            raise UserError(f"{path}: {jax.tree_util.keystr(key)} has shape {tuple(got.shape)}, the model wants {tuple(shape)}")
+    params = jax.tree.map(lambda x, ref: x.astype(ref.dtype), loaded.params, init_params)
+    with partitioner.activate():
+        opt_state = jax.jit(tx.init, out_shardings=model.opt_state_shardings)(params)
+    print(f"Initialised from {loaded.format} checkpoint {path} (its step {loaded.step}).")
+    return params, opt_state
+
+
 def _save_config(model_dir: str, step: int) -> str:
     """Writes the operative gin config; an existing config.gin is never overwritten."""
     path = os.path.join(model_dir, "config.gin")
@@ -302,6 +329,8 @@ def train(
             start_step, ckpt_lib.abstract_like(params), ckpt_lib.abstract_like(opt_state)
         )
         print(f"Resumed from {checkpoint_dir} at step {start_step}.")
+    elif config.init_checkpoint:
+        params, opt_state = _load_pretrained(config.init_checkpoint, model_config, model, tx, partitioner, params)
     config_path = _save_config(config.model_dir, start_step)
     vocab_record = data_lib.save_vocabulary(vocabulary, config.model_dir) if is_chief else {}
 

@@ -39,6 +39,7 @@ HELDOUT_MIXTURE = "builtin_heldout"
 VALIDATION_MIXTURE = "builtin_validation_zs"
 SPLITS = ("train", "validation")
 TASK_PREFIX = "builtin_"
+SHUFFLE_BUFFER_SIZE = 64
 RENDER_SEED = 0  # Seeds template and exemplar choice; fixed so a task's data never changes.
 
 Example = dict[str, Any]
@@ -229,6 +230,10 @@ def _register_family(family: Family, vocabulary: seqio.Vocabulary) -> None:
             output_features=output_features,
             postprocess_fn=postprocess,
             metric_fns=[t5.evaluation.metrics.accuracy],
+            # The source already permutes the whole split; a small buffer keeps
+            # a mixture of many tasks from rendering thousands of examples
+            # before its first batch.
+            shuffle_buffer_size=SHUFFLE_BUFFER_SIZE,
         )
 
 
