@@ -1,10 +1,11 @@
 """Flan-style tasks as SeqIO tasks and mixtures; see tasks/registry.py.
 
-Importing the package imports every public module in it, in name order (a
-module whose name starts with "_" is skipped), so a file that calls
-`registry.add_family` is picked up with no other edit. Then every recorded
-family is registered with SeqIO, along with the mixtures. Importing again,
-or re-running `register_seqio`, replaces the registrations instead of raising.
+Importing the package runs `discover`: it imports every public module in the
+package, in name order (modules whose name starts with "_" are skipped), so a
+new file that calls `registry.add_family` is picked up with no other edit;
+then it registers every recorded family with SeqIO, and the mixtures.
+Importing again, or calling `discover` again, replaces the registrations
+instead of raising "already registered".
 """
 
 import importlib
@@ -13,10 +14,16 @@ import pkgutil
 from tasks import registry
 from tasks.registry import HELDOUT_MIXTURE, TRAIN_MIXTURE, VALIDATION_MIXTURE, add_family, task_name
 
-for _module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    if not _module.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_module.name}")
 
-registry.register_seqio()
+def discover() -> list[str]:
+    """Imports every module of the package, registers everything; returns the module names."""
+    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    for name in names:
+        importlib.import_module(f"{__name__}.{name}")
+    registry.register_seqio()
+    return names
 
-__all__ = ["HELDOUT_MIXTURE", "TRAIN_MIXTURE", "VALIDATION_MIXTURE", "add_family", "task_name"]
+
+discover()
+
+__all__ = ["HELDOUT_MIXTURE", "TRAIN_MIXTURE", "VALIDATION_MIXTURE", "add_family", "discover", "task_name"]

@@ -95,6 +95,13 @@ def add_family(family: Family) -> Family:
     return family
 
 
+def remove_family(name: str) -> None:
+    """Forgets a family and unregisters its SeqIO tasks; run `register_seqio` to update the mixtures."""
+    family = _FAMILIES.pop(name)
+    for variant in family.spec.variants:
+        seqio.TaskRegistry.remove(task_name(name, variant))
+
+
 def families() -> dict[str, Family]:
     """Every recorded family, by name."""
     return dict(_FAMILIES)

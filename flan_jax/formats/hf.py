@@ -135,11 +135,23 @@ def config_from_hf(hf: Mapping[str, Any]) -> T5Config:
         mlp_dim=hf["d_ff"],
         mlp_activations=activations,
         dropout_rate=hf.get("dropout_rate", 0.1),
-        logits_via_embedding=hf.get("tie_word_embeddings", True),
+        logits_via_embedding=_tied_and_scaled(hf),
         relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
         relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
         layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
     )
+
+
+def _tied_and_scaled(hf: Mapping[str, Any]) -> bool:
+    """Original T5 (tied output, logits scaled by d_model**-0.5) or v1.1 (untied, unscaled)?
+
+    Configs written by transformers < 5 say so with `tie_word_embeddings`;
+    transformers 5 always writes True there and keeps the distinction in
+    `scale_decoder_outputs` (it unties the output layer when the weights differ).
+    """
+    if "scale_decoder_outputs" in hf:
+        return bool(hf["scale_decoder_outputs"])
+    return bool(hf.get("tie_word_embeddings", True))
 
 
 def config_to_hf(config: T5Config) -> dict[str, Any]:
@@ -163,6 +175,7 @@ def config_to_hf(config: T5Config) -> dict[str, Any]:
         "layer_norm_epsilon": config.layer_norm_epsilon,
         "initializer_factor": 1.0,
         "feed_forward_proj": proj,
+        # Read by every transformers version (5.x maps False to scale_decoder_outputs=False).
         "tie_word_embeddings": config.logits_via_embedding,
         "is_encoder_decoder": True,
         "pad_token_id": 0,

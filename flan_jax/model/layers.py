@@ -290,8 +290,9 @@ class MultiHeadDotProductAttention(nn.Module):
         bias row of the current position [.., h, 1, L]."""
         is_initialized = self.has_variable("cache", "cached_key")
         batch, _, heads, depth = key.shape
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, (batch, cache_length, heads, depth), key.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, (batch, cache_length, heads, depth), value.dtype)
+        shape = (batch, cache_length, heads, depth)
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype)
         cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
         if is_initialized and key.shape[1] != 1:
             raise ValueError(f"decode mode takes one token per call, got {key.shape[1]}")
