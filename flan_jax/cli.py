@@ -4,6 +4,7 @@
   flan-jax eval  --gin_file=runs/smoke.gin [--step=N]
   flan-jax infer --checkpoint=PATH [--decode=greedy|beam|sample] [PROMPT ...]   (stdin if none)
   flan-jax convert SRC DST [--to=flan-jax|hf]
+  flan-jax bench decode|data
 
 `--gin_file` is searched relative to the working directory, then the repo's
 `gin/` directory. `--gin.KEY=VALUE` adds the binding `KEY = VALUE`.
@@ -152,6 +153,15 @@ def _cmd_convert(args: argparse.Namespace) -> None:
         print("note: no vocabulary was found or given (--vocab); the result carries none")
 
 
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from flan_jax import bench
+
+    if args.what == "decode":
+        bench.bench_decode(repeats=args.repeats, compare_hf=not args.no_hf)
+    else:
+        bench.bench_data(args.mixture, repeats=args.repeats)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flan-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["flan-jax", "hf"], default="flan-jax")
     p.add_argument("--step", type=int, help="step of a flan-jax run (default: best, else latest)")
     p.add_argument("--vocab", help="spiece.model to bundle, for sources that carry none")
+    p = sub.add_parser("bench", help="benchmarks that print figures")
+    p.add_argument("what", choices=["decode", "data"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no_hf", action="store_true", help="decode: skip the transformers comparison")
+    p.add_argument("--mixture", default="builtin_train", help="data: the task or mixture to push through the pipeline")
     return parser
 
 
@@ -192,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from flan_jax.errors import UserError
 
     parse_gin(files, bindings)
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "infer": _cmd_infer, "convert": _cmd_convert}
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "infer": _cmd_infer, "convert": _cmd_convert, "bench": _cmd_bench}
     try:
         commands[args.command](args)
     except UserError as e:

@@ -69,6 +69,18 @@ def prepare_decoder(
     return cache, run
 
 
+def argmax_first(logits: Array) -> Array:
+    """argmax over the last axis (first index on ties).
+
+    Same result as jnp.argmax, but as max + masked min: XLA's CPU backend
+    lowers argmax's variadic reduce slowly (1.2 ms vs 0.2 ms over [8, 32128]),
+    which was a fifth of a small model's decoding step.
+    """
+    best = logits.max(-1, keepdims=True)
+    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(logits == best, index, logits.shape[-1]), axis=-1)
+
+
 def _decode_loop(
     model: Transformer,
     params: PyTree,
@@ -112,7 +124,7 @@ def greedy_decode(
 ) -> Array:
     """Argmax decoding: encoder_input_tokens [b, k] -> tokens [b, max_decode_length]."""
     return _decode_loop(
-        model, params, encoder_input_tokens, max_decode_length, eos_id, lambda logits, _: jnp.argmax(logits, -1)
+        model, params, encoder_input_tokens, max_decode_length, eos_id, lambda logits, _: argmax_first(logits)
     )
 
 
@@ -150,7 +162,7 @@ def temperature_sample(
 
     def choose(logits: Array, i: Array) -> Array:
         if temperature == 0.0:
-            return jnp.argmax(logits, -1)
+            return argmax_first(logits)
         logits = logits / temperature
         if top_k > 0:
             logits = _top_k_filter(logits, top_k)

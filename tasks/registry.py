@@ -17,6 +17,18 @@ each family and each of its variants, the SeqIO task
 Examples are deterministic in (family, split, index). Train examples whose
 question also occurs in the validation split are redrawn, so the splits are
 disjoint even where a family's space of questions is small.
+
+Each task's pipeline: a `seqio.FunctionDataSource` (the split's indices,
+permuted when shuffling, mapped to raw examples) -> `render_preprocessor`
+-> `seqio.preprocessors.tokenize` -> `seqio.preprocessors.append_eos_after_trim`.
+Rendering and example generation are Python, run by `tf.numpy_function`.
+One consequence: let a dataset iterator go (end its function, or `del` it)
+before the process exits. TensorFlow destroys iterators still alive at
+interpreter shutdown while their threads can no longer run Python, which
+can hang or abort the process.
+
+No `seqio.CacheDatasetPlaceholder`: generating is cheaper than reading a
+cache, and rendering needs the sequence length, which comes after caching.
 """
 
 from __future__ import annotations

@@ -203,7 +203,7 @@ class MultiHeadDotProductAttention(nn.Module):
         the projections of `inputs_kv`, computed on the call that creates the
         cache and reused afterwards.
     The call that creates the cache (no 'cache' variables yet) writes nothing
-    else; use `flan_jax.decoding.init_cache`, which makes it with the real
+    else; use `flan_jax.decoding.prepare_decoder`, which makes it with the real
     encoder output.
     """
 
