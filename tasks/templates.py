@@ -231,7 +231,7 @@ def extract_answer(text: str | bytes) -> str:
     """
     if isinstance(text, bytes):
         text = text.decode("utf-8")
-    head, phrase, tail = text.rpartition(ANSWER_PHRASE)
+    _, phrase, tail = text.rpartition(ANSWER_PHRASE)
     if not phrase:
         return text.strip()
     answer = tail.strip()
