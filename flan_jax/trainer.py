@@ -378,47 +378,53 @@ def train(
     speeds: list[float] = []
     eval_metrics: dict[str, float] = {}
     step = start_step
-    with partitioner.activate():
-        for host_batch in data_lib.as_numpy(ds):
-            if step >= config.num_steps:
-                break
-            fill = data_lib.fill_rates(host_batch)
-            window_tokens += data_lib.num_real_tokens(host_batch) * jax.process_count()
-            batch = partitioner.shard_batch(host_batch)
-            params, opt_state, metrics = train_step(params, opt_state, batch, rng, jnp.asarray(step, jnp.int32))
-            step += 1
-            pending.append(metrics)
-            progress.update(1)
-            if step == start_step + 1 or step % config.log_every == 0 or step == config.num_steps:
-                host = jax.device_get(pending)  # Syncs with the device once per log interval.
-                elapsed = time.perf_counter() - window_start
-                totals = {k: sum(float(m[k]) for m in host) for k in host[0]}
-                scalars = {
-                    "loss": totals["loss"] / len(host),
-                    "cross_ent_loss": totals["cross_ent_sum"] / max(totals["num_tokens"], 1.0),
-                    "accuracy": totals["correct"] / max(totals["num_tokens"], 1.0),
-                    "grad_norm": totals["grad_norm"] / len(host),
-                    "tokens_per_sec": window_tokens / elapsed,
-                    **fill,
-                }
-                if step > start_step + 1:  # The first window includes compilation.
-                    speeds.append(scalars["tokens_per_sec"])
-                log.write(step, scalars)
-                first_loss = scalars["loss"] if first_loss is None else first_loss
-                last_loss = scalars["loss"]
-                progress.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{scalars['tokens_per_sec']:,.0f}")
-                window_tokens, window_start, pending = 0, time.perf_counter(), []
-            is_last = step == config.num_steps
-            eval_now = evaluator is not None and (
-                is_last or (config.eval_every and step % config.eval_every == 0)
-            )
-            if eval_now:
-                progress.write(f"Evaluating at step {step} on {len(evaluator.task_names)} tasks...")
-                eval_metrics = run_eval(step)
-                progress.write(f"  average accuracy {eval_metrics.get('eval/average_accuracy', float('nan')):.2f}")
-                window_start = time.perf_counter()
-            if eval_now or is_last or step % checkpoint_config.save_every == 0:
-                checkpointer.save(step, params, opt_state, meta(step), metrics=eval_metrics if eval_now else None)
+    batches = data_lib.as_numpy(ds)
+    try:
+        with partitioner.activate():
+            for host_batch in batches:
+                if step >= config.num_steps:
+                    break
+                fill = data_lib.fill_rates(host_batch)
+                window_tokens += data_lib.num_real_tokens(host_batch) * jax.process_count()
+                batch = partitioner.shard_batch(host_batch)
+                params, opt_state, metrics = train_step(params, opt_state, batch, rng, jnp.asarray(step, jnp.int32))
+                step += 1
+                pending.append(metrics)
+                progress.update(1)
+                if step == start_step + 1 or step % config.log_every == 0 or step == config.num_steps:
+                    host = jax.device_get(pending)  # Syncs with the device once per log interval.
+                    elapsed = time.perf_counter() - window_start
+                    totals = {k: sum(float(m[k]) for m in host) for k in host[0]}
+                    scalars = {
+                        "loss": totals["loss"] / len(host),
+                        "cross_ent_loss": totals["cross_ent_sum"] / max(totals["num_tokens"], 1.0),
+                        "accuracy": totals["correct"] / max(totals["num_tokens"], 1.0),
+                        "grad_norm": totals["grad_norm"] / len(host),
+                        "tokens_per_sec": window_tokens / elapsed,
+                        **fill,
+                    }
+                    if step > start_step + 1:  # The first window includes compilation.
+                        speeds.append(scalars["tokens_per_sec"])
+                    log.write(step, scalars)
+                    first_loss = scalars["loss"] if first_loss is None else first_loss
+                    last_loss = scalars["loss"]
+                    progress.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{scalars['tokens_per_sec']:,.0f}")
+                    window_tokens, window_start, pending = 0, time.perf_counter(), []
+                is_last = step == config.num_steps
+                eval_now = evaluator is not None and (
+                    is_last or (config.eval_every and step % config.eval_every == 0)
+                )
+                if eval_now:
+                    progress.write(f"Evaluating at step {step} on {len(evaluator.task_names)} tasks...")
+                    eval_metrics = run_eval(step)
+                    progress.write(f"  average accuracy {eval_metrics.get('eval/average_accuracy', float('nan')):.2f}")
+                    window_start = time.perf_counter()
+                if eval_now or is_last or step % checkpoint_config.save_every == 0:
+                    checkpointer.save(step, params, opt_state, meta(step), metrics=eval_metrics if eval_now else None)
+    finally:
+        # A tf.data iterator still alive at interpreter exit (say, held by a
+        # traceback) can hang TensorFlow's shutdown: drop it here.
+        del batches
     progress.close()
     checkpointer.wait()
     best_step = checkpointer.best_step()

@@ -49,6 +49,8 @@ from tasks import templates
 TRAIN_MIXTURE = "builtin_train"
 HELDOUT_MIXTURE = "builtin_heldout"
 VALIDATION_MIXTURE = "builtin_validation_zs"
+# What the smoke run evaluates: held-out families plus in-distribution zero-shot.
+EVAL_MIXTURE = "builtin_eval"
 SPLITS = ("train", "validation")
 TASK_PREFIX = "builtin_"
 SHUFFLE_BUFFER_SIZE = 64
@@ -263,7 +265,7 @@ def _add_mixture(name: str, tasks: list[tuple[str, float]]) -> None:
 
 
 def register_seqio(vocabulary: seqio.Vocabulary | None = None) -> None:
-    """(Re-)registers every recorded family's tasks and the three mixtures.
+    """(Re-)registers every recorded family's tasks and the four mixtures.
 
     Idempotent. Call it again after `add_family` outside a `tasks/` module
     (e.g. in a notebook) to make the new family's tasks visible.
@@ -285,3 +287,4 @@ def register_seqio(vocabulary: seqio.Vocabulary | None = None) -> None:
     _add_mixture(TRAIN_MIXTURE, train)
     _add_mixture(VALIDATION_MIXTURE, validation)
     _add_mixture(HELDOUT_MIXTURE, heldout)
+    _add_mixture(EVAL_MIXTURE, heldout + validation)
