@@ -89,7 +89,7 @@ class TrainSummary:
         if self.tokens_per_sec:
             lines.append(f"throughput      {self.tokens_per_sec:,.0f} tokens/s")
         if self.eval_metrics:
-            lines.append("held-out eval:")
+            lines.append("evaluation (exact-match accuracy, %):")
             for key, value in sorted(self.eval_metrics.items()):
                 lines.append(f"  {key.removeprefix('eval/'):<56} {value:7.2f}")
         lines.append(f"checkpoints     {self.checkpoint_dir} (best step: {self.best_step})")

@@ -9,5 +9,7 @@ source "$ROOT/launch/setup_env.sh"
 cd "$ROOT"
 MODEL_DIR="${MODEL_DIR:-$ROOT/runs/smoke}"
 flan-jax train --gin_file=runs/smoke.gin --gin.TrainConfig.model_dir="'$MODEL_DIR'" "$@"
-PROMPT="${PROMPT:-Q: Tom has 3 boxes with 4 apples each. He eats 2 apples. How many apples are left? Let's think step by step.}"
+DEFAULT_PROMPT="Q: I have two apples, a drum and three pears. How many fruits do I have?
+Let's think step by step."
+PROMPT="${PROMPT:-$DEFAULT_PROMPT}"
 flan-jax infer --model_dir="$MODEL_DIR" "$PROMPT"

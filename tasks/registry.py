@@ -1,4 +1,4 @@
-"""Task families and their SeqIO registration.
+"""Task families, data sources and their SeqIO registration.
 
 A `Family` is a `TaskSpec` (templates) plus a function that draws one example
 from a random generator. `add_family` records it; `register_seqio` (run by
@@ -18,9 +18,15 @@ Examples are deterministic in (family, split, index). Train examples whose
 question also occurs in the validation split are redrawn, so the splits are
 disjoint even where a family's space of questions is small.
 
+Any other `Source` (e.g. a `sources.LoadedSource` reading real files) is
+recorded with `add_source(source, {task name: variant})`, its mixtures with
+`add_mixture`; `register_seqio` registers those too, with the same pipeline.
+
 Each task's pipeline: a `seqio.FunctionDataSource` (the split's indices,
 permuted when shuffling, mapped to raw examples) -> `render_preprocessor`
 -> `seqio.preprocessors.tokenize` -> `seqio.preprocessors.append_eos_after_trim`.
+Every task's postprocess_fn extracts the final answer (`postprocess`), and
+its metric is exact match (`t5.evaluation.metrics.accuracy`).
 Rendering and example generation are Python, run by `tf.numpy_function`.
 One consequence: let a dataset iterator go (end its function, or `del` it)
 before the process exits. TensorFlow destroys iterators still alive at
@@ -36,15 +42,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import random
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import seqio
 import t5.evaluation.metrics
 import tensorflow as tf
 
-from tasks import templates
+from tasks import sources, templates
 
 TRAIN_MIXTURE = "builtin_train"
 HELDOUT_MIXTURE = "builtin_heldout"
@@ -57,6 +63,23 @@ SHUFFLE_BUFFER_SIZE = 64
 RENDER_SEED = 0  # Seeds template and exemplar choice; fixed so a task's data never changes.
 
 Example = dict[str, Any]
+MixtureRate = float | Callable[[seqio.Task], float]
+
+
+class Source(Protocol):
+    """What a task's pipeline needs from where its examples come from."""
+
+    name: str
+    spec: templates.TaskSpec
+    splits: tuple[str, ...]
+
+    def split_size(self, split: str) -> int: ...
+
+    def example(self, split: str, index: int) -> Example: ...
+
+    def exemplars(self, split: str, index: int, example: Mapping[str, Any], seed: int) -> list[Example]:
+        """Few-shot exemplars for example `index` of `split`, never the example itself."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +91,8 @@ class Family:
     train_size: int = 10_000
     validation_size: int = 100
     heldout: bool = False
+
+    splits = SPLITS
 
     @property
     def name(self) -> str:
@@ -90,6 +115,14 @@ class Family:
                 example = self.generate(rng)
         return example
 
+    def exemplars(self, split: str, index: int, example: Mapping[str, Any], seed: int) -> list[Example]:
+        """`spec.num_shots` train examples drawn at random, never the query itself."""
+        return templates.pick_exemplars(
+            self.name, split, index, seed, example,
+            train_example=functools.partial(self.example, "train"),
+            num_train=self.train_size, count=self.spec.num_shots,
+        )
+
 
 @functools.lru_cache(maxsize=None)
 def _validation_questions(family: Family) -> frozenset[str]:
@@ -97,6 +130,8 @@ def _validation_questions(family: Family) -> frozenset[str]:
 
 
 _FAMILIES: dict[str, Family] = {}
+_SOURCES: dict[str, tuple[Source, dict[str, str]]] = {}  # By source name: (source, {task name: variant}).
+_MIXTURES: dict[str, list[tuple[str, MixtureRate]]] = {}
 
 
 def add_family(family: Family) -> Family:
@@ -121,22 +156,49 @@ def families() -> dict[str, Family]:
     return dict(_FAMILIES)
 
 
+def add_source(source: Source, tasks: Mapping[str, str]) -> list[str]:
+    """Records a source and its SeqIO tasks, {task name: variant}; returns the task names.
+
+    `register_seqio` registers them. Adding a source under a name already
+    present replaces it (its old tasks are unregistered).
+    """
+    for variant in tasks.values():
+        if variant not in source.spec.variants:
+            raise ValueError(f"source {source.name!r} has no variant {variant!r}; it has {source.spec.variants}")
+    if source.name in _SOURCES:
+        for name in _SOURCES[source.name][1]:
+            seqio.TaskRegistry.remove(name)
+    _SOURCES[source.name] = (source, dict(tasks))
+    return list(tasks)
+
+
+def get_source(name: str) -> Source:
+    """A source recorded with `add_source`, by name (e.g. "flan_cot_aqua", "mmlu_anatomy")."""
+    return _SOURCES[name][0]
+
+
+def add_mixture(name: str, tasks: Sequence[tuple[str, MixtureRate]]) -> None:
+    """Records a mixture of (task name, rate); `register_seqio` registers it.
+
+    A rate may be a function of the task, evaluated when a dataset is built
+    (e.g. a file's row count, which is not known before the file is read).
+    """
+    _MIXTURES[name] = list(tasks)
+
+
 def task_name(family_name: str, variant: str) -> str:
     return f"{TASK_PREFIX}{family_name}_{variant}"
 
 
-def render_example(family: Family, split: str, index: int, example: Mapping[str, Any], variant: str, *,
+def render_example(source: Source, split: str, index: int, example: Mapping[str, Any], variant: str, *,
                    seed: int = RENDER_SEED, max_input_length: int | None = None,
-                   length_fn: Callable[[str], int] = len) -> dict[str, str]:
-    """Renders example `index` of `split` as `variant`: picks the template and exemplars, then renders."""
-    spec = family.spec
-    exemplars = []
-    if variant.startswith("fs_"):
-        exemplars = templates.pick_exemplars(
-            spec.name, split, index, seed, example,
-            train_example=functools.partial(family.example, "train"),
-            num_train=family.train_size, count=spec.num_shots,
-        )
+                   length_fn: Callable[[str], int] = len) -> dict[str, str] | None:
+    """Renders example `index` of `split` as `variant`: picks the template and exemplars, then renders.
+
+    None means the example is dropped (see `templates.render`).
+    """
+    spec = source.spec
+    exemplars = source.exemplars(split, index, example, seed) if variant.startswith("fs_") else []
     return templates.render(
         spec, example, variant,
         template_index=templates.pick_template(spec.name, split, index, seed, len(spec.templates)),
@@ -154,17 +216,19 @@ def postprocess(output: str | bytes, example: Mapping[str, Any] | None = None, i
 # SeqIO plumbing: a source of raw examples, then render -> tokenize -> EOS.
 
 
-def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *, family: Family) -> tf.data.Dataset:
+def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *, source: Source) -> tf.data.Dataset:
     """The raw examples of one split, plus their `split` and `index`.
 
     Shuffling permutes the whole split (not just a buffer), so training sees
-    every example once per epoch in a seed-determined order.
+    every example once per epoch in a seed-determined order. Asking the size
+    first reads a file source here, so a missing file fails when the dataset
+    is built, with its own message, not later inside TensorFlow.
     """
-    size = family.split_size(split)
-    has_options = family.spec.multiple_choice
+    size = source.split_size(split)
+    has_options = source.spec.multiple_choice
 
     def lookup(index: np.int64) -> list[Any]:
-        ex = family.example(split, int(index))
+        ex = source.example(split, int(index))
         fields = [ex["question"], ex["answer"], ex["rationale"]]
         if has_options:
             fields.append(np.array(ex["options"], dtype=object))
@@ -186,65 +250,92 @@ def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *, fam
     return ds.map(to_features)
 
 
+def _token_counter(feature: seqio.Feature) -> Callable[[str], int]:
+    vocabulary = feature.vocabulary
+    # Cached: the few-shot fit and the truncation count measure the same prompt.
+    return functools.lru_cache(maxsize=16)(lambda text: len(vocabulary.encode(text)))
+
+
 def render_preprocessor(
     dataset: tf.data.Dataset,
     sequence_length: Mapping[str, int] | None = None,
     output_features: Mapping[str, seqio.Feature] | None = None,
     *,
-    family: Family,
+    source: Source,
     variant: str,
+    task: str = "",
     seed: int = RENDER_SEED,
 ) -> tf.data.Dataset:
     """Maps raw examples to {"inputs", "targets", "answer"} strings.
 
     With a sequence length, few-shot prompts drop exemplars until they fit in
-    `sequence_length["inputs"]` tokens, counting the EOS that is appended later.
+    `sequence_length["inputs"]` tokens, counting the EOS that is appended
+    later. What is dropped or will be truncated is counted in
+    `sources.stats(task)` (see tasks/sources.py), never silently.
     """
-    limit = None
-    length_fn: Callable[[str], int] = len
-    if sequence_length and sequence_length.get("inputs") and output_features:
-        limit = sequence_length["inputs"] - 1
-        vocab = output_features["inputs"].vocabulary
-        length_fn = lambda text: len(vocab.encode(text))  # noqa: E731
+    limits: dict[str, int] = {}
+    length_fns: dict[str, Callable[[str], int]] = {}
+    if sequence_length and output_features:
+        for feature in ("inputs", "targets"):
+            if sequence_length.get(feature) and feature in output_features:
+                limits[feature] = sequence_length[feature] - 1
+                length_fns[feature] = _token_counter(output_features[feature])
+    task_stats = sources.stats(task or f"{source.name}_{variant}")
 
-    def py_render(split: bytes, index: np.int64, question: bytes, answer: bytes, rationale: bytes, *options: Any) -> list[bytes]:
+    def py_render(split: bytes, index: np.int64, question: bytes, answer: bytes, rationale: bytes,
+                  *options: Any) -> list[Any]:
         example = {"question": question.decode(), "answer": answer.decode(), "rationale": rationale.decode()}
         if options:
             example["options"] = [o.decode() for o in options[0]]
-        rendered = render_example(family, split.decode(), int(index), example, variant, seed=seed,
-                                  max_input_length=limit, length_fn=length_fn)
-        return [rendered["inputs"].encode(), rendered["targets"].encode()]
+        rendered = render_example(source, split.decode(), int(index), example, variant, seed=seed,
+                                  max_input_length=limits.get("inputs"), length_fn=length_fns.get("inputs", len))
+        if rendered is None:
+            task_stats.count("dropped_no_fit")
+            return [b"", b"", False]
+        task_stats.count("rendered")
+        for feature, limit in limits.items():
+            if length_fns[feature](rendered[feature]) > limit:
+                task_stats.count(f"{feature}_truncated")
+        return [rendered["inputs"].encode(), rendered["targets"].encode(), True]
 
     def fn(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         args = [ex["split"], ex["index"], ex["question"], ex["answer"], ex["rationale"]]
         if "options" in ex:
             args.append(ex["options"])
-        inputs, targets = tf.numpy_function(py_render, args, [tf.string, tf.string], stateful=False)
+        inputs, targets, keep = tf.numpy_function(py_render, args, [tf.string, tf.string, tf.bool], stateful=False)
         inputs.set_shape([])
         targets.set_shape([])
-        return {"inputs": inputs, "targets": targets, "answer": ex["answer"]}
+        keep.set_shape([])
+        return {"inputs": inputs, "targets": targets, "answer": ex["answer"], "keep": keep}
 
-    return dataset.map(fn)
+    def drop_flag(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        return {k: v for k, v in ex.items() if k != "keep"}
+
+    return dataset.map(fn).filter(lambda ex: ex["keep"]).map(drop_flag)
 
 
-def _register_family(family: Family, vocabulary: seqio.Vocabulary) -> None:
+def _register_tasks(source: Source, tasks: Mapping[str, str], vocabulary: seqio.Vocabulary) -> None:
+    """Registers one SeqIO task per (task name, variant) of `source`."""
     output_features = {
         "inputs": seqio.Feature(vocabulary, add_eos=True),
         "targets": seqio.Feature(vocabulary, add_eos=True),
     }
-    source = seqio.FunctionDataSource(
-        functools.partial(_dataset_fn, family=family),
-        splits=SPLITS,
-        num_input_examples={split: family.split_size(split) for split in SPLITS},
+    data_source = seqio.FunctionDataSource(
+        functools.partial(_dataset_fn, source=source),
+        splits=source.splits,
+        # Generated families know their sizes; file sources are read only when
+        # a dataset is built, so registering never needs the data.
+        num_input_examples=(
+            {split: source.split_size(split) for split in source.splits} if isinstance(source, Family) else None
+        ),
     )
-    for variant in family.spec.variants:
-        name = task_name(family.name, variant)
+    for name, variant in tasks.items():
         seqio.TaskRegistry.remove(name)  # Re-registering must not raise.
         seqio.TaskRegistry.add(
             name,
-            source=source,
+            source=data_source,
             preprocessors=[
-                functools.partial(render_preprocessor, family=family, variant=variant),
+                functools.partial(render_preprocessor, source=source, variant=variant, task=name),
                 seqio.preprocessors.tokenize,
                 seqio.preprocessors.append_eos_after_trim,
             ],
@@ -258,17 +349,17 @@ def _register_family(family: Family, vocabulary: seqio.Vocabulary) -> None:
         )
 
 
-def _add_mixture(name: str, tasks: list[tuple[str, float]]) -> None:
+def _add_mixture(name: str, tasks: list[tuple[str, MixtureRate]]) -> None:
     seqio.MixtureRegistry.remove(name)
     if tasks:
         seqio.MixtureRegistry.add(name, tasks)
 
 
 def register_seqio(vocabulary: seqio.Vocabulary | None = None) -> None:
-    """(Re-)registers every recorded family's tasks and the four mixtures.
+    """(Re-)registers every recorded family's and source's tasks, and the mixtures.
 
-    Idempotent. Call it again after `add_family` outside a `tasks/` module
-    (e.g. in a notebook) to make the new family's tasks visible.
+    Idempotent. Call it again after `add_family` or `add_source` outside a
+    `tasks/` module (e.g. in a notebook) to make the new tasks visible.
     """
     if vocabulary is None:
         from tasks import vocab  # Late import: the vocabulary is built from the families.
@@ -276,7 +367,7 @@ def register_seqio(vocabulary: seqio.Vocabulary | None = None) -> None:
         vocabulary = vocab.get_default_vocabulary()
     train, validation, heldout = [], [], []
     for family in sorted(_FAMILIES.values(), key=lambda f: f.name):
-        _register_family(family, vocabulary)
+        _register_tasks(family, {task_name(family.name, v): v for v in family.spec.variants}, vocabulary)
         variants = family.spec.variants
         names = [task_name(family.name, v) for v in variants]
         if family.heldout:
@@ -288,3 +379,7 @@ def register_seqio(vocabulary: seqio.Vocabulary | None = None) -> None:
     _add_mixture(VALIDATION_MIXTURE, validation)
     _add_mixture(HELDOUT_MIXTURE, heldout)
     _add_mixture(EVAL_MIXTURE, heldout + validation)
+    for source, tasks in _SOURCES.values():
+        _register_tasks(source, tasks, vocabulary)
+    for name, tasks in _MIXTURES.items():
+        _add_mixture(name, tasks)

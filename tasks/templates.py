@@ -1,21 +1,22 @@
 """Flan-style instruction templates: templates are data, rendering is one function.
 
 A task is described by a `TaskSpec`: a name, a list of `Template`s (an input
-and a target format string over the example's fields) and whether it is
-multiple choice. `render` turns one example into one *variant*:
+and a target format string over the example's fields), whether it is
+multiple choice, and how few-shot prompts are put together. `render` turns
+one example into one *variant*:
 
-  zs_noopt  zero-shot, no options
-  zs_opt    zero-shot, options listed            (multiple-choice tasks only)
-  zs_cot    zero-shot, chain of thought          (options listed if multiple choice)
+  zs_noopt  zero-shot, no options              (not when spec.options_required)
+  zs_opt    zero-shot, options listed          (multiple-choice tasks only)
+  zs_cot    zero-shot, chain of thought        (options listed if multiple choice)
   fs_noopt  few-shot versions of the above: exemplars, then the query
-  fs_opt                                         (multiple-choice tasks only)
+  fs_opt
   fs_cot
 
 An example is a dict of strings with at least `question`, `answer` and
-`rationale`; multiple-choice examples also have `options`, a list of strings
-that contains `answer`.
+`rationale` (which may be empty for evaluation-only data); multiple-choice
+examples also have `options`, a list of strings that contains `answer`.
 
-Exact rendering, for a template `t` and an example `ex`:
+Exact rendering, for a template `t`, a spec `spec` and an example `ex`:
 
   base       = t.input.format(**ex)
   options    = "\\n\\nOPTIONS:\\n- " + "\\n- ".join(ex["options"])
@@ -23,20 +24,31 @@ Exact rendering, for a template `t` and an example `ex`:
              target = t.target.format(**ex)           (t.target defaults to "{answer}")
   zs_opt     input  = base + options
              target = as zs_noopt
-  zs_cot     input  = base [+ options if multiple choice] + "\\n" + spec.cot_trigger
+  zs_cot     input  = base [+ options if multiple choice] + spec.cot_separator + spec.cot_trigger
              target = ex["rationale"] + " So the answer is " + ex["answer"] + "."
-  fs_X       input  = sep.join([e.input + "\\n" + e.target for e in exemplars] + [q.input])
+                      (just "So the answer is ...", if the rationale is empty)
+  fs_X       input  = spec.shot_separator.join(
+                          [e.input + spec.shot_joiner + e.target for e in exemplars] + [q.input])
              target = q.target
              where q is the query and each e an exemplar rendered as zs_X with
-             the same template t, and sep = spec.shot_separator ("\\n\\n").
+             the same template t.
+  Every input then starts with spec.prefix (default "", e.g. a task description).
+
+Defaults: cot_separator "\\n", cot_trigger "Let's think step by step.",
+shot_joiner "\\n", shot_separator "\\n\\n".
 
 The template is picked per example by `pick_template` from a hash of (task
 name, split, index, seed), so every variant of one example uses the same
-template. Few-shot exemplars (`pick_exemplars`) are drawn from the train split
-and never include the query itself. If a maximum input length is given (in
-characters by default, or in any unit via `length_fn`, e.g. tokens),
-exemplars are dropped from the end one by one until the prompt fits; a
-query that alone is too long is left for the tokenizer's truncation.
+template. Few-shot exemplars come from the task's source: `pick_exemplars`
+draws them from the train split, evaluation sets use a fixed few-shot pool;
+either way they never include the query itself. If a maximum input length is given (in
+characters by default, or in any unit via `length_fn`; SeqIO tasks pass the
+vocabulary's token count), exemplars are dropped from the end one by one
+until the prompt fits. If none is left (none fits, or none was given),
+`spec.few_shot_fallback` decides: "zero_shot" (default) renders the query
+alone, prefix included, leaving a query that alone is too long to the
+tokenizer's truncation; "drop" makes `render` return None, so the example is
+left out.
 """
 
 from __future__ import annotations
@@ -57,7 +69,9 @@ SHOT_JOINER = "\n"  # Between an exemplar's input and its target.
 
 NOOPT_VARIANTS = ("zs_noopt", "fs_noopt", "zs_cot", "fs_cot")
 MC_VARIANTS = ("zs_noopt", "zs_opt", "fs_noopt", "fs_opt", "zs_cot", "fs_cot")
+OPT_VARIANTS = ("zs_opt", "fs_opt", "zs_cot", "fs_cot")  # Questions that make no sense without their options.
 ZERO_SHOT_VARIANTS = ("zs_noopt", "zs_opt", "zs_cot")
+FEW_SHOT_FALLBACKS = ("zero_shot", "drop")
 
 # Fields a template may not put in the input: they would give the answer away.
 _TARGET_ONLY_FIELDS = frozenset({"answer", "rationale"})
@@ -78,23 +92,38 @@ class Template:
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-    """Everything needed to render a task's examples: templates and options."""
+    """Everything needed to render a task's examples: templates, options, few-shot layout.
+
+    See the module docstring for where each string goes.
+    """
 
     name: str
     templates: tuple[Template, ...]
     multiple_choice: bool = False
+    options_required: bool = False  # No *_noopt variants: the question needs its options.
     cot_trigger: str = COT_TRIGGER
     num_shots: int = 3
+    prefix: str = ""
     shot_separator: str = "\n\n"
+    shot_joiner: str = SHOT_JOINER
+    cot_separator: str = COT_SEPARATOR
+    few_shot_fallback: str = "zero_shot"  # Or "drop"; see the module docstring.
 
     def __post_init__(self) -> None:
         if not self.templates:
             raise ValueError(f"task {self.name!r} has no templates")
+        if self.options_required and not self.multiple_choice:
+            raise ValueError(f"task {self.name!r}: options_required needs multiple_choice")
+        if self.few_shot_fallback not in FEW_SHOT_FALLBACKS:
+            raise ValueError(f"task {self.name!r}: few_shot_fallback must be one of {FEW_SHOT_FALLBACKS}, "
+                             f"not {self.few_shot_fallback!r}")
         # Accept a list for convenience but store a tuple so specs stay hashable.
         object.__setattr__(self, "templates", tuple(self.templates))
 
     @property
     def variants(self) -> tuple[str, ...]:
+        if self.options_required:
+            return OPT_VARIANTS
         return MC_VARIANTS if self.multiple_choice else NOOPT_VARIANTS
 
 
@@ -113,6 +142,15 @@ def pick_template(task_name: str, split: str, index: int, seed: int, num_templat
     return _rng(task_name, split, index, seed, "template").randrange(num_templates)
 
 
+def same_question(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two examples ask the same thing: same question and same options.
+
+    Options count: in some data sets many rows share one question text and
+    differ only in their options ("Which sentence does not make sense?").
+    """
+    return a["question"] == b["question"] and list(a.get("options") or ()) == list(b.get("options") or ())
+
+
 def pick_exemplars(
     task_name: str,
     split: str,
@@ -127,7 +165,7 @@ def pick_exemplars(
 
     Deterministic in (task_name, split, index, seed). The query never appears:
     neither its own train index nor any train example with the same question
-    (a validation query may share its question with a train example).
+    and options (`same_question`; a validation query may repeat a train one).
     """
     rng = _rng(task_name, split, index, seed, "exemplars")
     tried: set[int] = {index} if split == "train" else set()
@@ -138,7 +176,7 @@ def pick_exemplars(
             continue
         tried.add(i)
         candidate = train_example(i)
-        if candidate["question"] != query["question"]:
+        if not same_question(candidate, query):
             chosen.append(candidate)
     return chosen
 
@@ -154,7 +192,9 @@ def _options_block(example: Mapping[str, Any]) -> str:
 
 def cot_target(example: Mapping[str, Any]) -> str:
     """The chain-of-thought target: rationale, then the answer in a fixed phrase."""
-    return f"{example['rationale']} {ANSWER_PHRASE} {example['answer']}."
+    answer = f"{ANSWER_PHRASE} {example['answer']}."
+    # Evaluation data has no rationale; its target only needs to carry the answer.
+    return f"{example['rationale']} {answer}" if example["rationale"] else answer
 
 
 def render_zero_shot(spec: TaskSpec, template: Template, example: Mapping[str, Any], kind: str) -> tuple[str, str]:
@@ -171,7 +211,7 @@ def render_zero_shot(spec: TaskSpec, template: Template, example: Mapping[str, A
     if kind == "cot":
         if spec.multiple_choice:
             prompt += _options_block(example)
-        return prompt + COT_SEPARATOR + spec.cot_trigger, cot_target(example)
+        return prompt + spec.cot_separator + spec.cot_trigger, cot_target(example)
     raise ValueError(f"unknown variant kind {kind!r}")
 
 
@@ -191,8 +231,11 @@ def render(
     exemplars: Sequence[Mapping[str, Any]] = (),
     max_input_length: int | None = None,
     length_fn: Callable[[str], int] = len,
-) -> dict[str, str]:
+) -> dict[str, str] | None:
     """Renders one example as one variant; returns {"inputs": ..., "targets": ...}.
+
+    Returns None only for a few-shot variant left with no exemplar when
+    `spec.few_shot_fallback` is "drop".
 
     Args:
       spec: the task's templates and settings.
@@ -210,17 +253,20 @@ def render(
     template = spec.templates[template_index]
     query_input, query_target = render_zero_shot(spec, template, example, kind)
     if not few_shot:
-        return {"inputs": query_input, "targets": query_target}
+        return {"inputs": spec.prefix + query_input, "targets": query_target}
 
     shots = []
     for exemplar in exemplars[: spec.num_shots]:
         shot_input, shot_target = render_zero_shot(spec, template, exemplar, kind)
-        shots.append(shot_input + SHOT_JOINER + shot_target)
-    while True:
-        inputs = spec.shot_separator.join(shots + [query_input])
-        if not shots or max_input_length is None or length_fn(inputs) <= max_input_length:
+        shots.append(shot_input + spec.shot_joiner + shot_target)
+    while shots:
+        inputs = spec.prefix + spec.shot_separator.join(shots + [query_input])
+        if max_input_length is None or length_fn(inputs) <= max_input_length:
             return {"inputs": inputs, "targets": query_target}
         shots.pop()
+    if spec.few_shot_fallback == "drop":
+        return None
+    return {"inputs": spec.prefix + query_input, "targets": query_target}
 
 
 def extract_answer(text: str | bytes) -> str:

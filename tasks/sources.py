@@ -1,0 +1,380 @@
+"""Where real data comes from: the data directory, reading files, bad rows, statistics.
+
+The data directory holds one folder per source family (flan_cot/, bbh/,
+mmlu/; see tasks/flan_cot.py, tasks/bbh.py, tasks/mmlu.py). It is the gin
+binding `data_dir.path` if set, else the environment variable
+FLAN_JAX_DATA_DIR. Nothing is read when tasks are registered: a source reads
+its files when a dataset is first built, so `import tasks` works without
+any data, and a missing file raises `MissingDataError` (a `UserError`) then,
+naming the file, where it was looked for and where to get it.
+
+A `LoadedSource` holds one source's examples in memory, split by split.
+Rows that cannot be used (wrong column count, empty answer, bytes that are
+not UTF-8, ...) are skipped, never fatal: each is counted in the source's
+`SourceStats`, and the file and line of the first few are logged and kept.
+
+`stats(name)` is also where the SeqIO pipeline counts what it does to
+examples (see `registry.render_preprocessor`), under the SeqIO task's name:
+
+  rendered           examples rendered
+  dropped_no_fit     few-shot examples dropped: no exemplar fit (few_shot_fallback="drop")
+  inputs_truncated   inputs longer than the sequence length, cut by SeqIO's trim
+  targets_truncated  the same for targets
+
+Counts add up over every pass over the data; `reset_stats` clears them.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import gin
+import tensorflow as tf
+
+from flan_jax.errors import UserError
+from tasks import templates
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR_ENV = "FLAN_JAX_DATA_DIR"
+MAX_REPORTED_PROBLEMS = 5  # Bad rows whose file and line are kept (and logged) per source.
+VALIDATION_PERCENT = 2  # Share of a train-only file held out as its validation split.
+
+Example = dict[str, Any]
+
+
+# --- where the data is ---------------------------------------------------------------
+
+
+@gin.configurable
+def data_dir(path: str | None = None) -> str | None:
+    """The data directory: gin's `data_dir.path`, else $FLAN_JAX_DATA_DIR, else None."""
+    return path or os.environ.get(DATA_DIR_ENV) or None
+
+
+def data_dir_or_raise(source: str, needs: str, published_at: str) -> str:
+    """`data_dir()`, or a MissingDataError that says what `source` needs and where to get it."""
+    directory = data_dir()
+    if directory is None:
+        raise MissingDataError(
+            f"{source}: needs {needs} but no data directory is set. Get the files from {published_at}, "
+            f"then set {DATA_DIR_ENV} (or the gin binding data_dir.path) to the directory that holds them."
+        )
+    return directory
+
+
+def get_it_from(published_at: str) -> str:
+    """The advice a MissingDataError gives for a file of the data directory."""
+    return (f"Get it from {published_at} and put it there, or point {DATA_DIR_ENV} (or the gin binding "
+            f"data_dir.path) at the directory that holds it.")
+
+
+class MissingDataError(UserError):
+    """A data file a source needs is not where it was looked for."""
+
+
+def _cache_dir() -> str:
+    return os.environ.get("FLAN_JAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "flan_jax")
+
+
+def _download(url: str, source: str, advice: str) -> str:
+    """Downloads `url` once into the cache; returns the local path."""
+    name = hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + os.path.basename(url)
+    path = os.path.join(_cache_dir(), "downloads", name)
+    if os.path.exists(path):
+        return path
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read()
+    except (urllib.error.URLError, OSError) as e:
+        raise MissingDataError(f"{source}: could not download {url} ({e}). {advice}") from None
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # Write then rename, so an interrupted download never looks complete.
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-download-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+    return path
+
+
+def read_data_file(source: str, location: str, relative_path: str, advice: str) -> tuple[str, bytes]:
+    """Reads `location/relative_path`; returns (path, bytes).
+
+    `location` is a directory (local, or anything tf.io.gfile reads, e.g.
+    gs://) or an http(s) URL, whose files are downloaded once into
+    $FLAN_JAX_CACHE_DIR/downloads (default ~/.cache/flan_jax/downloads).
+    A missing file raises MissingDataError naming `source`, the file and
+    where it was looked for, followed by `advice` (where to get it, e.g.
+    `get_it_from(url)`).
+    """
+    if location.startswith(("http://", "https://")):
+        url = location.rstrip("/") + "/" + relative_path
+        path = _download(url, source, advice)
+        with open(path, "rb") as f:
+            return url, f.read()
+    path = os.path.join(location, relative_path)
+    if not tf.io.gfile.exists(path):
+        raise MissingDataError(f"{source}: data file {relative_path} not found in {location} "
+                               f"(looked for {path}). {advice}")
+    with tf.io.gfile.GFile(path, "rb") as f:
+        return path, f.read()
+
+
+# --- statistics ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SourceStats:
+    """What happened to one source's rows, or one task's examples (see the module docstring)."""
+
+    name: str
+    kept: int = 0  # Rows read into examples.
+    skipped: int = 0  # Rows that could not be used.
+    problems: list[str] = dataclasses.field(default_factory=list)  # "file:line: why" of the first few skipped.
+    counts: Counter = dataclasses.field(default_factory=Counter)  # Pipeline counts, by event name.
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def skip(self, where: str, reason: str) -> None:
+        """Counts a skipped row (`where`: "file:line"); keeps and logs the first few."""
+        with self._lock:
+            self.skipped += 1
+            if len(self.problems) < MAX_REPORTED_PROBLEMS:
+                problem = f"{where}: {reason}"
+                self.problems.append(problem)
+                logger.warning("%s: skipped row %s", self.name, problem)
+
+    def count_kept(self, n: int) -> None:
+        with self._lock:
+            self.kept += n
+
+    def count(self, event: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[event] += n
+
+    def reset(self) -> None:
+        with self._lock:
+            self.kept = self.skipped = 0
+            self.problems.clear()
+            self.counts.clear()
+
+
+_STATS: dict[str, SourceStats] = {}
+_STATS_LOCK = threading.Lock()
+
+
+def stats(name: str) -> SourceStats:
+    """The statistics of a source or SeqIO task, created empty on first use."""
+    with _STATS_LOCK:
+        return _STATS.setdefault(name, SourceStats(name))
+
+
+def all_stats() -> dict[str, SourceStats]:
+    """Every source's and task's statistics so far, by name."""
+    with _STATS_LOCK:
+        return dict(_STATS)
+
+
+def reset_stats(name: str | None = None) -> None:
+    """Clears one name's statistics, or all of them."""
+    for entry in [stats(name)] if name else all_stats().values():
+        entry.reset()
+
+
+# --- rows ------------------------------------------------------------------------------
+
+
+class MalformedRow(ValueError):
+    """Raised by a row parser: the row is skipped and counted, with this message as the reason."""
+
+
+Row = list[str] | dict[str, Any]  # Columns of a TSV/CSV row, or a JSON object.
+RowParser = Callable[[Row], Example]
+
+
+def iter_rows(data: bytes, path: str, file_format: str, stats_: SourceStats) -> Iterator[tuple[int, Row]]:
+    """Yields (line number, row) for each row of a jsonl, tsv or csv file.
+
+    Blank lines are not rows. Rows that cannot be decoded (bytes that are not
+    UTF-8, JSON that does not parse) are skipped and counted in `stats_`.
+    TSV cells are split on tabs only (no quoting, as in the Flan CoT files).
+    """
+    if file_format == "csv":
+        # surrogateescape lets the csv module parse the whole file (fields may
+        # span lines); a row that got an undecodable byte is then skipped alone.
+        reader = csv.reader(io.StringIO(data.decode("utf-8", errors="surrogateescape"), newline=""))
+        first_line = 1
+        for row in reader:
+            line, first_line = first_line, reader.line_num + 1
+            if not row:
+                continue
+            if any(_has_undecodable(cell) for cell in row):
+                stats_.skip(f"{path}:{line}", "not valid UTF-8")
+                continue
+            yield line, row
+        return
+    if file_format not in ("jsonl", "tsv"):
+        raise ValueError(f"unknown file format {file_format!r}; use jsonl, tsv or csv")
+    for line, raw in enumerate(data.split(b"\n"), start=1):
+        raw = raw.rstrip(b"\r")
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            stats_.skip(f"{path}:{line}", f"not valid UTF-8 ({e.reason} at byte {e.start})")
+            continue
+        if file_format == "tsv":
+            yield line, text.split("\t")
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            stats_.skip(f"{path}:{line}", f"not valid JSON ({e.msg})")
+            continue
+        if not isinstance(row, dict):
+            stats_.skip(f"{path}:{line}", f"expected a JSON object, got {type(row).__name__}")
+            continue
+        yield line, row
+
+
+def _has_undecodable(text: str) -> bool:
+    return any("\udc80" <= c <= "\udcff" for c in text)
+
+
+def parse_rows(rows: Iterable[tuple[str, Row]], parse: RowParser, stats_: SourceStats) -> list[Example]:
+    """Parses (where, row) pairs with `parse`; rows it rejects (MalformedRow) are skipped and counted."""
+    examples = []
+    for where, row in rows:
+        try:
+            examples.append(parse(row))
+        except MalformedRow as e:
+            stats_.skip(where, str(e))
+    stats_.count_kept(len(examples))
+    return examples
+
+
+def parse_file(data: bytes, path: str, file_format: str, parse: RowParser, stats_: SourceStats, *,
+               header: bool = False) -> list[Example]:
+    """Parses every row of a file (see `iter_rows`, `parse_rows`).
+
+    With `header`, the first row of a TSV/CSV file names the columns, and
+    `parse` gets each row as a dict by those names.
+    """
+    rows = iter_rows(data, path, file_format, stats_)
+    if header and file_format != "jsonl":
+        names = next(rows, (0, []))[1]
+        rows = ((line, dict(zip(names, row))) for line, row in rows)
+    return parse_rows(((f"{path}:{line}", row) for line, row in rows), parse, stats_)
+
+
+def require_fields(example: Example, names: Sequence[str] = ("question", "answer")) -> Example:
+    """Checks that the fields are non-empty strings; raises MalformedRow otherwise."""
+    for name in names:
+        value = example.get(name)
+        if not isinstance(value, str) or not value.strip():
+            raise MalformedRow(f"empty {name}")
+    return example
+
+
+def hold_out(examples: Sequence[Example], percent: int = VALIDATION_PERCENT) -> dict[str, list[Example]]:
+    """Splits a train-only file into train and validation by a hash of each question and its options.
+
+    Hashing (rather than taking the last rows) keeps the split stable when
+    rows are added or reordered, and puts repeated questions on one side.
+    """
+    splits: dict[str, list[Example]] = {"train": [], "validation": []}
+    for example in examples:
+        key = json.dumps([example["question"], list(example.get("options") or ())])
+        bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 100
+        splits["validation" if bucket < percent else "train"].append(example)
+    return splits
+
+
+# --- sources ---------------------------------------------------------------------------
+
+
+class LoadedSource:
+    """A source whose examples are read into memory when a dataset is first built.
+
+    Args:
+      name: unique; also the name of its `stats`.
+      spec: how its examples are rendered.
+      splits: the splits its SeqIO tasks offer.
+      locate: returns where the data is (a directory or URL); called each
+        time a dataset is built, so a changed data directory is picked up.
+      read: (location, stats) -> {split: examples}; may return more splits
+        than `splits`, e.g. a few-shot pool.
+      exemplar_split: where few-shot exemplars come from.
+      fixed_exemplars: False draws `spec.num_shots` exemplars at random per
+        query (`templates.pick_exemplars`); True takes the first ones in file
+        order, as evaluation benchmarks do. Either way, exemplars that ask
+        the query's question (`templates.same_question`) are left out.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        spec: templates.TaskSpec,
+        splits: Sequence[str],
+        locate: Callable[[], str],
+        read: Callable[[str, SourceStats], Mapping[str, list[Example]]],
+        *,
+        exemplar_split: str = "train",
+        fixed_exemplars: bool = False,
+    ) -> None:
+        self.name = name
+        self.spec = spec
+        self.splits = tuple(splits)
+        self.exemplar_split = exemplar_split
+        self.fixed_exemplars = fixed_exemplars
+        self._locate = locate
+        self._read = read
+        self._loaded: tuple[str, Mapping[str, list[Example]]] | None = None
+        self._lock = threading.Lock()
+
+    def load(self) -> Mapping[str, list[Example]]:
+        """Reads the data, unless already read from the same location; returns {split: examples}."""
+        location = self._locate()
+        with self._lock:
+            if self._loaded is None or self._loaded[0] != location:
+                source_stats = stats(self.name)
+                source_stats.reset()
+                self._loaded = (location, self._read(location, source_stats))
+            return self._loaded[1]
+
+    def _data(self) -> Mapping[str, list[Example]]:
+        # Per-example lookups reuse what the last `load` read, without asking gin again.
+        loaded = self._loaded
+        return loaded[1] if loaded is not None else self.load()
+
+    def split_size(self, split: str) -> int:
+        if split not in self.splits:
+            raise ValueError(f"source {self.name!r} has no split {split!r}; it has {self.splits}")
+        return len(self.load()[split])
+
+    def example(self, split: str, index: int) -> Example:
+        return self._data()[split][index]
+
+    def exemplars(self, split: str, index: int, example: Mapping[str, Any], seed: int) -> list[Example]:
+        """Few-shot exemplars for example `index` of `split`; never the example itself."""
+        pool = self._data()[self.exemplar_split]
+        count = self.spec.num_shots
+        if self.fixed_exemplars:
+            return [e for e in pool if not templates.same_question(e, example)][:count]
+        return templates.pick_exemplars(
+            self.spec.name, split, index, seed, example,
+            train_example=pool.__getitem__, num_train=len(pool), count=count,
+        )
