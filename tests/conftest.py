@@ -12,6 +12,16 @@ os.environ.setdefault("FLAN_JAX_DATA_DIR", str(REPO.parent / "shared" / "data"))
 os.environ.setdefault("FLAN_JAX_FIXTURES_DIR", str(REPO.parent / "shared" / "fixtures"))
 
 
+@pytest.fixture(autouse=True)
+def _exact_float32_matmuls():
+    """On GPUs, float32 matmuls default to TF32-like precision (logits off by
+    ~3e-3 at test sizes); the tests compare float32 results to 1e-4 or better."""
+    import jax
+
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     from flan_jax.model import T5Config

@@ -12,14 +12,6 @@ from flan_jax.formats.hf import params_from_hf_state_dict
 from flan_jax.model import T5Config, Transformer
 
 
-@pytest.fixture(autouse=True)
-def _exact_float32_matmuls():
-    """On GPUs, float32 matmuls default to TF32-like precision (logits off by
-    ~3e-3 at this size); these tests compare float32 results to 1e-4 or better."""
-    with jax.default_matmul_precision("highest"):
-        yield
-
-
 CONFIG = T5Config(
     vocab_size=256, emb_dim=64, num_heads=4, head_dim=16, num_encoder_layers=2, num_decoder_layers=2,
     mlp_dim=128, dropout_rate=0.0,

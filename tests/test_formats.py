@@ -30,12 +30,6 @@ V1_1 = T5Config(
 ORIGINAL = dataclasses.replace(V1_1, mlp_activations=("relu",), logits_via_embedding=True)
 
 
-@pytest.fixture(autouse=True)
-def _exact_float32_matmuls():
-    with jax.default_matmul_precision("highest"):
-        yield
-
-
 def _hf_model(config: T5Config, seed: int = 0):
     torch.manual_seed(seed)
     hf_config = transformers.T5Config(**{**hf.config_to_hf(config), "architectures": None})

@@ -24,14 +24,6 @@ FIXTURE = Path(os.environ.get("FLAN_JAX_FIXTURES_DIR", DEFAULT_FIXTURES)) / "t5x
 pytestmark = pytest.mark.skipif(not FIXTURE.exists(), reason="T5X fixture not found")
 
 
-@pytest.fixture(autouse=True)
-def _exact_float32_matmuls():
-    """On GPUs, float32 matmuls default to TF32-like precision (logits off by
-    ~3e-3 at this size); these tests compare float32 results to 1e-4 or better."""
-    with jax.default_matmul_precision("highest"):
-        yield
-
-
 CONFIG = T5Config(
     vocab_size=512, dtype="float32", emb_dim=64, num_heads=4, num_encoder_layers=2, num_decoder_layers=2,
     head_dim=16, mlp_dim=128, mlp_activations=("gelu", "linear"), dropout_rate=0.0, logits_via_embedding=False,
