@@ -3,7 +3,7 @@
 Importing the package runs `discover`: it imports every public module in the
 package, in name order (modules whose name starts with "_" are skipped), so a
 new file that calls `registry.add_family` is picked up with no other edit;
-then it registers every recorded family with SeqIO, and the mixtures.
+then it registers every recorded family and source with SeqIO, and the mixtures.
 Importing again, or calling `discover` again, replaces the registrations
 instead of raising "already registered".
 """

@@ -115,11 +115,17 @@ DATASETS = (
 
 
 @gin.configurable
-def flan_cot_location(location: str | None = None) -> str:
+def flan_cot_location(location: str | None = None) -> str | None:
     """Where the TSV files are: the gin-bound `location` (directory or URL), else <data dir>/flan_cot."""
-    if location:
-        return location
-    return os.path.join(sources.data_dir_or_raise("flan_cot", "the Flan CoT TSV files", PUBLISHED_AT), "flan_cot")
+    directory = sources.data_dir()
+    return location or (os.path.join(directory, "flan_cot") if directory else None)
+
+
+def _locate() -> str:
+    location = flan_cot_location()
+    if location is None:  # Raised here, outside the configurable, so gin adds nothing to the message.
+        raise sources.no_data_dir_error("flan_cot", "the Flan CoT TSV files", PUBLISHED_AT)
+    return location
 
 
 def split_options(question: str) -> tuple[str, list[str]]:
@@ -173,7 +179,8 @@ def parse_row(row: sources.Row, dataset: Dataset) -> sources.Example:
 
 def read(dataset: Dataset, location: str, stats: sources.SourceStats) -> dict[str, list[sources.Example]]:
     """Reads one dataset's file from `location`; returns its train and validation splits."""
-    path, data = sources.read_data_file(dataset.spec.name, location, dataset.file_name, sources.get_it_from(PUBLISHED_AT))
+    path, data = sources.read_data_file(dataset.spec.name, location, dataset.file_name,
+                                        sources.get_it_from(PUBLISHED_AT))
     examples = sources.parse_file(data, path, "tsv", lambda row: parse_row(row, dataset), stats)
     return sources.hold_out(examples)
 
@@ -181,7 +188,7 @@ def read(dataset: Dataset, location: str, stats: sources.SourceStats) -> dict[st
 def source(dataset: Dataset) -> sources.LoadedSource:
     return sources.LoadedSource(
         f"flan_cot_{dataset.name}", dataset.spec, ("train", "validation"),
-        locate=flan_cot_location,
+        locate=_locate,
         read=lambda location, stats: read(dataset, location, stats),
     )
 

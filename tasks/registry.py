@@ -172,6 +172,13 @@ def add_source(source: Source, tasks: Mapping[str, str]) -> list[str]:
     return list(tasks)
 
 
+def remove_source(name: str) -> None:
+    """Forgets a source and unregisters its SeqIO tasks; run `register_seqio` to update the mixtures."""
+    _, tasks = _SOURCES.pop(name)
+    for task in tasks:
+        seqio.TaskRegistry.remove(task)
+
+
 def get_source(name: str) -> Source:
     """A source recorded with `add_source`, by name (e.g. "flan_cot_aqua", "mmlu_anatomy")."""
     return _SOURCES[name][0]
@@ -263,7 +270,7 @@ def render_preprocessor(
     *,
     source: Source,
     variant: str,
-    task: str = "",
+    task: str,
     seed: int = RENDER_SEED,
 ) -> tf.data.Dataset:
     """Maps raw examples to {"inputs", "targets", "answer"} strings.
@@ -280,7 +287,7 @@ def render_preprocessor(
             if sequence_length.get(feature) and feature in output_features:
                 limits[feature] = sequence_length[feature] - 1
                 length_fns[feature] = _token_counter(output_features[feature])
-    task_stats = sources.stats(task or f"{source.name}_{variant}")
+    task_stats = sources.stats(task)
 
     def py_render(split: bytes, index: np.int64, question: bytes, answer: bytes, rationale: bytes,
                   *options: Any) -> list[Any]:

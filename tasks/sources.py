@@ -16,7 +16,7 @@ not UTF-8, ...) are skipped, never fatal: each is counted in the source's
 `stats(name)` is also where the SeqIO pipeline counts what it does to
 examples (see `registry.render_preprocessor`), under the SeqIO task's name:
 
-  rendered           examples rendered
+  rendered           examples rendered (tf.data's read-ahead included)
   dropped_no_fit     few-shot examples dropped: no exemplar fit (few_shot_fallback="drop")
   inputs_truncated   inputs longer than the sequence length, cut by SeqIO's trim
   targets_truncated  the same for targets
@@ -65,14 +65,19 @@ def data_dir(path: str | None = None) -> str | None:
     return path or os.environ.get(DATA_DIR_ENV) or None
 
 
+def no_data_dir_error(source: str, needs: str, published_at: str) -> MissingDataError:
+    """The error for a source that needs the data directory when none is set."""
+    return MissingDataError(
+        f"{source}: needs {needs} but no data directory is set. Get the files from {published_at}, "
+        f"then set {DATA_DIR_ENV} (or the gin binding data_dir.path) to the directory that holds them."
+    )
+
+
 def data_dir_or_raise(source: str, needs: str, published_at: str) -> str:
     """`data_dir()`, or a MissingDataError that says what `source` needs and where to get it."""
     directory = data_dir()
     if directory is None:
-        raise MissingDataError(
-            f"{source}: needs {needs} but no data directory is set. Get the files from {published_at}, "
-            f"then set {DATA_DIR_ENV} (or the gin binding data_dir.path) to the directory that holds them."
-        )
+        raise no_data_dir_error(source, needs, published_at)
     return directory
 
 
@@ -86,14 +91,15 @@ class MissingDataError(UserError):
     """A data file a source needs is not where it was looked for."""
 
 
-def _cache_dir() -> str:
+def cache_dir() -> str:
+    """Where flan-jax keeps what it makes or downloads: $FLAN_JAX_CACHE_DIR, default ~/.cache/flan_jax."""
     return os.environ.get("FLAN_JAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "flan_jax")
 
 
 def _download(url: str, source: str, advice: str) -> str:
     """Downloads `url` once into the cache; returns the local path."""
     name = hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + os.path.basename(url)
-    path = os.path.join(_cache_dir(), "downloads", name)
+    path = os.path.join(cache_dir(), "downloads", name)
     if os.path.exists(path):
         return path
     try:
@@ -204,11 +210,11 @@ Row = list[str] | dict[str, Any]  # Columns of a TSV/CSV row, or a JSON object.
 RowParser = Callable[[Row], Example]
 
 
-def iter_rows(data: bytes, path: str, file_format: str, stats_: SourceStats) -> Iterator[tuple[int, Row]]:
+def iter_rows(data: bytes, path: str, file_format: str, source_stats: SourceStats) -> Iterator[tuple[int, Row]]:
     """Yields (line number, row) for each row of a jsonl, tsv or csv file.
 
     Blank lines are not rows. Rows that cannot be decoded (bytes that are not
-    UTF-8, JSON that does not parse) are skipped and counted in `stats_`.
+    UTF-8, JSON that does not parse) are skipped and counted in `source_stats`.
     TSV cells are split on tabs only (no quoting, as in the Flan CoT files).
     """
     if file_format == "csv":
@@ -221,7 +227,7 @@ def iter_rows(data: bytes, path: str, file_format: str, stats_: SourceStats) -> 
             if not row:
                 continue
             if any(_has_undecodable(cell) for cell in row):
-                stats_.skip(f"{path}:{line}", "not valid UTF-8")
+                source_stats.skip(f"{path}:{line}", "not valid UTF-8")
                 continue
             yield line, row
         return
@@ -234,7 +240,7 @@ def iter_rows(data: bytes, path: str, file_format: str, stats_: SourceStats) -> 
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            stats_.skip(f"{path}:{line}", f"not valid UTF-8 ({e.reason} at byte {e.start})")
+            source_stats.skip(f"{path}:{line}", f"not valid UTF-8 ({e.reason} at byte {e.start})")
             continue
         if file_format == "tsv":
             yield line, text.split("\t")
@@ -242,10 +248,10 @@ def iter_rows(data: bytes, path: str, file_format: str, stats_: SourceStats) -> 
         try:
             row = json.loads(text)
         except json.JSONDecodeError as e:
-            stats_.skip(f"{path}:{line}", f"not valid JSON ({e.msg})")
+            source_stats.skip(f"{path}:{line}", f"not valid JSON ({e.msg})")
             continue
         if not isinstance(row, dict):
-            stats_.skip(f"{path}:{line}", f"expected a JSON object, got {type(row).__name__}")
+            source_stats.skip(f"{path}:{line}", f"expected a JSON object, got {type(row).__name__}")
             continue
         yield line, row
 
@@ -254,30 +260,30 @@ def _has_undecodable(text: str) -> bool:
     return any("\udc80" <= c <= "\udcff" for c in text)
 
 
-def parse_rows(rows: Iterable[tuple[str, Row]], parse: RowParser, stats_: SourceStats) -> list[Example]:
+def parse_rows(rows: Iterable[tuple[str, Row]], parse: RowParser, source_stats: SourceStats) -> list[Example]:
     """Parses (where, row) pairs with `parse`; rows it rejects (MalformedRow) are skipped and counted."""
     examples = []
     for where, row in rows:
         try:
             examples.append(parse(row))
         except MalformedRow as e:
-            stats_.skip(where, str(e))
-    stats_.count_kept(len(examples))
+            source_stats.skip(where, str(e))
+    source_stats.count_kept(len(examples))
     return examples
 
 
-def parse_file(data: bytes, path: str, file_format: str, parse: RowParser, stats_: SourceStats, *,
+def parse_file(data: bytes, path: str, file_format: str, parse: RowParser, source_stats: SourceStats, *,
                header: bool = False) -> list[Example]:
     """Parses every row of a file (see `iter_rows`, `parse_rows`).
 
     With `header`, the first row of a TSV/CSV file names the columns, and
     `parse` gets each row as a dict by those names.
     """
-    rows = iter_rows(data, path, file_format, stats_)
+    rows = iter_rows(data, path, file_format, source_stats)
     if header and file_format != "jsonl":
         names = next(rows, (0, []))[1]
         rows = ((line, dict(zip(names, row))) for line, row in rows)
-    return parse_rows(((f"{path}:{line}", row) for line, row in rows), parse, stats_)
+    return parse_rows(((f"{path}:{line}", row) for line, row in rows), parse, source_stats)
 
 
 def require_fields(example: Example, names: Sequence[str] = ("question", "answer")) -> Example:

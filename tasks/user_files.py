@@ -39,7 +39,7 @@ from tasks import registry, sources
 from tasks.templates import TaskSpec, Template
 
 FieldRef = str | int  # A key or header name, or a column number.
-FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".tsv": "tsv", ".csv": "csv"}
+FORMATS = {".jsonl": "jsonl", ".tsv": "tsv", ".csv": "csv"}
 _ADVICE = "It was given to register_file_task; check the path."
 
 
@@ -49,37 +49,36 @@ def map_fields(row: sources.Row, field_map: Mapping[str, FieldRef | Sequence[Fie
 
     def value(ref: FieldRef) -> Any:
         try:
-            found = row[ref]  # A dict by key, a list by column number.
+            return row[ref]  # A dict by key, a list by column number.
         except (KeyError, IndexError, TypeError):
             raise sources.MalformedRow(f"no field {ref!r}") from None
+
+    def as_text(found: Any, ref: FieldRef) -> str:
         if isinstance(found, bytes):  # TFDS text features.
             try:
-                return found.decode("utf-8")
+                found = found.decode("utf-8")
             except UnicodeDecodeError:
                 raise sources.MalformedRow(f"field {ref!r} is not valid UTF-8") from None
-        return found
-
-    def text(ref: FieldRef) -> str:
-        found = value(ref)
         if isinstance(found, (list, dict)):
             raise sources.MalformedRow(f"field {ref!r} is not text")
-        return str(found).strip()
+        return str(found).strip()  # Numbers too: a JSON answer 72 becomes "72".
 
     example = {
-        "question": text(field_map["question"]),
-        "answer": text(field_map["answer"]),
-        "rationale": text(field_map["rationale"]) if has_rationale else "",
+        "question": as_text(value(field_map["question"]), field_map["question"]),
+        "answer": as_text(value(field_map["answer"]), field_map["answer"]),
+        "rationale": as_text(value(field_map["rationale"]), field_map["rationale"]) if has_rationale else "",
     }
     sources.require_fields(example, ("question", "answer", "rationale") if has_rationale else ("question", "answer"))
     if multiple_choice:
         refs = field_map["options"]
-        if isinstance(refs, (str, int)):
-            options = value(refs)
-            if not isinstance(options, (list, tuple)):
+        if isinstance(refs, (str, int)):  # One field holding the list.
+            found = value(refs)
+            found = found.tolist() if hasattr(found, "tolist") else found  # TFDS gives numpy arrays.
+            if not isinstance(found, list):
                 raise sources.MalformedRow(f"field {refs!r} is not a list of options")
-        else:
-            options = [value(ref) for ref in refs]
-        options = [o.decode("utf-8") if isinstance(o, bytes) else str(o).strip() for o in options]
+            options = [as_text(option, refs) for option in found]
+        else:  # One field per option.
+            options = [as_text(value(ref), ref) for ref in refs]
         if example["answer"] not in options:
             raise sources.MalformedRow(f"answer {example['answer']!r} is none of the options {options}")
         example["options"] = options
@@ -139,7 +138,7 @@ def register_file_task(
     def parse(row: sources.Row) -> sources.Example:
         return map_fields(row, field_map, has_rationale=has_rationale, multiple_choice=spec.multiple_choice)
 
-    def read(_: str, stats: sources.SourceStats) -> dict[str, list[sources.Example]]:
+    def read(_: str, stats: sources.SourceStats) -> dict[str, list[sources.Example]]:  # The paths are fixed.
         splits = {}
         for split, file_path in paths.items():
             file_format = format or FORMATS.get(os.path.splitext(file_path)[1].lower())
@@ -193,7 +192,8 @@ def register_tfds_task(
             try:
                 dataset = tfds.load(tfds_name, split=tfds_split, data_dir=data_dir)
             except tfds.core.registered.DatasetNotFoundError as e:
-                raise sources.MissingDataError(f"{name}: TFDS dataset {tfds_name!r} not found ({e})") from None
+                first_line = str(e).splitlines()[0]  # TFDS goes on to list every dataset it knows.
+                raise sources.MissingDataError(f"{name}: {first_line} (tfds.load, data_dir={data_dir})") from None
             rows = ((f"{tfds_name}[{tfds_split}]:{i}", row) for i, row in enumerate(tfds.as_numpy(dataset)))
             loaded[split] = sources.parse_rows(rows, parse, stats)
         return loaded

@@ -26,7 +26,7 @@ import tempfile
 import seqio
 import sentencepiece as spm
 
-from tasks import builtin, registry
+from tasks import builtin, registry, sources
 
 EXAMPLES_PER_VARIANT = 40
 SPM_SEED = 0
@@ -66,10 +66,6 @@ def corpus() -> list[str]:
     return sentences
 
 
-def _cache_dir() -> str:
-    return os.environ.get("FLAN_JAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "flan_jax")
-
-
 def model_name(sentences: list[str], options: dict = TRAINER_OPTIONS) -> str:
     """The cache file name: changes whenever the corpus or the options change."""
     digest = hashlib.sha256(json.dumps([sentences, options, SPM_SEED], sort_keys=True).encode()).hexdigest()
@@ -100,7 +96,7 @@ def train(sentences: list[str], path: str, options: dict = TRAINER_OPTIONS) -> N
 def default_vocabulary_path() -> str:
     """The cached model's path, training it first if it is not there yet."""
     sentences = corpus()
-    path = os.path.join(_cache_dir(), model_name(sentences))
+    path = os.path.join(sources.cache_dir(), model_name(sentences))
     if not os.path.exists(path):
         train(sentences, path)
     return path

@@ -52,31 +52,29 @@ AQUA_OPTIONS = "\n\nOPTIONS:\n- 300\n- 992\n- 1120\n- 552\n- 312"
 AQUA_COT_TARGET = "1/7:1/7:1/14 = 2:2:1\n1/5*5600 = 1120\n2240-1120 = 1120 So the answer is 1120."
 # Its three exemplars, as fs_opt shows them (question, options, answer).
 AQUA_SHOTS_OPT = [
-    "Solve this math problem.\nA train 520 meters long is running with a speed of 34 kmph. The time taken by it "
-    "to cross a tunnel 280 meters long is?\n\nOPTIONS:\n- 287 sec\n- 89 sec\n- 48 sec\n- 16 sec\n- 17 sec",
-    "Solve this math problem.\nIf 21 WOMen and 12 men can finish the work in 42 days.How many men should "
-    "accompany 42 women to that the work will be completed in ten and half days???"
-    "\n\nOPTIONS:\n- 40\n- 45\n- 50\n- 60\n- 15",
-    "Solve this math problem.\nIf 5 spiders can catch five flies in five minutes, how many flies can hundred "
-    "spiders catch in 100 minutes?\n\nOPTIONS:\n- 100\n- 1000\n- 500\n- 2000\n- None",
+    "Solve this math problem.\nFind the odd man out\n253, 136, 352, 324, 631, 244"
+    "\n\nOPTIONS:\n- 324\n- 136\n- 352\n- 631\n- 531",
+    "Solve this math problem.\nFind the expenditure on digging a well 14m deep and of 3m diameter at Rs.15 per "
+    "cubic meter?\n\nOPTIONS:\n- Rs.1185\n- Rs.1285\n- Rs.1385\n- Rs.1485\n- Rs.1495",
+    "Solve this math problem.\nThe speed of a car is 80 km in the first hour and 60 km in the second hour. What "
+    "is the average speed of the car?\n\nOPTIONS:\n- 70 kmph\n- 92 kmph\n- 75 kmph\n- 65 kmph\n- 77 kmph",
 ]
-AQUA_SHOT_ANSWERS = ["89 sec", "15", "2000"]
+AQUA_SHOT_ANSWERS = ["324", "Rs.1485", "70 kmph"]
 AQUA_SHOT_COT = [
-    "D = 580 + 280 = 800\nS = 34 * 5/18 = 9 mps\nT = 800/9 = 89 sec So the answer is 89 sec.",
-    "15 men using chain rul So the answer is 15.",
-    "5 × 5 × x = 100 × 100 × 5 ⇒ x = 2000. So the answer is 2000.",
+    "The sum all three digits comes to 10 except 324 So the answer is 324.",
+    "22/7 * 14 * 3/2 * 3/2 = 99 m2\n99 * 15 = 1485 So the answer is Rs.1485.",
+    "S = (80 + 60)/2 = 70 kmph So the answer is 70 kmph.",
 ]
 AQUA_EXPECTED = {
     "zs_noopt": (AQUA_QUERY, "1120"),
     "zs_opt": (AQUA_QUERY + AQUA_OPTIONS, "1120"),
     "zs_cot": (AQUA_QUERY + AQUA_OPTIONS + "\nLet's think step by step.", AQUA_COT_TARGET),
     "fs_noopt": (
-        "Solve this math problem.\nA train 520 meters long is running with a speed of 34 kmph. The time taken by "
-        "it to cross a tunnel 280 meters long is?\n89 sec\n\n"
-        "Solve this math problem.\nIf 21 WOMen and 12 men can finish the work in 42 days.How many men should "
-        "accompany 42 women to that the work will be completed in ten and half days???\n15\n\n"
-        "Solve this math problem.\nIf 5 spiders can catch five flies in five minutes, how many flies can hundred "
-        "spiders catch in 100 minutes?\n2000\n\n" + AQUA_QUERY,
+        "Solve this math problem.\nFind the odd man out\n253, 136, 352, 324, 631, 244\n324\n\n"
+        "Solve this math problem.\nFind the expenditure on digging a well 14m deep and of 3m diameter at Rs.15 per "
+        "cubic meter?\nRs.1485\n\n"
+        "Solve this math problem.\nThe speed of a car is 80 km in the first hour and 60 km in the second hour. What "
+        "is the average speed of the car?\n70 kmph\n\n" + AQUA_QUERY,
         "1120",
     ),
     "fs_opt": (
@@ -174,34 +172,41 @@ def test_flan_cot_every_variant_renders_without_leaking_the_query():
                     assert rendered["targets"] == zero_shot["targets"]
                     assert templates.extract_answer(rendered["targets"]) == example["answer"]
                     if variant.startswith("fs_"):
-                        # Three exemplars, then the query, which appears only there.
+                        # Exemplars, then the query, which appears only there.
                         assert inputs.endswith("\n\n" + zero_shot["inputs"])
                         assert inputs.count(zero_shot["inputs"]) == 1, (dataset.name, split, index, variant)
-                        assert inputs.count("\n\n") >= 3
                     if variant.endswith("_noopt"):
                         assert "OPTIONS" not in inputs
+                exemplars = source.exemplars(split, index, example, registry.RENDER_SEED)
+                assert len(exemplars) == 3 and not any(templates.same_question(e, example) for e in exemplars)
 
 
 @needs_data
-def test_flan_cot_few_shot_prompts_fit_in_tokens_and_overflow_is_counted():
+@pytest.mark.parametrize("inputs_length", [600, 160])
+def test_flan_cot_few_shot_prompts_fit_in_tokens_and_overflow_is_counted(inputs_length):
+    # With the default vocabulary, a qasc fs_cot prompt is 800-1100 tokens, its query alone 95-180:
+    # 600 tokens leave room for one or two exemplars, 160 for none, and some queries are cut.
     name = flan_cot.task_name("qasc", "fs_cot")
     vocabulary = seqio.get_mixture_or_task(name).output_features["inputs"].vocabulary
-    length = {"inputs": 256, "targets": 64}
     sources.reset_stats(name)
-    examples = _take(name, "validation", length, None)  # The whole split: 22 examples.
-    assert len(examples) == len(registry.get_source("flan_cot_qasc").load()["validation"]) == 22
-    too_long = 0
-    shots = []
+    examples = _take(name, "validation", {"inputs": inputs_length, "targets": 64})  # All, so counts are exact.
+    size = len(registry.get_source("flan_cot_qasc").load()["validation"])
+    assert len(examples) == size > 10
+    limit = inputs_length - 1  # EOS comes after.
+    too_long, shots = 0, []
     for ex in examples:
         tokens = len(vocabulary.encode(ex["inputs_pretokenized"]))
         shots.append(ex["inputs_pretokenized"].count("So the answer is"))
-        assert len(ex["inputs"]) <= 256 and ex["inputs"][-1] == 1
-        if shots[-1]:  # With exemplars, the prompt fits: the limit counts tokens, EOS included.
-            assert tokens <= 255
-        too_long += tokens > 255
-    assert 0 < max(shots) < 3  # Exemplars were dropped to fit, not all of them.
+        assert len(ex["inputs"]) <= inputs_length and ex["inputs"][-1] == 1
+        if shots[-1]:
+            assert tokens <= limit  # A prompt with exemplars always fits.
+        too_long += tokens > limit
+    if inputs_length == 600:
+        assert 0 < max(shots) < 3 and too_long == 0
+    else:
+        assert max(shots) == 0 and too_long > 0
     counts = sources.stats(name).counts
-    assert counts["rendered"] == 22 and counts["inputs_truncated"] == too_long
+    assert counts["rendered"] == size and counts["inputs_truncated"] == too_long
     long_targets = sum(len(vocabulary.encode(ex["targets_pretokenized"])) > 63 for ex in examples)
     assert counts["targets_truncated"] == long_targets > 0
 
@@ -272,8 +277,8 @@ def test_bbh_scores_through_seqio_evaluator():
 
     future, _ = evaluator.evaluate(compute_metrics=True, step=0, predict_fn=predict_fn)
     targets = [ex["answer"] for ex in _take("bbh_sports_understanding_cot", "validation", LONG, 4)]
-    expected = 100 * sum(t == "no" for t in targets) / 4
-    assert future.result()["bbh_sports_understanding_cot"]["accuracy"] == pytest.approx(expected)
+    assert targets == ["no", "yes", "yes", "no"]
+    assert future.result()["bbh_sports_understanding_cot"]["accuracy"] == pytest.approx(50.0)
 
 
 # --- MMLU ------------------------------------------------------------------------------------
@@ -341,25 +346,27 @@ def test_malformed_rows_are_skipped_counted_and_reported(tmp_path, clean_gin, ca
         assert len(source.load()["train"]) > 2 and sources.stats("flan_cot_aqua").skipped == 0
 
 
-@pytest.mark.parametrize("task, file, published", [
-    ("flan_cot_aqua_zs_opt", "flan_cot/aqua_train.tsv", "google-research/FLAN/tree/main/flan/v2/cot_data"),
-    ("bbh_navigate_cot", "bbh/cot-prompts/navigate.txt", "suzgunmirac/BIG-Bench-Hard"),
-    ("mmlu_virology", "mmlu/dev/virology_dev.csv", "hendrycks/test"),
+@pytest.mark.parametrize("task, split, source, folder, file, published", [
+    ("flan_cot_aqua_zs_opt", "train", "flan_cot_aqua", "flan_cot", "aqua_train.tsv",
+     "https://github.com/google-research/FLAN/tree/main/flan/v2/cot_data"),
+    ("bbh_navigate_cot", "test", "bbh_navigate_cot", "bbh", "cot-prompts/navigate.txt",
+     "https://github.com/suzgunmirac/BIG-Bench-Hard"),
+    ("mmlu_virology", "test", "mmlu_virology", "mmlu", "dev/virology_dev.csv", "https://github.com/hendrycks/test"),
 ])
-def test_a_missing_file_names_file_directory_and_source(task, file, published, tmp_path, monkeypatch):
+def test_a_missing_file_names_file_directory_and_source(task, split, source, folder, file, published, tmp_path,
+                                                        monkeypatch):
     monkeypatch.setenv(sources.DATA_DIR_ENV, str(tmp_path))
     # Registering needs no data; building the dataset fails, with one clear message.
     with pytest.raises(sources.MissingDataError) as error:
-        seqio.get_mixture_or_task(task).get_dataset(LONG, split="test" if "aqua" not in task else "train")
-    message = str(error.value)
-    directory, name = str(tmp_path / file).rsplit("/", 1)
+        seqio.get_mixture_or_task(task).get_dataset(LONG, split=split)
     assert isinstance(error.value, UserError)
-    assert name in message and directory in message and str(tmp_path / file) in message
-    assert task.rsplit("_", 2 if "aqua" in task else 1)[0] in message and published in message
+    assert str(error.value).startswith(
+        f"{source}: data file {file} not found in {tmp_path / folder} (looked for {tmp_path / folder / file}). "
+        f"Get it from {published}")
 
     monkeypatch.delenv(sources.DATA_DIR_ENV)
     with pytest.raises(sources.MissingDataError, match=f"no data directory is set.*{sources.DATA_DIR_ENV}"):
-        seqio.get_mixture_or_task(task).get_dataset(LONG, split="test" if "aqua" not in task else "train")
+        seqio.get_mixture_or_task(task).get_dataset(LONG, split=split)
 
 
 def test_data_dir_gin_binding_beats_the_environment(monkeypatch, clean_gin):
@@ -375,8 +382,8 @@ def test_data_dir_gin_binding_beats_the_environment(monkeypatch, clean_gin):
 
 def test_flan_cot_files_can_come_from_a_url(tmp_path, monkeypatch, clean_gin):
     served = tmp_path / "served"
-    served.mkdir()
-    (served / "qasc_train.tsv").write_bytes(GOOD_ROW + b"\n")
+    (served / "cot").mkdir(parents=True)
+    (served / "cot" / "qasc_train.tsv").write_bytes(GOOD_ROW + b"\n")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
     handler.log_message = lambda *args: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -385,8 +392,6 @@ def test_flan_cot_files_can_come_from_a_url(tmp_path, monkeypatch, clean_gin):
     url = f"http://127.0.0.1:{server.server_address[1]}/cot"
     try:
         dataset = next(d for d in flan_cot.DATASETS if d.name == "qasc")
-        (served / "cot").mkdir()
-        (served / "cot" / "qasc_train.tsv").write_bytes(GOOD_ROW + b"\n")
         stats = sources.SourceStats("qasc_from_url")
         loaded = flan_cot.read(dataset, url, stats)
         assert loaded["train"] + loaded["validation"] == [
@@ -444,15 +449,15 @@ def test_register_file_task_from_jsonl(tmp_path):
         assert (stats.kept, stats.skipped) == (60, 2)
         assert stats.problems == [f"{path}:61: not valid JSON (Expecting property name enclosed in double quotes)",
                                   f"{path}:62: no field 'solution'"]
-        assert examples[0]["inputs_pretokenized"].endswith("plus")[:0] or examples[0]["answer"].isdigit()
+        assert examples[0]["inputs_pretokenized"].endswith("?\nLet's think step by step.")
+        assert templates.extract_answer(examples[0]["targets_pretokenized"]) == examples[0]["answer"]
         # fs_cot with room for no exemplar: few_shot_fallback="drop" leaves every example out, and counts it.
         sources.reset_stats("riddles_fs_cot")
         assert _take("riddles_fs_cot", "validation", {"inputs": 24, "targets": 64}) == []
         assert sources.stats("riddles_fs_cot").counts["dropped_no_fit"] == registry.get_source("riddles").split_size(
             "validation") > 0
     finally:
-        for name in names:
-            seqio.TaskRegistry.remove(name)
+        registry.remove_source("riddles")
 
 
 def test_register_file_task_from_csv_with_options_and_tfds(tmp_path, monkeypatch):
@@ -464,7 +469,8 @@ def test_register_file_task_from_csv_with_options_and_tfds(tmp_path, monkeypatch
     try:
         assert names == ["quiz_zs_noopt", "quiz_zs_opt", "quiz_fs_noopt", "quiz_fs_opt"]
         (ex,) = _take("quiz_zs_opt", "validation", LONG)
-        assert (ex["inputs_pretokenized"], ex["targets_pretokenized"]) == ("Pick, the middle\n\nOPTIONS:\n- x\n- y\n- z", "y")
+        assert ex["inputs_pretokenized"] == "Pick, the middle\n\nOPTIONS:\n- x\n- y\n- z"
+        assert ex["targets_pretokenized"] == "y"
         assert sources.stats("quiz").problems == [f"{path}:3: answer 'w' is none of the options ['x', 'y', 'z']",
                                                   f"{path}:4: no field 'ans'"] * 2  # Both splits read the file.
 
@@ -483,5 +489,7 @@ def test_register_file_task_from_csv_with_options_and_tfds(tmp_path, monkeypatch
         assert [ex["inputs_pretokenized"].split("\n\n")[-1] for ex in fs] == ["validation 0?", "validation 1?"]
         assert all(ex["inputs_pretokenized"].count("train ") == 3 for ex in fs)
     finally:
-        for name in names + tfds_names:
-            seqio.TaskRegistry.remove(name)
+        registry.remove_source("quiz")
+        if tfds_names:
+            registry.remove_source("toy")
+    assert not {"quiz_zs_opt", "toy_fs_noopt"} & set(seqio.TaskRegistry.names())

@@ -1,0 +1,265 @@
+"""`flan-jax data list|show|stats`: what is registered, what its examples look like, how they pack.
+
+Each function prints a report to stdout and returns the same figures as
+plain data, for tests and notebooks. Names are looked up with
+`data.get_mixture_or_task`, so an unknown name is a UserError that lists
+what exists.
+"""
+
+from __future__ import annotations
+
+import collections
+import textwrap
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from flan_jax import data
+from flan_jax.errors import UserError
+from tasks import mixing
+
+DEFAULT_LENGTHS = {"inputs": 1024, "targets": 256}
+PERCENTILES = (50, 90, 99)
+FEATURES = ("inputs", "targets")
+
+
+def _tasks_of(provider: seqio.Task | seqio.Mixture) -> list[seqio.Task]:
+    return [provider] if isinstance(provider, seqio.Task) else list(provider.tasks)
+
+
+def _wrap(items: Sequence[str], indent: int = 4) -> str:
+    return textwrap.fill(" ".join(items), width=100, initial_indent=" " * indent, subsequent_indent=" " * indent)
+
+
+# --- list -------------------------------------------------------------------------------
+
+
+def list_registered() -> dict[str, Any]:
+    """Registered mixtures and tasks; tasks named `{family}_{variant}` are grouped by family.
+
+    Returns {"mixtures": {name: {"tasks", "families", "variants", "entries",
+    "missing_collections"}}, "families": {family: [variants]}, "other_tasks": [names]}.
+    """
+    families: dict[str, list[str]] = collections.defaultdict(list)
+    other = []
+    for name in sorted(seqio.TaskRegistry.names()):
+        family, variant = mixing.split_variant(name)
+        if variant:
+            families[family].append(variant)
+        else:
+            other.append(name)
+    recipes = mixing.recipes()
+    mixtures = {}
+    for name in sorted(seqio.MixtureRegistry.names()):
+        mixture = seqio.get_mixture_or_task(name)
+        task_names = [t.name for t in mixture.tasks]
+        split = [mixing.split_variant(t) for t in task_names]
+        mixtures[name] = {
+            "tasks": task_names,
+            "families": sorted({family for family, variant in split if variant}),
+            "variants": sorted({variant for _, variant in split if variant}),
+            "entries": sorted(e for e in mixture.rate_per_task_name if e in seqio.MixtureRegistry.names()),
+            "missing_collections": list(recipes[name].missing) if name in recipes else [],
+        }
+    result = {"mixtures": mixtures, "families": dict(families), "other_tasks": other}
+
+    print(f"Mixtures ({len(mixtures)}):")
+    for name, info in mixtures.items():
+        line = f"  {name:<24} {len(info['tasks']):4d} tasks"
+        if info["families"]:
+            line += f", {len(info['families'])} families; variants {' '.join(info['variants'])}"
+        if info["entries"]:
+            line += f"; mixes {', '.join(info['entries'])}"
+        print(line)
+        if info["missing_collections"]:
+            print(f"  {'':<24} recipe collections not here: {', '.join(info['missing_collections'])} "
+                  "(shares renormalised over the others)")
+    print(f"\nTask families ({len(families)}), tasks {{family}}_{{variant}}:")
+    width = max((len(f) for f in families), default=0)
+    for family, variants in sorted(families.items()):
+        print(f"  {family:<{width}}  {' '.join(variants)}")
+    if other:
+        print(f"\nOther tasks ({len(other)}):")
+        by_prefix: dict[str, list[str]] = collections.defaultdict(list)
+        for name in other:
+            by_prefix[name.split("_", 1)[0]].append(name)
+        for prefix, names in sorted(by_prefix.items()):
+            print(f"  {prefix} ({len(names)}):")
+            print(_wrap(names))
+    return result
+
+
+# --- show -------------------------------------------------------------------------------
+
+
+def _select_tasks(name: str, variant: str | None) -> dict[str, float]:
+    """{task: share} of a task or mixture, restricted to `variant`; a UserError if none is left."""
+    data.get_mixture_or_task(name)
+    shares = mixing.task_shares(name)
+    if variant is None:
+        return shares
+    chosen = {t: s for t, s in shares.items() if mixing.split_variant(t)[1] == variant}
+    if not chosen:
+        present = sorted({v for t in shares if (v := mixing.split_variant(t)[1])})
+        raise UserError(f"{name!r} has no task of variant {variant!r}; its variants: {', '.join(present) or '(none)'}")
+    return chosen
+
+
+def _token_length(text: bytes, feature: seqio.Feature) -> int:
+    """Tokens of a rendered string once tokenized, EOS included, before any truncation."""
+    return len(feature.vocabulary.encode(text.decode())) + int(feature.add_eos)
+
+
+def _examples(task: seqio.Task, count: int, lengths: Mapping[str, int], split: str, *,
+              shuffle: bool, seed: int) -> list[dict[str, Any]]:
+    # A buffer of 1: the source already permutes its whole split when shuffling,
+    # and the task's own buffer would render dozens of examples never shown.
+    ds = task.get_dataset(lengths, split=split, shuffle=shuffle, shuffle_buffer_size=1, seed=seed,
+                          num_epochs=None if shuffle else 1, try_in_mem_cache=False)
+    return list(ds.take(count).as_numpy_iterator())
+
+
+def show(
+    name: str,
+    variant: str | None = None,
+    n: int = 3,
+    split: str = "train",
+    task_feature_lengths: Mapping[str, int] = DEFAULT_LENGTHS,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Prints `n` rendered examples of a task, or of a mixture's tasks of `variant`.
+
+    A mixture's examples come from tasks drawn by their shares (`seed`); each
+    task shows its first examples in order. Few-shot prompts are fitted to
+    `task_feature_lengths` as in training. Returns [{"task", "inputs",
+    "targets", "input_tokens", "target_tokens"}], token counts before truncation.
+    """
+    shares = _select_tasks(name, variant)
+    drawn = np.random.default_rng(seed).choice(list(shares), size=n, p=np.array(list(shares.values())) / sum(shares.values()))
+    counts = collections.Counter(drawn)
+    shown = []
+    for task_name in sorted(counts, key=list(drawn).index):
+        task = seqio.get_mixture_or_task(task_name)
+        features = task.output_features
+        for ex in _examples(task, counts[task_name], task_feature_lengths, split, shuffle=False, seed=seed):
+            shown.append({
+                "task": task_name,
+                "inputs": ex["inputs_pretokenized"].decode(),
+                "targets": ex["targets_pretokenized"].decode(),
+                "input_tokens": _token_length(ex["inputs_pretokenized"], features["inputs"]),
+                "target_tokens": _token_length(ex["targets_pretokenized"], features["targets"]),
+            })
+    for i, ex in enumerate(shown, 1):
+        print(f"=== {i}/{len(shown)}  {ex['task']}  ({split}; inputs {ex['input_tokens']} tokens, "
+              f"targets {ex['target_tokens']} tokens) ===")
+        print(f"--- inputs ---\n{ex['inputs']}\n--- targets ---\n{ex['targets']}\n")
+    return shown
+
+
+# --- stats ------------------------------------------------------------------------------
+
+
+def _percentiles(values: Sequence[int]) -> dict[str, int]:
+    values = np.asarray(values)
+    out = {f"p{q}": int(np.percentile(values, q, method="inverted_cdf")) for q in PERCENTILES}
+    out["max"] = int(values.max())
+    return out
+
+
+def _pack(examples: Sequence[Mapping[str, np.ndarray]], lengths: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """Packs token sequences as training does (seqio's EncDecFeatureConverter); returns all rows stacked."""
+    signature = {k: tf.TensorSpec([None], tf.int32) for k in FEATURES}
+    ds = tf.data.Dataset.from_generator(lambda: ({k: ex[k] for k in FEATURES} for ex in examples),
+                                        output_signature=signature)
+    packed = data.feature_converter(pack=True)(ds, dict(lengths))
+    rows = list(packed.as_numpy_iterator())
+    return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+
+
+def stats(
+    name: str,
+    split: str = "train",
+    num_examples: int = 2000,
+    task_feature_lengths: Mapping[str, int] = DEFAULT_LENGTHS,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Prints and returns what `num_examples` examples of a task or mixture look like to training.
+
+    The sample: task membership drawn with seqio's sampler at the mixture's
+    rates (`mixing.sample_task_names`), then that many examples of each task
+    (shuffled). Reported: per-task and per-variant shares (configured and
+    sampled); input and target lengths in tokens, EOS included, before
+    truncation (p50/p90/p99/max) and how many exceed `task_feature_lengths`;
+    packing: the examples packed by seqio's EncDecFeatureConverter at those
+    lengths, and the share of non-padding tokens (fill rate) of the rows.
+    """
+    data.get_mixture_or_task(name)
+    configured = {t: s for t, s in mixing.task_shares(name).items()
+                  if split in seqio.get_mixture_or_task(t).splits}  # seqio skips tasks without the split.
+    if not configured:
+        raise UserError(f"no task of {name!r} has a {split!r} split")
+    total = sum(configured.values())
+    configured = {t: s / total for t, s in configured.items()}
+    order = mixing.sample_task_names(configured, num_examples, seed)
+    counts = collections.Counter(order)
+
+    drawn: dict[str, list[dict[str, Any]]] = {}
+    for task_name, count in counts.items():
+        drawn[task_name] = _examples(seqio.get_mixture_or_task(task_name), count, task_feature_lengths, split,
+                                     shuffle=True, seed=seed)
+    per_task = {t: iter(examples) for t, examples in drawn.items()}
+    sample = [next(per_task[t]) for t in order]  # In the mixture's order, which packing depends on.
+
+    token_lengths: dict[str, list[int]] = {k: [] for k in FEATURES}
+    features = data.get_mixture_or_task(name).output_features
+    for ex in sample:
+        for k in FEATURES:
+            token_lengths[k].append(_token_length(ex[f"{k}_pretokenized"], features[k]))
+    rows = _pack(sample, task_feature_lengths)
+    fill = data.fill_rates(rows)
+
+    sampled = {t: counts[t] / len(order) for t in configured}
+    result = {
+        "name": name,
+        "split": split,
+        "num_examples": len(sample),
+        "task_feature_lengths": dict(task_feature_lengths),
+        "shares": {t: {"configured": configured[t], "sampled": sampled[t]} for t in configured},
+        "variant_shares": {
+            v: {"configured": c, "sampled": mixing.shares_by_variant(sampled).get(v, 0.0)}
+            for v, c in mixing.shares_by_variant(configured).items()
+        },
+        "lengths": {k: _percentiles(v) for k, v in token_lengths.items()},
+        "truncated": {k: int(sum(n > task_feature_lengths[k] for n in v)) for k, v in token_lengths.items()},
+        "packing": {
+            "rows": len(rows["encoder_input_tokens"]),
+            "examples_per_row": len(sample) / len(rows["encoder_input_tokens"]),
+            "fill_rate": {k: fill[f"fill_rate/{k}"] for k in FEATURES},
+        },
+    }
+    _print_stats(result)
+    return result
+
+
+def _print_stats(r: Mapping[str, Any]) -> None:
+    lengths = r["task_feature_lengths"]
+    print(f"{r['name']} ({r['split']}): {r['num_examples']} examples sampled; "
+          f"lengths inputs {lengths['inputs']}, targets {lengths['targets']}")
+    print(f"\n{'task':<40} {'configured':>10} {'sampled':>9}")
+    for task, s in sorted(r["shares"].items(), key=lambda kv: -kv[1]["configured"]):
+        print(f"{task:<40} {s['configured']:10.2%} {s['sampled']:9.2%}")
+    print(f"\n{'variant':<40} {'configured':>10} {'sampled':>9}")
+    for variant, s in sorted(r["variant_shares"].items(), key=lambda kv: -kv[1]["configured"]):
+        print(f"{str(variant or '(none)'):<40} {s['configured']:10.2%} {s['sampled']:9.2%}")
+    print(f"\n{'tokens (EOS incl.)':<20}" + "".join(f"{p:>7}" for p in [*(f"p{q}" for q in PERCENTILES), "max"])
+          + f"{'truncated':>12}")
+    for k in FEATURES:
+        row = r["lengths"][k]
+        share = r["truncated"][k] / r["num_examples"]
+        print(f"{k:<20}" + "".join(f"{v:7d}" for v in row.values()) + f"{r['truncated'][k]:6d} ({share:.1%})")
+    p = r["packing"]
+    print(f"\npacked: {p['rows']} rows, {p['examples_per_row']:.2f} examples per row; fill rate "
+          f"inputs {p['fill_rate']['inputs']:.1%}, targets {p['fill_rate']['targets']:.1%}")
