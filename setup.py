@@ -28,6 +28,8 @@ setup(
         "tqdm>=4.66",
         "sentencepiece>=0.2",
         "numpy>=1.26",
+        # tensorflow-datasets needs it to prepare datasets but does not declare it.
+        "importlib_resources>=6",
     ],
     extras_require={
         "test": [

@@ -78,8 +78,8 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
 
     logging.getLogger().addFilter(_GinProbeFilter())
 
+    import tasks  # (registers the SeqIO tasks and mixtures)
     from flan_jax import trainer  # noqa: F401  (registers the configurables)
-    import tasks  # noqa: F401  (registers the SeqIO tasks and mixtures)
 
     gin.add_config_file_search_path(str(GIN_DIR))
     try:
@@ -88,6 +88,9 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
         raise
     except Exception as e:  # gin raises several types; all are user errors here.
         raise SystemExit(f"flan-jax: error: bad gin config: {e}") from None
+    # Tasks were registered on import, before gin; register them again so gin
+    # bindings that shape them (vocabulary, data directory) take effect.
+    tasks.registry.register_seqio()
 
 
 def _cmd_train(args: argparse.Namespace) -> None:

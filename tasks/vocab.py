@@ -23,6 +23,7 @@ import json
 import os
 import tempfile
 
+import gin
 import seqio
 import sentencepiece as spm
 
@@ -102,6 +103,13 @@ def default_vocabulary_path() -> str:
     return path
 
 
-def get_default_vocabulary() -> seqio.SentencePieceVocabulary:
-    """The vocabulary of every built-in task."""
-    return seqio.SentencePieceVocabulary(default_vocabulary_path())
+@gin.configurable
+def get_default_vocabulary(sentencepiece_model: str | None = None, extra_ids: int = 0) -> seqio.SentencePieceVocabulary:
+    """The vocabulary every task is registered with.
+
+    By default the built-in SentencePiece model. To finetune a pretrained T5,
+    bind the checkpoint's own model, e.g.
+    `get_default_vocabulary.sentencepiece_model = '/ckpt/spiece.model'`; the
+    CLI re-registers the tasks after parsing gin, so the binding takes effect.
+    """
+    return seqio.SentencePieceVocabulary(sentencepiece_model or default_vocabulary_path(), extra_ids=extra_ids)

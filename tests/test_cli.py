@@ -128,3 +128,27 @@ def test_convert_infer_and_finetune_from_any_format(tmp_path):
     first_loss = json.loads((finetuned / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     # Starts where the source run ended, far below a fresh model's first loss.
     assert first_loss < losses[0] - 1.0 and abs(first_loss - losses[-1]) < 1.5, (first_loss, losses)
+
+
+def test_gin_vocabulary_binding_reregisters_tasks(tmp_path):
+    """Finetuning a pretrained T5 swaps in its spiece.model for every task."""
+    import shutil
+
+    import gin
+    import seqio
+
+    import tasks
+    from tasks import vocab
+
+    model = tmp_path / "spiece.model"
+    shutil.copy(vocab.default_vocabulary_path(), model)
+    gin.parse_config(f"get_default_vocabulary.sentencepiece_model = '{model}'")
+    try:
+        tasks.registry.register_seqio()
+        for name in ("builtin_train", "flan_cot_gsm8k_zs_cot"):
+            features = seqio.get_mixture_or_task(name).output_features
+            assert features["targets"].vocabulary.sentencepiece_model_file == str(model)
+    finally:
+        gin.clear_config()
+        tasks.registry.register_seqio()
+    assert seqio.get_mixture_or_task("builtin_train").output_features["targets"].vocabulary.sentencepiece_model_file != str(model)
