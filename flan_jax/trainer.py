@@ -324,10 +324,14 @@ def train(
     module = Transformer(model_config)
     model, params, opt_state = initialize(module, tx, partitioner, lengths, config.seed)
     start_step = checkpointer.latest_step() or 0
+    start_batch = 0
     if start_step:
-        params, opt_state, meta = checkpointer.restore(
+        params, opt_state, restored_meta = checkpointer.restore(
             start_step, ckpt_lib.abstract_like(params), ckpt_lib.abstract_like(opt_state)
         )
+        # The input position saved with the checkpoint: iteration is
+        # deterministic, so skipping that many batches continues exactly.
+        start_batch = restored_meta.get("data", {}).get("batches_consumed", start_step)
         print(f"Resumed from {checkpoint_dir} at step {start_step}.")
     elif config.init_checkpoint:
         params, opt_state = _load_pretrained(config.init_checkpoint, model_config, model, tx, partitioner, params)
@@ -343,12 +347,13 @@ def train(
         }
 
     if start_step >= config.num_steps:
+        best_step = checkpointer.best_step()
         checkpointer.close()
         log.close()
         first, last, speed, last_eval = _summary_from_log(log.read())
         return TrainSummary(
             start_step, start_step, first, last, speed, last_eval, checkpoint_dir,
-            checkpointer.best_step(), log.tb_dir, config_path, already_complete=True,
+            best_step, log.tb_dir, config_path, already_complete=True,
         )
 
     ds = data_lib.get_train_dataset(
@@ -356,7 +361,7 @@ def train(
         lengths,
         config.batch_size // jax.process_count(),
         seed=config.seed,
-        start_batch=start_step,
+        start_batch=start_batch,
         shard_index=jax.process_index(),
         num_shards=jax.process_count(),
     )

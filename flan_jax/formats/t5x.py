@@ -46,7 +46,8 @@ def _is_tensorstore_spec(node: Any) -> bool:
 def _open_spec(spec: dict, directory: str) -> ts.TensorStore:
     kvstore = dict(spec["kvstore"])
     if kvstore.get("driver") == "file" and not os.path.isabs(kvstore["path"]):
-        kvstore["path"] = os.path.join(directory, kvstore["path"])
+        # tensorstore refuses paths with '..' components: normalise first.
+        kvstore["path"] = os.path.join(os.path.abspath(directory), kvstore["path"])
     try:
         return ts.open(dict(spec, kvstore=kvstore), read=True).result()
     except Exception as e:  # tensorstore raises ValueError/RuntimeError variants
