@@ -178,27 +178,29 @@ def dot_product_attention(
 ) -> Array:
     """softmax(q k^T + bias) v without 1/sqrt(d) (folded into the query init).
 
-    query [b, q, h, d], key/value [b, k, h, d], bias broadcastable to
-    [b, h, q, k] -> [b, q, h, d].
+    query [b, q, h, d], key/value [b, h, k, d] (heads first, the layout of the
+    decoding cache), bias broadcastable to [b, h, q, k] -> [b, q, h, d].
     """
     dtype = query.dtype
     if float32_logits:
         query, key = query.astype(jnp.float32), key.astype(jnp.float32)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key)
+    logits = jnp.einsum("bqhd,bhkd->bhqk", query, key)
     # Bias and softmax in float32: -1e10 masks and small differences survive.
     logits = logits.astype(jnp.float32)
     if bias is not None:
         logits = logits + bias
     weights = dropout(jax.nn.softmax(logits, axis=-1).astype(dtype))
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, value.astype(dtype))
+    return jnp.einsum("bhqk,bhkd->bqhd", weights, value.astype(dtype))
 
 
 class MultiHeadDotProductAttention(nn.Module):
     """T5 attention with fused-head kernels [e, h*d] ('embed', 'joined_kv').
 
+    Keys and values are kept heads-first, [b, h, k, d], so the attention
+    products need no transpose of the (growing) cache at each decoding step.
     Decode mode (`decode=True`) keeps variables in the 'cache' collection:
       * `causal=True` (decoder self-attention): `cached_key`/`cached_value`
-        [b, L, h, d] and `cache_index`; each call appends one token.
+        [b, h, L, d] and `cache_index`; each call appends one token.
       * `causal=False` (cross-attention): `projected_key`/`projected_value`,
         the projections of `inputs_kv`, computed on the call that creates the
         cache and reused afterwards.
@@ -220,6 +222,10 @@ class MultiHeadDotProductAttention(nn.Module):
         y = Dense(self.num_heads * self.head_dim, ("embed", "joined_kv"), kernel_init, self.dtype, name=name)(x)
         y = y.reshape(*y.shape[:-1], self.num_heads, self.head_dim)
         return constrain(y, ("batch", "length", "heads", "kv"))
+
+    def _project_heads_first(self, name: str, x: Array) -> Array:
+        """[b, k, e] -> [b, h, k, d] (keys and values)."""
+        return self._project(name, x, self.kernel_init).transpose(0, 2, 1, 3)
 
     @nn.compact
     def __call__(
@@ -246,8 +252,8 @@ class MultiHeadDotProductAttention(nn.Module):
         if decode and not self.causal:
             key, value = self._cross_attention_cache(inputs_kv)
         else:
-            key = self._project("key", inputs_kv, base_init)
-            value = self._project("value", inputs_kv, base_init)
+            key = self._project_heads_first("key", inputs_kv)
+            value = self._project_heads_first("value", inputs_kv)
         if decode and self.causal:
             if cache_length is None:
                 raise ValueError("decoder self-attention in decode mode needs cache_length")
@@ -276,8 +282,8 @@ class MultiHeadDotProductAttention(nn.Module):
         """Projects the encoder output once per decode, then reads it back."""
         if self.has_variable("cache", "projected_key"):
             return self.get_variable("cache", "projected_key"), self.get_variable("cache", "projected_value")
-        key = self._project("key", inputs_kv, self.kernel_init)
-        value = self._project("value", inputs_kv, self.kernel_init)
+        key = self._project_heads_first("key", inputs_kv)
+        value = self._project_heads_first("value", inputs_kv)
         self.put_variable("cache", "projected_key", key)
         self.put_variable("cache", "projected_value", value)
         return key, value
@@ -285,20 +291,20 @@ class MultiHeadDotProductAttention(nn.Module):
     def _append_to_cache(
         self, key: Array, value: Array, mask: Array | None, bias: Array | None, cache_length: int
     ) -> tuple[Array, Array, Array, Array | None]:
-        """Writes this step's key/value [b, 1, h, d] at `cache_index` and returns
-        the whole cache [b, L, h, d], a mask over filled slots [.., 1, L] and the
+        """Writes this step's key/value [b, h, 1, d] at `cache_index` and returns
+        the whole cache [b, h, L, d], a mask over filled slots [.., 1, L] and the
         bias row of the current position [.., h, 1, L]."""
         is_initialized = self.has_variable("cache", "cached_key")
-        batch, _, heads, depth = key.shape
-        shape = (batch, cache_length, heads, depth)
+        batch, heads, _, depth = key.shape
+        shape = (batch, heads, cache_length, depth)
         cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, key.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype)
         cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-        if is_initialized and key.shape[1] != 1:
-            raise ValueError(f"decode mode takes one token per call, got {key.shape[1]}")
+        if is_initialized and key.shape[2] != 1:
+            raise ValueError(f"decode mode takes one token per call, got {key.shape[2]}")
         index = cache_index.value
-        key = lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), (0, index, 0, 0))
-        value = lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype), (0, index, 0, 0))
+        key = lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), (0, 0, index, 0))
+        value = lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype), (0, 0, index, 0))
         if is_initialized:  # the creating call leaves an empty cache behind
             cached_key.value, cached_value.value = key, value
             cache_index.value = index + 1
