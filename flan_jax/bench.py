@@ -7,7 +7,7 @@ import functools
 import os
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import flax.linen as nn
 import jax
@@ -89,6 +89,21 @@ def bench_decode(
 DATA_LENGTHS = {"inputs": 1024, "targets": 256}
 
 
+def _time_batches(batches: Iterator[dict[str, np.ndarray]], count: int) -> tuple[float, int, int, list[dict[str, float]]]:
+    """(seconds, examples, real tokens, fill rates per batch) of the next `count` batches."""
+    from flan_jax import data
+
+    examples = tokens = 0
+    fills = []
+    begin = time.perf_counter()
+    for _ in range(count):
+        batch = next(batches)
+        examples += int(batch["encoder_segment_ids"].max(axis=1).sum())  # Segments are numbered 1..k per row.
+        tokens += data.num_real_tokens(batch)
+        fills.append(data.fill_rates(batch))
+    return time.perf_counter() - begin, examples, tokens, fills
+
+
 def bench_data(
     mixture: str | None = None,
     task_feature_lengths: Mapping[str, int] = DATA_LENGTHS,
@@ -119,20 +134,7 @@ def bench_data(
     try:
         next(batches)
         first_batch = time.perf_counter() - start
-
-        def window() -> tuple[float, int, int, list[dict[str, float]]]:
-            examples = tokens = 0
-            fills = []
-            begin = time.perf_counter()
-            for _ in range(batches_per_repeat):
-                batch = next(batches)
-                examples += int(batch["encoder_segment_ids"].max(axis=1).sum())
-                tokens += data.num_real_tokens(batch)
-                fills.append(data.fill_rates(batch))
-            return time.perf_counter() - begin, examples, tokens, fills
-
-        window()  # warm-up
-        runs = [window() for _ in range(repeats)]
+        runs = [_time_batches(batches, batches_per_repeat) for _ in range(repeats + 1)][1:]  # First: warm-up.
     finally:
         del batches  # A tf.data iterator alive at exit can hang TensorFlow's shutdown.
     examples_per_sec = statistics.median(n / t for t, n, _, _ in runs)

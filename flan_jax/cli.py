@@ -5,6 +5,7 @@
   flan-jax infer --checkpoint=PATH [--decode=greedy|beam|sample] [PROMPT ...]   (stdin if none)
   flan-jax convert SRC DST [--to=flan-jax|hf]
   flan-jax bench decode|data
+  flan-jax data list | show TASK_OR_MIXTURE [--variant=fs_cot] [-n 3] | stats TASK_OR_MIXTURE
 
 `--gin_file` is searched relative to the working directory, then the repo's
 `gin/` directory. `--gin.KEY=VALUE` adds the binding `KEY = VALUE`.
@@ -156,6 +157,18 @@ def _cmd_convert(args: argparse.Namespace) -> None:
         print("note: no vocabulary was found or given (--vocab); the result carries none")
 
 
+def _cmd_data(args: argparse.Namespace) -> None:
+    from flan_jax import data_inspect
+
+    if args.data_command == "list":
+        data_inspect.list_registered()
+    elif args.data_command == "show":
+        data_inspect.show(args.name, variant=args.variant, n=args.n, split=args.split)
+    else:
+        lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
+        data_inspect.stats(args.name, split=args.split, num_examples=args.num_examples, task_feature_lengths=lengths)
+
+
 def _cmd_bench(args: argparse.Namespace) -> None:
     from flan_jax import bench
 
@@ -198,7 +211,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["decode", "data"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no_hf", action="store_true", help="decode: skip the transformers comparison")
-    p.add_argument("--mixture", default="builtin_train", help="data: the task or mixture to push through the pipeline")
+    p.add_argument("--mixture", help="data: task or mixture (default: flan_cot if registered, else builtin_train)")
+    p = sub.add_parser("data", help="inspect registered tasks and mixtures")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    data_sub.add_parser("list", help="mixtures, task families and their variants")
+    q = data_sub.add_parser("show", help="print rendered examples")
+    q.add_argument("name", metavar="TASK_OR_MIXTURE")
+    q.add_argument("--variant", help="only tasks of this variant, e.g. fs_cot")
+    q.add_argument("-n", type=int, default=3, help="number of examples")
+    q.add_argument("--split", default="train")
+    q = data_sub.add_parser("stats", help="shares, token lengths, truncation, packing fill rate")
+    q.add_argument("name", metavar="TASK_OR_MIXTURE")
+    q.add_argument("--split", default="train")
+    q.add_argument("--num_examples", type=int, default=2000)
+    q.add_argument("--inputs_length", type=int, default=1024)
+    q.add_argument("--targets_length", type=int, default=256)
     return parser
 
 
@@ -210,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from flan_jax.errors import UserError
 
     parse_gin(files, bindings)
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "infer": _cmd_infer, "convert": _cmd_convert, "bench": _cmd_bench}
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "infer": _cmd_infer, "convert": _cmd_convert, "bench": _cmd_bench, "data": _cmd_data}
     try:
         commands[args.command](args)
     except UserError as e:

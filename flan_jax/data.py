@@ -93,10 +93,6 @@ def get_train_dataset(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def as_numpy(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
-    return ds.as_numpy_iterator()
-
-
 class TrainIterator:
     """Numpy batches of `get_train_dataset`, whose exact position can be saved and restored.
 

@@ -29,10 +29,10 @@ A task named `{family}_{variant}` (e.g. `flan_cot_gsm8k_fs_cot`) belongs to
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import logging
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
 import seqio
@@ -102,7 +102,7 @@ def example_proportional(
     has weight 0), and tasks without a variant suffix, are left out.
     """
     tasks = list(dict.fromkeys(tasks))
-    per_family = collections.Counter(split_variant(t)[0] for t in tasks)
+    per_family = Counter(split_variant(t)[0] for t in tasks)
     rates = {}
     for task in tasks:
         family, variant = split_variant(task)
@@ -121,19 +121,21 @@ def example_proportional(
 def add_mixture(name: str, entries: Mapping[str, registry.MixtureRate] | Sequence[tuple[str, registry.MixtureRate]]) -> None:
     """Registers a SeqIO mixture of tasks and/or mixtures with the given rates.
 
-    Recorded in tasks/registry.py too, so `register_seqio` (run by `import
-    tasks`) registers it again after the tasks it names; if those already
-    exist (e.g. in a notebook), it is registered now as well. A nested
-    mixture must be added before the mixtures that contain it.
+    If every entry is registered already (e.g. in a notebook), the mixture is
+    registered now. Otherwise (in a tasks/ module, before `import tasks` has
+    registered anything) it is recorded in tasks/registry.py, whose
+    `register_seqio` registers it after the tasks it names. Add a nested
+    mixture before the mixtures that contain it.
     """
     entries = list(entries.items()) if isinstance(entries, Mapping) else list(entries)
     if not entries:
         raise ValueError(f"mixture {name!r} has no entries")
-    registry.add_mixture(name, entries)
     known = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
     if all(entry in known for entry, _ in entries):
         seqio.MixtureRegistry.remove(name)
         seqio.MixtureRegistry.add(name, entries)
+    else:
+        registry.add_mixture(name, entries)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,34 +220,40 @@ def recipes() -> dict[str, RecipeMixture]:
 # --- what a mixture samples -------------------------------------------------------------
 
 
-def task_shares(name: str) -> dict[str, float]:
-    """Each task's probability of being sampled from a task or mixture (nesting resolved); sums to 1."""
+def task_rates(name: str) -> dict[str, float]:
+    """Each task's rate in a task or mixture, nesting resolved, as seqio computes it (`Mixture.get_rate`)."""
     provider = seqio.get_mixture_or_task(name)
     if isinstance(provider, seqio.Task):
         return {provider.name: 1.0}
-    rates = {task.name: provider.get_rate(task) for task in provider.tasks}
+    return {task.name: float(provider.get_rate(task)) for task in provider.tasks}
+
+
+def task_shares(name: str) -> dict[str, float]:
+    """Each task's probability of being sampled from a task or mixture; sums to 1."""
+    rates = task_rates(name)
     total = sum(rates.values())
     return {task: rate / total for task, rate in rates.items()}
 
 
-def sample_task_names(shares: str | Mapping[str, float], num_samples: int, seed: int = 0) -> list[str]:
-    """The tasks of the first `num_samples` examples a mixture would draw, read without any data.
+def sample_task_names(rates: str | Mapping[str, float], num_samples: int, seed: int = 0) -> list[str]:
+    """The tasks of the first `num_samples` examples a mixture draws, found without reading any data.
 
-    `shares` is a registered name or {task: share}. seqio mixes with
-    `tf.data.Dataset.sample_from_datasets(datasets, weights=rates, seed=seed)`;
-    this runs that sampler on datasets that yield only their task's index,
-    so it gives a real sample's task membership without rendering anything.
+    `rates` is a registered name or {task: rate}. seqio mixes with
+    `tf.data.Dataset.sample_from_datasets(datasets, rates, seed)` over its
+    tasks in name order; this runs that sampler on datasets that yield only
+    their task's index, so for a registered mixture it gives the task of each
+    example that `get_dataset(..., seed=seed)` yields, without rendering.
     """
-    shares = task_shares(shares) if isinstance(shares, str) else dict(shares)
-    names = list(shares)
+    rates = task_rates(rates) if isinstance(rates, str) else dict(rates)
+    names = list(rates)
     datasets = [tf.data.Dataset.from_tensors(tf.constant(i, tf.int64)).repeat() for i in range(len(names))]
-    sampled = tf.data.Dataset.sample_from_datasets(datasets, weights=list(shares.values()), seed=seed)
+    sampled = tf.data.Dataset.sample_from_datasets(datasets, list(rates.values()), seed)
     return [names[i] for i in sampled.take(num_samples).as_numpy_iterator()]
 
 
 def shares_by_variant(shares: Mapping[str, float]) -> dict[str | None, float]:
     """Sums {task: share} by template variant (None for tasks without one)."""
-    out: dict[str | None, float] = collections.defaultdict(float)
+    out: dict[str | None, float] = defaultdict(float)
     for task, share in shares.items():
         out[split_variant(task)[1]] += share
     return dict(out)

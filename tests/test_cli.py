@@ -152,3 +152,17 @@ def test_gin_vocabulary_binding_reregisters_tasks(tmp_path):
         gin.clear_config()
         tasks.registry.register_seqio()
     assert seqio.get_mixture_or_task("builtin_train").output_features["targets"].vocabulary.sentencepiece_model_file != str(model)
+
+
+def test_resume_restores_the_saved_input_state(tmp_path):
+    """With save_input_state, a resumed run restores the pipeline instead of re-reading it."""
+    model_dir = tmp_path / "run"
+    flags = [*SMALL, f"--gin.TrainConfig.model_dir='{model_dir}'", "--gin.TrainConfig.save_input_state=True"]
+    first = run_cli("train", *flags, "--gin.TrainConfig.num_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (model_dir / "input_state" / "process_0" / "2" / "spec.json").exists()
+    longer = run_cli("train", *flags, "--gin.TrainConfig.num_steps=4")
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "Resumed from" in longer.stdout
+    kept = sorted(p.name for p in (model_dir / "input_state" / "process_0").iterdir())
+    assert kept == ["2", "4"]  # one per checkpoint still held
