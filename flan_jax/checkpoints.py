@@ -65,7 +65,9 @@ class Checkpointer:
             create=not read_only,
             read_only=read_only,
         )
-        self.directory = os.fspath(directory)
+        directory = os.fspath(directory)
+        # orbax wants absolute local paths; URLs (gs://...) are left alone.
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         self.config = config
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 

@@ -96,6 +96,7 @@ def load_checkpoint(
     `config` overrides the architecture read from the checkpoint (T5X stores
     none; we otherwise infer it from parameter shapes).
     """
+    path = path if "://" in path else os.path.abspath(path)  # orbax and tensorstore want absolute paths
     fmt = detect_format(path)
     if fmt == "hf":
         hf_config, params, vocab_file = hf.load_hf_directory(path)
