@@ -169,3 +169,15 @@ def test_t5x_checkpoints_restore_onto_a_sharded_mesh():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("OK")
+
+
+@pytest.mark.skipif(not FIXTURE.exists(), reason="T5X fixture not found")
+def test_relative_paths_load(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for layout in ("default_orbax", "legacy_tensorstore_msgpack"):
+        relative = os.path.relpath(FIXTURE / layout / "checkpoint_20")
+        assert ".." in relative
+        assert formats.load_checkpoint(relative).step == 20
+    params = Transformer(V1_1).init(jax.random.key(0), *[jnp.ones((1, 4), jnp.int32)] * 3)["params"]
+    formats.save_flan_jax("run", V1_1, params, None, step=3)
+    assert formats.load_checkpoint("run").step == 3
