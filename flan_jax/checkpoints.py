@@ -124,10 +124,6 @@ class Checkpointer:
         )
         return restored.params, dict(restored.meta)
 
-    def metadata(self, step: int) -> dict:
-        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(restored.meta)
-
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
