@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from typing import Any
 
+import jax
 import numpy as np
 
 from flan_jax import checkpoints as ckpt_lib
@@ -117,8 +119,6 @@ def load_checkpoint(
 
 
 def _abstract(ckpt: ckpt_lib.Checkpointer, step: int, shardings: PyTree) -> PyTree:
-    import jax
-
     tree = ckpt.manager.item_metadata(step)["params"]
     return jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), tree, shardings)
 
@@ -126,8 +126,6 @@ def _abstract(ckpt: ckpt_lib.Checkpointer, step: int, shardings: PyTree) -> PyTr
 def _place(params: PyTree, shardings: PyTree | None) -> PyTree:
     if shardings is None:
         return params
-    import jax
-
     return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
 
 
@@ -142,8 +140,6 @@ def config_from_dict(fields: dict) -> T5Config:
 
 def save_flan_jax(directory: str, config: T5Config, params: PyTree, vocab_file: str | None, step: int) -> str:
     """Writes params as a flan-jax run directory (checkpoints/<step>/ + spiece.model); returns it."""
-    import shutil
-
     if os.path.exists(directory) and os.listdir(directory):
         raise UserError(f"{directory} exists and is not empty; refusing to overwrite it")
     os.makedirs(directory, exist_ok=True)
