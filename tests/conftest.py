@@ -30,3 +30,13 @@ def tiny_config():
         vocab_size=128, emb_dim=32, num_heads=2, head_dim=16, num_encoder_layers=2,
         num_decoder_layers=2, mlp_dim=64, dropout_rate=0.0,
     )
+
+
+@pytest.fixture(scope="module")
+def flan_cot_data():
+    """Skips a test when the real Flan CoT files are not there."""
+    from tasks import sources
+
+    directory = sources.data_dir()
+    if not directory or not os.path.isdir(os.path.join(directory, "flan_cot")):
+        pytest.skip("no Flan CoT data (set FLAN_JAX_DATA_DIR)")

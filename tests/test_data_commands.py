@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 import tasks  # noqa: F401  (registers the SeqIO tasks and mixtures)
 from flan_jax import bench, data_inspect
 from flan_jax.errors import UserError
-from tasks import mixing, sources
+from tasks import mixing
 
 SMALL = {"inputs": 256, "targets": 64}
-
 
 def test_list_groups_tasks_by_family(capsys):
     listed = data_inspect.list_registered()
@@ -26,7 +23,6 @@ def test_list_groups_tasks_by_family(capsys):
     assert "builtin_train" in out and "builtin_dates" in out and "fs_cot" in out
     assert "recipe collections not here: flan, t0, niv2, dialog" in out
 
-
 def test_show_a_task(capsys):
     shown = data_inspect.show("builtin_dates_zs_cot", n=2)
     out = capsys.readouterr().out
@@ -38,7 +34,6 @@ def test_show_a_task(capsys):
         assert ex["input_tokens"] > 1 and ex["target_tokens"] > 1
         assert ex["inputs"] in out and ex["targets"] in out
 
-
 def test_show_a_mixture_by_variant(capsys):
     shown = data_inspect.show("builtin_train", variant="fs_noopt", n=4, task_feature_lengths=SMALL)
     assert len(shown) == 4
@@ -47,12 +42,10 @@ def test_show_a_mixture_by_variant(capsys):
     with pytest.raises(UserError, match="no task of variant 'zs_opt'.*fs_cot"):
         data_inspect.show("builtin_dates_fs_cot", variant="zs_opt")
 
-
 def test_unknown_name_is_a_user_error():
     for command in (data_inspect.show, data_inspect.stats):
         with pytest.raises(UserError, match="unknown task or mixture 'nope'.*builtin_train"):
             command("nope")
-
 
 def _check_stats(result: dict, num_examples: int) -> None:
     assert result["num_examples"] == num_examples
@@ -69,7 +62,6 @@ def _check_stats(result: dict, num_examples: int) -> None:
     for feature, fill in packing["fill_rate"].items():
         assert 0 < fill <= 1, feature
 
-
 def test_stats_of_builtin_train(capsys):
     result = data_inspect.stats("builtin_train", num_examples=400, task_feature_lengths={"inputs": 256, "targets": 32})
     out = capsys.readouterr().out
@@ -79,7 +71,6 @@ def test_stats_of_builtin_train(capsys):
     assert result["truncated"]["targets"] > 0  # Many chains of thought are longer than 32 tokens.
     assert "fill rate" in out and "builtin_dates_zs_cot" in out and "p99" in out
 
-
 def test_stats_of_a_task_at_generous_lengths():
     result = data_inspect.stats("builtin_arithmetic_zs_noopt", num_examples=100,
                                 task_feature_lengths={"inputs": 512, "targets": 128})
@@ -88,21 +79,12 @@ def test_stats_of_a_task_at_generous_lengths():
     assert result["truncated"] == {"inputs": 0, "targets": 0}
     assert result["packing"]["examples_per_row"] > 5  # Short arithmetic questions pack densely.
 
-
 def test_bench_data_runs(capsys):
     figures = bench.bench_data("builtin_train", {"inputs": 64, "targets": 32}, batch_size=4,
                                repeats=1, batches_per_repeat=2)
     assert figures["examples_per_sec"] > 0 and figures["tokens_per_sec"] > figures["examples_per_sec"]
     assert 0 < figures["fill_rate/inputs"] <= 1 and 0 < figures["fill_rate/targets"] <= 1
     assert "examples/s" in capsys.readouterr().out
-
-
-@pytest.fixture(scope="module")
-def flan_cot_data():
-    directory = sources.data_dir()
-    if not directory or not os.path.isdir(os.path.join(directory, "flan_cot")):
-        pytest.skip("no Flan CoT data (set FLAN_JAX_DATA_DIR)")
-
 
 def test_stats_of_flan_cot(flan_cot_data):
     result = data_inspect.stats("flan_cot", num_examples=300, task_feature_lengths={"inputs": 1024, "targets": 256})
@@ -112,7 +94,6 @@ def test_stats_of_flan_cot(flan_cot_data):
     assert variants["zs_cot"]["configured"] == pytest.approx(variants["fs_cot"]["configured"])
     for share in variants.values():
         assert abs(share["sampled"] - share["configured"]) < 0.1
-
 
 def test_show_flan_cot_by_variant(flan_cot_data):
     shown = data_inspect.show("flan2022", variant="zs_opt", n=2)

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 import tasks  # noqa: F401  (registers the SeqIO tasks and mixtures)
 from flan_jax import data
-from tasks import mixing, sources
+from tasks import mixing
 
 # Made-up tasks: {family: (train examples, variants)}. Their examples are one
 # token, the family's index, so a mixture's output says where it came from.
@@ -181,13 +181,6 @@ def _check_sampled_shares(name: str, num_samples: int = 20_000) -> None:
 @pytest.mark.parametrize("name", ["builtin_train", "mt_recipe", "mt_parent"])
 def test_sampled_shares_match_rates(name):
     _check_sampled_shares(name)
-
-
-@pytest.fixture(scope="module")
-def flan_cot_data():
-    directory = sources.data_dir()
-    if not directory or not os.path.isdir(os.path.join(directory, "flan_cot")):
-        pytest.skip("no Flan CoT data (set FLAN_JAX_DATA_DIR)")
 
 
 def test_flan_cot_shares(flan_cot_data):
