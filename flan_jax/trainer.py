@@ -27,9 +27,9 @@ from clu import metric_writers
 
 from flan_jax import checkpoints as ckpt_lib
 from flan_jax import data as data_lib
-from flan_jax import decoding
 from flan_jax import evaluation
 from flan_jax import formats
+from flan_jax import inference
 from flan_jax import losses
 from flan_jax import optim
 from flan_jax import partitioning
@@ -198,7 +198,7 @@ def make_decode_fn(
     max_decode_length: int,
 ) -> Callable[[PyTree, np.ndarray], np.ndarray]:
     """(params, encoder_input_tokens) -> greedy output tokens, jit-compiled once per shape."""
-    fn = jax.jit(functools.partial(decoding.greedy_decode, module, max_decode_length=max_decode_length))
+    fn = inference.decode_fn(module, "greedy", max_decode_length)
 
     def decode(params: PyTree, inputs: np.ndarray) -> np.ndarray:
         with partitioner.activate():
