@@ -124,6 +124,11 @@ class Checkpointer:
         )
         return restored.params, dict(restored.meta)
 
+    def meta(self, step: int) -> dict:
+        """The metadata item of a step alone (model config, data position, vocabulary)."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored.meta)
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -186,11 +186,15 @@ class _Beams(NamedTuple):
 
 
 def _reorder_self_attention_cache(cache: PyTree, rows: Array) -> PyTree:
-    """Gathers cached keys/values [b*K, L, h, d] by beam; the cross-attention
-    projections are identical across a row's beams and stay put."""
+    """Gathers cached keys/values [b*K, h, L, d] by beam ([layers, b*K, ...]
+    under a scanned stack); the cross-attention projections are identical
+    across a row's beams and stay put."""
 
     def pick(path, x):
-        return x[rows] if path[-1].key in ("cached_key", "cached_value") else x
+        if path[-1].key not in ("cached_key", "cached_value"):
+            return x
+        scanned = any(getattr(k, "key", None) == "layers" for k in path)
+        return x[:, rows] if scanned else x[rows]
 
     return jax.tree_util.tree_map_with_path(pick, cache)
 

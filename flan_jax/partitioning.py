@@ -2,7 +2,7 @@
 
 Partitioning is data: the model annotates parameters and activations with
 logical axis names ('batch', 'embed', 'mlp', ...); gin-chosen rules map those
-names to mesh axes ('data', 'model'). With one device every rule is a no-op,
+names to the axes of a (data, model) mesh. With one device every rule is a no-op,
 so the same code runs on a laptop CPU and on a pod slice.
 """
 
@@ -16,11 +16,19 @@ import flax.linen as nn
 import gin
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 LogicalRules = Sequence[tuple[str, str | None]]
 
-# T5X's standard rules (1-D data parallel plus 1-D model parallel).
+# Flax resolves rules in order and gives each mesh axis to at most one array
+# dimension: an activation [batch, length, embed] takes 'data' for 'batch', so
+# a later ('embed', 'data') rule leaves its 'embed' unsharded, while a kernel
+# [embed, mlp] (no 'batch') is split over 'data' along 'embed'. That is how the
+# FSDP rules below shard parameters but not activations, as in T5X's 2-D rules.
+
+# T5X's standard rules: batch over 'data', heads / mlp / vocab over 'model'
+# (tensor parallel); parameters are replicated over 'data'.
 STANDARD_LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("batch", "data"),
     ("vocab", "model"),
@@ -31,7 +39,7 @@ STANDARD_LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("joined_kv", "model"),
     ("relpos_buckets", None),
     ("length", None),
-    ("abspos_buckets", None),
+    ("layers", None),  # the stacked axis of scanned layers
 )
 
 # Data parallel only: every parameter replicated, the batch split.
@@ -39,25 +47,49 @@ DATA_PARALLEL_LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = tuple(
     (name, "data" if name == "batch" else None) for name, _ in STANDARD_LOGICAL_AXIS_RULES
 )
 
+# Fully sharded data parallel: the batch over 'data', and every parameter with
+# an 'embed' axis (all but the relative-position tables) split over 'data'
+# along it, Adafactor statistics with them. With a 'model' axis of size > 1 this
+# is T5X's 2-D partitioning (FSDP over 'data', tensor parallel over 'model').
+FSDP_LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = tuple(
+    (name, "data" if name == "embed" else mesh_axis) for name, mesh_axis in STANDARD_LOGICAL_AXIS_RULES
+)
+
+
+def _mesh_devices(mesh_shape: Sequence[int], devices: Sequence[jax.Device]) -> np.ndarray:
+    """Devices arranged as (data, model); one -1 entry takes what is left."""
+    shape = list(mesh_shape)
+    if len(shape) != 2 or shape.count(-1) > 1 or any(n == 0 or n < -1 for n in shape):
+        raise ValueError(f"Partitioner.mesh_shape={tuple(mesh_shape)}: expected (data, model) with at most one -1")
+    known = int(np.prod([n for n in shape if n != -1]))
+    if len(devices) % known:
+        raise ValueError(f"Partitioner.mesh_shape={tuple(mesh_shape)} does not divide the {len(devices)} devices")
+    shape = [len(devices) // known if n == -1 else n for n in shape]
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(
+            f"Partitioner.mesh_shape={tuple(mesh_shape)} asks for {int(np.prod(shape))} devices; "
+            f"{len(devices)} are available"
+        )
+    # Topology-aware on TPU slices; elsewhere devices in id order, model innermost.
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+
 
 @gin.configurable
 class Partitioner:
-    """Owns the mesh and the logical-axis rules; turns logical specs into shardings."""
+    """Owns the mesh and the logical-axis rules; turns logical specs into shardings.
+
+    `mesh_shape` is (data, model); -1 means "all remaining devices". The
+    presets in gin/partitioning/ pair a mesh shape with a rule set.
+    """
 
     def __init__(
         self,
-        model_parallel_size: int = 1,
-        logical_axis_rules: LogicalRules = STANDARD_LOGICAL_AXIS_RULES,
+        mesh_shape: Sequence[int] = (-1, 1),
+        logical_axis_rules: LogicalRules = DATA_PARALLEL_LOGICAL_AXIS_RULES,
         devices: Sequence[jax.Device] | None = None,
     ) -> None:
         devices = list(devices if devices is not None else jax.devices())
-        if len(devices) % model_parallel_size:
-            raise ValueError(
-                f"model_parallel_size={model_parallel_size} does not divide the "
-                f"{len(devices)} available devices"
-            )
-        grid = np.asarray(devices).reshape(len(devices) // model_parallel_size, model_parallel_size)
-        self.mesh = Mesh(grid, ("data", "model"))
+        self.mesh = Mesh(_mesh_devices(mesh_shape, devices), ("data", "model"))
         self.rules = tuple(logical_axis_rules)
 
     @property
@@ -75,6 +107,31 @@ class Partitioner:
         """Shardings for a tree of (abstract) params still wrapped in nn.Partitioned."""
         return self.logical_to_sharding(nn.get_partition_spec(boxed_abstract_params))
 
+    def state_shardings(self, params_shardings: Any, abstract_params: Any, abstract_state: Any) -> Any:
+        """Shardings of per-parameter optimizer state (see `flan_jax.optim.per_parameter`).
+
+        A statistic shaped like its parameter gets the parameter's sharding; one
+        that drops an axis of it (Adafactor's factored row and column moments)
+        gets that sharding without the dropped axis; anything else (counts,
+        placeholders) is replicated. So FSDP shards Adafactor's state with the
+        parameters rather than leaving the compiler to guess.
+        """
+
+        def for_param(sharding: NamedSharding, param: Any, state: Any) -> Any:
+            return jax.tree.map(lambda leaf: self._derived(sharding, tuple(param.shape), tuple(leaf.shape)), state)
+
+        return jax.tree.map(for_param, params_shardings, abstract_params, abstract_state)
+
+    def _derived(self, sharding: NamedSharding, param_shape: tuple, shape: tuple) -> NamedSharding:
+        spec = tuple(sharding.spec) + (None,) * (len(param_shape) - len(sharding.spec))
+        if shape == param_shape:
+            return sharding
+        if len(shape) == len(param_shape) - 1:
+            for axis in range(len(param_shape)):
+                if param_shape[:axis] + param_shape[axis + 1:] == shape:
+                    return self.sharding(PartitionSpec(*spec[:axis], *spec[axis + 1:]))
+        return self.replicated()
+
     def batch_sharding(self) -> NamedSharding:
         """Batches are split along their leading axis over 'data'."""
         return self.sharding(PartitionSpec("data"))
@@ -89,10 +146,15 @@ class Partitioner:
             yield
 
     def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Assembles each host's share of the batch into one global array split over 'data'."""
+        """Assembles each host's share of the batch into one global array split over 'data'.
+
+        Each process passes its own rows (global batch / process count); the
+        global array is their concatenation in process order.
+        """
         sharding = self.batch_sharding()
         return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
 gin.constant("flan_jax.partitioning.STANDARD_LOGICAL_AXIS_RULES", STANDARD_LOGICAL_AXIS_RULES)
 gin.constant("flan_jax.partitioning.DATA_PARALLEL_LOGICAL_AXIS_RULES", DATA_PARALLEL_LOGICAL_AXIS_RULES)
+gin.constant("flan_jax.partitioning.FSDP_LOGICAL_AXIS_RULES", FSDP_LOGICAL_AXIS_RULES)

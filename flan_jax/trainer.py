@@ -33,8 +33,9 @@ from flan_jax import inference
 from flan_jax import losses
 from flan_jax import optim
 from flan_jax import partitioning
+from flan_jax import step as step_lib
 from flan_jax.errors import UserError
-from flan_jax.model import T5Config, Transformer
+from flan_jax.model import T5Config, Transformer, scan
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -65,6 +66,13 @@ class TrainConfig:
     # restores it in seconds instead of re-reading the consumed batches. Costs
     # tens of MB and seconds per save (see data.TrainIterator).
     save_input_state: bool = False
+    # Split each batch into this many microbatches and accumulate gradients:
+    # the same update as the whole batch, with the activation memory of one
+    # microbatch.
+    num_microbatches: int = 1
+
+    def loss_config(self) -> step_lib.LossConfig:
+        return step_lib.LossConfig(self.z_loss, self.label_smoothing, self.loss_normalizing_factor)
 
 
 @dataclasses.dataclass
@@ -101,95 +109,6 @@ class TrainSummary:
         lines.append(f"config          {self.config_path}")
         lines.append("=" * 72)
         return "\n".join(lines)
-
-
-@dataclasses.dataclass
-class _Model:
-    """The module plus the shardings of its parameters and optimizer state."""
-
-    module: Transformer
-    params_shardings: PyTree
-    opt_state_shardings: PyTree
-
-
-def _dummy_batch(lengths: Mapping[str, int], batch_size: int = 1) -> dict[str, jnp.ndarray]:
-    enc = jnp.ones((batch_size, lengths["inputs"]), jnp.int32)
-    dec = jnp.ones((batch_size, lengths["targets"]), jnp.int32)
-    return {"encoder_input_tokens": enc, "decoder_input_tokens": dec, "decoder_target_tokens": dec}
-
-
-def initialize(
-    module: Transformer,
-    tx: optax.GradientTransformation,
-    partitioner: partitioning.Partitioner,
-    lengths: Mapping[str, int],
-    seed: int,
-) -> tuple[_Model, PyTree, PyTree]:
-    """Initialises params and optimizer state directly into their shardings."""
-
-    def init_params(rng: jax.Array) -> PyTree:
-        return module.init(rng, **_dummy_batch(lengths), enable_dropout=False)["params"]
-
-    boxed = jax.eval_shape(init_params, jax.random.key(seed))
-    params_shardings = partitioner.params_shardings(boxed)
-    with partitioner.activate():
-        params = jax.jit(lambda rng: nn.unbox(init_params(rng)), out_shardings=params_shardings)(
-            jax.random.key(seed)
-        )
-        # The compiler propagates parameter shardings to Adafactor's (partly
-        # factored) statistics; we keep whatever it chose.
-        opt_state = jax.jit(tx.init)(params)
-    opt_state_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
-    return _Model(module, params_shardings, opt_state_shardings), params, opt_state
-
-
-def make_train_step(
-    model: _Model,
-    tx: optax.GradientTransformation,
-    config: TrainConfig,
-    partitioner: partitioning.Partitioner,
-) -> Callable[[PyTree, PyTree, Batch, jax.Array, jax.Array], tuple[PyTree, PyTree, dict]]:
-    """A jit-compiled (params, opt_state, batch, rng, step) -> (params, opt_state, metrics)."""
-
-    def train_step(params, opt_state, batch, rng, step):
-        dropout_rng = jax.random.fold_in(rng, step)
-
-        def loss_fn(p):
-            logits = model.module.apply(
-                {"params": p},
-                batch["encoder_input_tokens"],
-                batch["decoder_input_tokens"],
-                batch["decoder_target_tokens"],
-                encoder_segment_ids=batch.get("encoder_segment_ids"),
-                decoder_segment_ids=batch.get("decoder_segment_ids"),
-                encoder_positions=batch.get("encoder_positions"),
-                decoder_positions=batch.get("decoder_positions"),
-                enable_dropout=True,
-                rngs={"dropout": dropout_rng},
-            )
-            return losses.cross_entropy_loss(
-                logits,
-                batch["decoder_target_tokens"],
-                batch["decoder_loss_weights"],
-                z_loss=config.z_loss,
-                label_smoothing=config.label_smoothing,
-                loss_normalizing_factor=config.loss_normalizing_factor,
-            )
-
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-        return params, opt_state, metrics
-
-    batch_sharding = partitioner.batch_sharding()
-    replicated = partitioner.replicated()
-    return jax.jit(
-        train_step,
-        in_shardings=(model.params_shardings, model.opt_state_shardings, batch_sharding, replicated, replicated),
-        out_shardings=(model.params_shardings, model.opt_state_shardings, replicated),
-        donate_argnums=(0, 1),
-    )
 
 
 def make_decode_fn(
@@ -237,7 +156,7 @@ class _MetricsLog:
 def _load_pretrained(
     path: str,
     model_config: T5Config,
-    model: _Model,
+    model: step_lib.Model,
     tx: optax.GradientTransformation,
     partitioner: partitioning.Partitioner,
     init_params: PyTree,
@@ -255,6 +174,39 @@ def _load_pretrained(
         opt_state = jax.jit(tx.init, out_shardings=model.opt_state_shardings)(params)
     print(f"Initialised from {loaded.format} checkpoint {path} (its step {loaded.step}).")
     return params, opt_state
+
+
+def _restore_state(
+    checkpointer: ckpt_lib.Checkpointer,
+    step: int,
+    model: step_lib.Model,
+    params: PyTree,
+    opt_state: PyTree,
+    partitioner: partitioning.Partitioner,
+) -> tuple[PyTree, PyTree, dict]:
+    """Restores params, optimizer state and metadata onto the current shardings.
+
+    A checkpoint saved with the other layer layout (scanned vs unrolled) is
+    read in its own layout and converted: both the parameters and the
+    per-parameter optimizer state follow the parameter tree.
+    """
+    saved = formats.config_from_dict(checkpointer.meta(step)["model_config"])
+    scanned = model.module.config.scan_layers
+    if saved.scan_layers == scanned:
+        return checkpointer.restore(step, ckpt_lib.abstract_like(params), ckpt_lib.abstract_like(opt_state))
+    print(f"Step {step} was saved with scan_layers={saved.scan_layers}; converting to scan_layers={scanned}.")
+    replicated = partitioner.replicated()
+    def to_layout(trees: tuple, scan_layers: bool) -> tuple:
+        return tuple(scan.to_layout(t, scan_layers) for t in trees)
+
+    as_saved = jax.eval_shape(lambda t: to_layout(t, saved.scan_layers), (params, opt_state))
+    as_saved = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), as_saved)
+    params, opt_state, meta = checkpointer.restore(step, *as_saved)
+    convert = jax.jit(
+        lambda t: to_layout(t, scanned), out_shardings=(model.params_shardings, model.opt_state_shardings)
+    )
+    params, opt_state = convert((params, opt_state))
+    return params, opt_state, meta
 
 
 def _save_config(model_dir: str, step: int) -> str:
@@ -313,6 +265,11 @@ def train(
             f"the vocabulary of {config.mixture_or_task_name!r} has {vocabulary.vocab_size} ids but "
             f"T5Config.vocab_size is {model_config.vocab_size}"
         )
+    if config.num_microbatches < 1 or config.batch_size % config.num_microbatches:
+        raise UserError(
+            f"TrainConfig.num_microbatches={config.num_microbatches} must be positive and divide "
+            f"TrainConfig.batch_size={config.batch_size}"
+        )
     if config.batch_size % partitioner.data_parallel_size:
         raise UserError(
             f"TrainConfig.batch_size={config.batch_size} is not divisible by the "
@@ -326,13 +283,11 @@ def train(
     log = _MetricsLog(config.model_dir, enabled=is_chief)
 
     module = Transformer(model_config)
-    model, params, opt_state = initialize(module, tx, partitioner, lengths, config.seed)
+    model, params, opt_state = step_lib.initialize(module, tx, partitioner, lengths, config.seed)
     start_step = checkpointer.latest_step() or 0
     start_batch = 0
     if start_step:
-        params, opt_state, restored_meta = checkpointer.restore(
-            start_step, ckpt_lib.abstract_like(params), ckpt_lib.abstract_like(opt_state)
-        )
+        params, opt_state, restored_meta = _restore_state(checkpointer, start_step, model, params, opt_state, partitioner)
         # The input position saved with the checkpoint: iteration is
         # deterministic, so skipping that many batches continues exactly.
         start_batch = restored_meta.get("data", {}).get("batches_consumed", start_step)
@@ -360,7 +315,7 @@ def train(
             best_step, log.tb_dir, config_path, already_complete=True,
         )
 
-    train_step = make_train_step(model, tx, config, partitioner)
+    train_step = step_lib.make_train_step(model, tx, partitioner, config.loss_config(), config.num_microbatches)
     decode = make_decode_fn(module, partitioner, lengths["targets"]) if evaluator else None
     rng = jax.random.key(config.seed + 1)
 

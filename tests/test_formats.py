@@ -148,22 +148,28 @@ def test_t5x_checkpoints_restore_onto_a_sharded_mesh():
     script = textwrap.dedent(f"""
         import os
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        import dataclasses
         import jax, numpy as np
-        from flan_jax import formats, partitioning, trainer, optim
-        from flan_jax.model import Transformer
-        part = partitioning.Partitioner(model_parallel_size=2)
+        from flan_jax import formats, partitioning, step, optim
+        from flan_jax.model import Transformer, scan
+        part = partitioning.Partitioner(mesh_shape=(4, 2), logical_axis_rules=partitioning.STANDARD_LOGICAL_AXIS_RULES)
         assert len(jax.devices()) == 8
         for layout in ("legacy_tensorstore_msgpack", "default_orbax"):
             path = "{FIXTURE}/" + layout + "/checkpoint_20"
             reference = formats.load_checkpoint(path)
-            module = Transformer(reference.config)
-            model, _, _ = trainer.initialize(module, optim.adafactor(), part, {{"inputs": 8, "targets": 8}}, 0)
-            sharded = formats.load_checkpoint(path, shardings=model.params_shardings)
-            q = sharded.params["encoder"]["layers_0"]["attention"]["query"]["kernel"]
-            assert q.sharding.spec == jax.sharding.PartitionSpec(None, "model"), q.sharding
-            assert q.addressable_shards[0].data.shape == (64, 32)
-            for a, b in zip(jax.tree.leaves(reference.params), jax.tree.leaves(sharded.params)):
-                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            for scan_layers in (False, True):
+                config = dataclasses.replace(reference.config, scan_layers=scan_layers)
+                model, _, _ = step.initialize(Transformer(config), optim.adafactor(), part, {{"inputs": 8, "targets": 8}}, 0)
+                sharded = formats.load_checkpoint(path, config=config, shardings=model.params_shardings)
+                layers = sharded.params["encoder"]["layers" if scan_layers else "layers_0"]
+                q = layers["attention"]["query"]["kernel"]
+                want = (None, None, "model") if scan_layers else (None, "model")
+                assert q.sharding.spec == jax.sharding.PartitionSpec(*want), q.sharding
+                assert q.addressable_shards[0].data.shape[-2:] == (64, 32)
+                expected = scan.to_layout(reference.params, scan_layers)
+                assert jax.tree.structure(expected) == jax.tree.structure(sharded.params)
+                for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(sharded.params)):
+                    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         print("OK")
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

@@ -14,7 +14,9 @@ import pytest
 from flan_jax import decoding
 from flan_jax.errors import UserError
 from flan_jax.formats.hf import params_from_hf_state_dict
-from flan_jax.model import T5Config, Transformer
+from flan_jax.model import T5Config, Transformer, scan
+
+nn_unbox = flax.linen.unbox
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("FLAN_JAX_FIXTURES_DIR", REPO.parent / "shared" / "fixtures"))
@@ -120,6 +122,29 @@ def test_parameter_tree_and_axes_match_t5x():
     assert axes["decoder/logits_dense/kernel"] == ("embed", "vocab")
 
 
+def test_scanned_parameter_tree_stacks_the_layers():
+    """Scanned stacks hold `layers/...` with a leading 'layers' axis; the tree
+    converts to and from the unrolled one without loss."""
+    config = dataclasses.replace(TINY, scan_layers=True, num_encoder_layers=3)
+    tokens = jnp.ones((1, 4), jnp.int32)
+    boxed = jax.eval_shape(lambda: Transformer(config).init(jax.random.key(0), tokens, tokens, tokens))["params"]
+    flat = flax.traverse_util.flatten_dict(boxed, sep="/")
+    query = flat["encoder/layers/attention/query/kernel"]
+    assert query.names == ("layers", "embed", "joined_kv") and query.value.shape == (3, 64, 64)
+    assert flat["decoder/layers/mlp/wo/kernel"].value.shape == (2, 128, 64)
+    assert "encoder/relpos_bias/rel_embedding" in flat  # shared by all layers: not stacked
+    unrolled = _init(dataclasses.replace(config, scan_layers=False))
+    stacked = scan.stack_layers(unrolled)
+    assert jax.tree.structure(stacked) == jax.tree.structure(nn_unbox(boxed))
+    np.testing.assert_array_equal(
+        stacked["encoder"]["layers"]["mlp"]["wi_0"]["kernel"][2], unrolled["encoder"]["layers_2"]["mlp"]["wi_0"]["kernel"]
+    )
+    back = scan.unstack_layers(stacked)
+    assert jax.tree.structure(back) == jax.tree.structure(unrolled)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(unrolled)):
+        np.testing.assert_array_equal(a, b)
+
+
 # -------------------------------------------------------------- HF parity
 
 
@@ -145,13 +170,16 @@ def _hf_model(v1_1: bool, seed: int = 0):
     return model, state
 
 
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
 @pytest.mark.parametrize("v1_1", [True, False], ids=["v1_1_gated_gelu_untied", "original_relu_tied"])
-def test_logits_match_hf(v1_1):
+def test_logits_match_hf(v1_1, scan_layers):
     import torch
 
     hf, state = _hf_model(v1_1)
     config = TINY if v1_1 else dataclasses.replace(TINY, mlp_activations=("relu",), logits_via_embedding=True)
+    config = dataclasses.replace(config, scan_layers=scan_layers)
     params = params_from_hf_state_dict(state, config)
+    assert ("layers" in params["encoder"]) == scan_layers
     rng = np.random.default_rng(1)
     encoder_tokens = _random_tokens(rng, (3, 14), config.vocab_size, [14, 9, 5])
     targets = _random_tokens(rng, (3, 10), config.vocab_size, [10, 6, 3])
@@ -184,9 +212,10 @@ def test_hf_mapping_rejects_a_mismatched_config():
 # ---------------------------------------------------------------- packing
 
 
-def test_packed_example_sees_what_it_sees_alone():
+@pytest.mark.parametrize("fused_attention", [False, True], ids=["einsum", "fused"])
+def test_packed_example_sees_what_it_sees_alone(fused_attention):
     params = _init(TINY)
-    model = Transformer(TINY)
+    model = Transformer(dataclasses.replace(TINY, fused_attention=fused_attention))
     apply = jax.jit(model.apply, static_argnames="enable_dropout")
     rng = np.random.default_rng(2)
     # Three examples (inputs, targets), EOS-terminated.
@@ -222,10 +251,11 @@ def test_packed_example_sees_what_it_sees_alone():
 # --------------------------------------------------------------- kv cache
 
 
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
 @pytest.mark.parametrize("extra_cache", [0, 5])
-def test_cached_decoding_matches_the_full_forward_pass(extra_cache):
-    params = _init(TINY, seed=3)
-    model = Transformer(TINY)
+def test_cached_decoding_matches_the_full_forward_pass(extra_cache, scan_layers):
+    params = scan.to_layout(_init(TINY, seed=3), scan_layers)
+    model = Transformer(dataclasses.replace(TINY, scan_layers=scan_layers))
     rng = np.random.default_rng(3)
     encoder_tokens = _random_tokens(rng, (2, 12), TINY.vocab_size, [12, 7])
     targets = rng.integers(2, TINY.vocab_size, (2, 9))
@@ -269,3 +299,45 @@ def test_bfloat16_activations_and_dropout():
     ]
     assert not np.allclose(noisy[0], noisy[1])
     np.testing.assert_array_equal(quiet, model.apply({"params": params}, tokens, tokens, tokens, enable_dropout=False))
+
+
+def test_fused_attention_matches_the_einsum_path():
+    """`fused_attention` (jax.nn.dot_product_attention) gives the einsum path's
+    logits and gradients, relative-position biases and padding masks included;
+    in bfloat16 within bfloat16 tolerance."""
+    rng = np.random.default_rng(5)
+    encoder_tokens = jnp.asarray(_random_tokens(rng, (3, 14), TINY.vocab_size, [14, 9, 5]))
+    targets = jnp.asarray(_random_tokens(rng, (3, 10), TINY.vocab_size, [10, 6, 3]))
+    decoder_inputs = jnp.asarray(_shift_right(np.asarray(targets)))
+    for dtype, tolerance in (("float32", 1e-5), ("bfloat16", 5e-2)):
+        base = dataclasses.replace(TINY, dtype=dtype)
+        params = _init(base)
+
+        def loss(p, config):
+            logits = Transformer(config).apply({"params": p}, encoder_tokens, decoder_inputs, targets, enable_dropout=False)
+            return (logits * (targets > 0)[..., None]).sum() / 1e3, logits
+
+        (_, want), want_grads = jax.value_and_grad(loss, has_aux=True)(params, base)
+        (_, got), got_grads = jax.value_and_grad(loss, has_aux=True)(params, dataclasses.replace(base, fused_attention=True))
+        real = np.asarray(targets) > 0
+        scale = np.abs(np.asarray(want)[real]).max()
+        np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=tolerance * scale, rtol=0)
+        for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=tolerance * np.abs(np.asarray(b)).max() + 1e-7, rtol=0)
+
+
+def test_remat_and_dropout_under_scan():
+    """Dropout draws differ per layer under scan (split rngs), and remat
+    recomputes the same masks in the backward pass (gradients equal without remat)."""
+    config = dataclasses.replace(TINY, dropout_rate=0.3, scan_layers=True)
+    params = scan.stack_layers(_init(TINY))
+    tokens = jnp.asarray(_random_tokens(np.random.default_rng(6), (2, 8), config.vocab_size, [8, 5]))
+
+    def grads(remat_policy):
+        module = Transformer(dataclasses.replace(config, remat_policy=remat_policy))
+        return jax.grad(lambda p: module.apply({"params": p}, tokens, tokens, tokens, rngs={"dropout": jax.random.key(1)}).sum())(params)
+
+    reference = grads("none")
+    for policy in ("full", "dots"):
+        for a, b in zip(jax.tree.leaves(grads(policy)), jax.tree.leaves(reference)):
+            np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max() + 1e-7, rtol=0)

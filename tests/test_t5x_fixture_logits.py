@@ -6,6 +6,7 @@ checkpoints and the orbax one T5X writes today.
 Padding positions are not compared: T5X masks decoder query rows there.
 """
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from flan_jax import formats
-from flan_jax.model import T5Config, Transformer
+from flan_jax.model import T5Config, Transformer, scan
 
 DEFAULT_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 FIXTURE = Path(os.environ.get("FLAN_JAX_FIXTURES_DIR", DEFAULT_FIXTURES)) / "t5x"
@@ -49,8 +50,9 @@ def test_both_layouts_restore_the_same_checkpoint(loaded):
     assert n == 263_168
 
 
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
 @pytest.mark.parametrize("case", ["A_unpacked_padded", "B_packed"])
-def test_logits_match_t5x(loaded, case):
+def test_logits_match_t5x(loaded, case, scan_layers):
     spec = json.loads((FIXTURE / "logits_fixture.json").read_text())["cases"][case]
     want = np.load(FIXTURE / spec["logits_npy"])
     features = {
@@ -61,7 +63,9 @@ def test_logits_match_t5x(loaded, case):
         )
         if k in spec
     }
-    got = np.asarray(Transformer(loaded.config).apply({"params": loaded.params}, **features, enable_dropout=False))
+    config = dataclasses.replace(loaded.config, scan_layers=scan_layers)
+    params = scan.to_layout(loaded.params, scan_layers)
+    got = np.asarray(Transformer(config).apply({"params": params}, **features, enable_dropout=False))
     assert got.shape == want.shape
     real = np.asarray(spec["decoder_target_tokens"]) > 0
     np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=0)

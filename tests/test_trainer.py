@@ -7,6 +7,7 @@ import pytest
 
 from flan_jax import checkpoints as ckpt_lib
 from flan_jax import optim, partitioning, trainer
+from flan_jax import step as step_lib
 from flan_jax.model import Transformer
 
 LENGTHS = {"inputs": 16, "targets": 8}
@@ -32,9 +33,8 @@ def setup(tiny_config):
     module = Transformer(tiny_config)
     tx = optim.adafactor(learning_rate=1e-2)
     part = partitioning.Partitioner()
-    model, params, opt_state = trainer.initialize(module, tx, part, LENGTHS, seed=0)
-    config = trainer.TrainConfig(model_dir="unused", mixture_or_task_name="unused", num_steps=1)
-    step_fn = trainer.make_train_step(model, tx, config, part)
+    model, params, opt_state = step_lib.initialize(module, tx, part, LENGTHS, seed=0)
+    step_fn = step_lib.make_train_step(model, tx, part)
     return part, step_fn, params, opt_state, tiny_config
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from flan_jax import checkpoints as ckpt_lib
 from flan_jax.errors import UserError
 from flan_jax.formats import hf, t5x
-from flan_jax.model import T5Config
+from flan_jax.model import T5Config, scan
 
 PyTree = Any
 
@@ -96,26 +96,42 @@ def load_checkpoint(
     """Loads params (onto `shardings` when given) and the config from any supported format.
 
     `config` overrides the architecture read from the checkpoint (T5X stores
-    none; we otherwise infer it from parameter shapes).
+    none; we otherwise infer it from parameter shapes), and the params come
+    in its layer layout (scanned or unrolled) whatever the checkpoint holds.
     """
     path = path if "://" in path else os.path.abspath(path)  # orbax and tensorstore want absolute paths
     fmt = detect_format(path)
     if fmt == "hf":
         hf_config, params, vocab_file = hf.load_hf_directory(path)
+        config = config or hf_config
+        params = scan.to_layout(params, config.scan_layers)
         vocab = {"type": "sentencepiece", "file": "spiece.model", "extra_ids": 0} if vocab_file else None
-        return LoadedCheckpoint(fmt, config or hf_config, _place(params, shardings), vocab, path, 0)
+        return LoadedCheckpoint(fmt, config, _place(params, shardings), vocab, path, 0)
     if fmt in ("t5x_legacy", "t5x_orbax"):
         reader = t5x.load_legacy if fmt == "t5x_legacy" else t5x.load_orbax
-        params, state = reader(path, shardings)
+        if config is not None and config.scan_layers:
+            # T5X stores layers unrolled: read each layer onto its slice of the
+            # stacked sharding, then stack on device.
+            layer_shardings = None
+            if shardings is not None:
+                depths = {"encoder": config.num_encoder_layers, "decoder": config.num_decoder_layers}
+                layer_shardings = scan.unstacked_shardings(shardings, depths)
+            params, state = reader(path, layer_shardings)
+            params = jax.jit(scan.stack_layers, out_shardings=shardings)(params)
+        else:
+            params, state = reader(path, shardings)
         return LoadedCheckpoint(fmt, config or config_from_params(params), params, None, None, state["step"])
     checkpoint_dir, step, run_dir = _flan_jax_step_dir(path, step)
     ckpt = ckpt_lib.open_for_reading(checkpoint_dir)
-    abstract = _abstract(ckpt, step, shardings) if shardings is not None else None
+    saved_config = config_from_dict(ckpt.meta(step)["model_config"])
+    config = config or saved_config
+    same_layout = saved_config.scan_layers == config.scan_layers
+    abstract = _abstract(ckpt, step, shardings) if shardings is not None and same_layout else None
     params, meta = ckpt.restore_params(step, abstract)
     ckpt.close()
-    return LoadedCheckpoint(
-        fmt, config or config_from_dict(meta["model_config"]), params, meta.get("vocabulary"), run_dir, step
-    )
+    if not same_layout:
+        params = _place(scan.to_layout(params, config.scan_layers), shardings)
+    return LoadedCheckpoint(fmt, config, params, meta.get("vocabulary"), run_dir, step)
 
 
 def _abstract(ckpt: ckpt_lib.Checkpointer, step: int, shardings: PyTree) -> PyTree:

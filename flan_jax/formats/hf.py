@@ -20,7 +20,7 @@ import safetensors.numpy
 
 from flan_jax.errors import UserError
 from flan_jax.formats.torch_pickle import load_torch_state_dict
-from flan_jax.model import T5Config
+from flan_jax.model import T5Config, scan
 
 Params = dict[str, Any]
 # (path in our params tree, HF tensor name, transpose?)
@@ -68,7 +68,8 @@ def name_table(config: T5Config) -> list[NameRow]:
 
 
 def params_from_hf_state_dict(state_dict: Mapping[str, Any], config: T5Config) -> Params:
-    """Maps HF tensors (numpy arrays) to the nested params tree; errors name the tensor."""
+    """Maps HF tensors (numpy arrays) to the nested params tree, scanned or
+    unrolled as `config` says; errors name the tensor."""
     sd = {k.removeprefix("model."): v for k, v in state_dict.items()}
     if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
         sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
@@ -83,11 +84,12 @@ def params_from_hf_state_dict(state_dict: Mapping[str, Any], config: T5Config) -
             node = node.setdefault(key, {})
         node[path[-1]] = value
     _check_shapes(params, config)
-    return params
+    return scan.to_layout(params, config.scan_layers)
 
 
 def hf_state_dict_from_params(params: Params, config: T5Config) -> dict[str, np.ndarray]:
     """The inverse of params_from_hf_state_dict (tied embeddings written once, as HF does)."""
+    params = scan.to_layout(params, scanned=False)
     out = {}
     for path, name, transpose in name_table(config):
         node = params

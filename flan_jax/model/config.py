@@ -8,6 +8,9 @@ import gin
 import jax.numpy as jnp
 
 
+REMAT_POLICIES = ("none", "full", "dots")
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class T5Config:
@@ -35,10 +38,23 @@ class T5Config:
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
+    # Run each layer stack under `nn.scan` with stacked parameters
+    # (`encoder/layers/...` with a leading 'layers' axis): the XLA program
+    # holds one layer, so compile time does not grow with depth.
+    scan_layers: bool = False
+    # Rematerialisation per layer: "none", "full" (recompute everything in
+    # the backward pass) or "dots" (keep matmul outputs, recompute the rest).
+    remat_policy: str = "none"
+    # Attention through `jax.nn.dot_product_attention` (cuDNN's fused kernel on
+    # GPUs, XLA elsewhere) when the call allows it: no dropout on attention
+    # weights and not a decoding step. Otherwise the explicit einsum path.
+    fused_attention: bool = False
 
     def __post_init__(self) -> None:
         # gin and JSON may hand over lists; a tuple keeps the config hashable.
         object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"T5Config.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
 
     @property
     def activation_dtype(self) -> jnp.dtype:

@@ -193,6 +193,23 @@ def dot_product_attention(
     return jnp.einsum("bhqk,bhkd->bqhd", weights, value.astype(dtype))
 
 
+def fused_dot_product_attention(query: Array, key: Array, value: Array, mask: Array | None, bias: Array | None) -> Array:
+    """softmax(q k^T + bias, masked) v via `jax.nn.dot_product_attention`.
+
+    query [b, q, h, d], key/value [b, k, h, d] (sequence first, the layout the
+    fused kernels take), mask [b, 1, q, k] bool, bias [1, h, q, k] -> [b, q, h, d].
+    On GPUs with bf16/fp16 inputs it asks for cuDNN's fused kernel and falls
+    back to XLA's implementation where cuDNN refuses the shapes.
+    """
+    kwargs = dict(bias=None if bias is None else bias.astype(query.dtype), mask=mask, scale=1.0)
+    if jax.default_backend() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(query, key, value, implementation="cudnn", **kwargs)
+        except (NotImplementedError, ValueError, RuntimeError):
+            pass
+    return jax.nn.dot_product_attention(query, key, value, implementation="xla", **kwargs)
+
+
 class MultiHeadDotProductAttention(nn.Module):
     """T5 attention with fused-head kernels [e, h*d] ('embed', 'joined_kv').
 
@@ -214,6 +231,9 @@ class MultiHeadDotProductAttention(nn.Module):
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
     float32_logits: bool = False
+    # Use fused_dot_product_attention where the call allows it (no attention
+    # dropout, not decoding).
+    fused: bool = False
     causal: bool = False
     kernel_init: Initializer = attention_kernel_init
 
@@ -249,6 +269,11 @@ class MultiHeadDotProductAttention(nn.Module):
             return base_init(*args) * depth_scaling
 
         query = self._project("query", inputs_q, query_init)
+        if self.fused and not decode and (deterministic or self.dropout_rate == 0.0):
+            key = self._project("key", inputs_kv, self.kernel_init)  # [b, k, h, d]
+            value = self._project("value", inputs_kv, self.kernel_init)
+            x = fused_dot_product_attention(query, key, value, mask, bias)
+            return self._output(x, inputs_q.shape[-1])
         if decode and not self.causal:
             key, value = self._cross_attention_cache(inputs_kv)
         else:
@@ -274,8 +299,12 @@ class MultiHeadDotProductAttention(nn.Module):
             dropout=lambda w: dropout(w, deterministic=deterministic),
             float32_logits=self.float32_logits,
         )  # [b, q, h, d]
+        return self._output(x, inputs_q.shape[-1])
+
+    def _output(self, x: Array, features: int) -> Array:
+        """[b, q, h, d] -> [b, q, e]."""
         x = x.reshape(*x.shape[:-2], self.num_heads * self.head_dim)
-        out = Dense(inputs_q.shape[-1], ("joined_kv", "embed"), base_init, self.dtype, name="out")(x)
+        out = Dense(features, ("joined_kv", "embed"), self.kernel_init, self.dtype, name="out")(x)
         return constrain(out, ("batch", "length", "embed"))
 
     def _cross_attention_cache(self, inputs_kv: Array) -> tuple[Array, Array]:

@@ -1,6 +1,16 @@
-"""The T5 encoder-decoder, with T5X's parameter tree and call signature."""
+"""The T5 encoder-decoder, with T5X's parameter tree and call signature.
+
+Layer stacks run either as a Python loop (`encoder/layers_0`, `layers_1`, ...)
+or, with `T5Config.scan_layers`, under `nn.scan` with the parameters of all
+layers stacked along a leading 'layers' axis (`encoder/layers/...`), like
+T5X's `examples/scalable_t5`; `flan_jax.model.scan` converts between the two
+trees. Either way each layer can be rematerialised (`T5Config.remat_policy`).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -29,6 +39,7 @@ def _attention(config: T5Config, name: str, causal: bool = False) -> layers.Mult
         dtype=config.activation_dtype,
         dropout_rate=config.dropout_rate,
         float32_logits=config.float32_attention_logits,
+        fused=config.fused_attention,
         causal=causal,
         name=name,
     )
@@ -42,6 +53,52 @@ def _mlp(config: T5Config) -> layers.MlpBlock:
         dropout_rate=config.dropout_rate,
         name="mlp",
     )
+
+
+# What each remat policy keeps for the backward pass; everything else is recomputed.
+_REMAT_POLICIES: dict[str, Callable[..., bool]] = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Outputs of the weight matmuls (no batch dimension in the contraction);
+    # attention scores, norms and activations are recomputed.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def layer_stack(
+    config: T5Config, layer: type[nn.Module], num_layers: int, num_args: int, static_args: tuple[int, ...], remat: bool
+) -> Callable[..., Array]:
+    """A callable running `num_layers` copies of `layer` on x; call it inside a
+    compact method as `stack(x, *args)`.
+
+    `layer(config)(x, *args)` must return (x, None), the form `nn.scan` wants.
+    `args` (num_args of them) are the same for every layer; those at the
+    positions `static_args` (counted from x = 0) are Python values.
+    """
+    if remat and config.remat_policy != "none":
+        # prevent_cse=False is safe under scan and lets XLA optimise more.
+        layer = nn.remat(
+            layer, policy=_REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers,
+            static_argnums=tuple(i + 1 for i in static_args),  # + 1: nn.remat counts the module itself
+        )
+    if config.scan_layers:
+        scanned = nn.scan(
+            layer,
+            variable_axes={"params": 0, "cache": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast,) * num_args,
+            length=num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(config, name="layers")
+        return lambda x, *args: scanned(x, *args)[0]
+
+    layers = [layer(config, name=f"layers_{i}") for i in range(num_layers)]
+
+    def run(x: Array, *args: Any) -> Array:
+        for lyr in layers:
+            x = lyr(x, *args)[0]
+        return x
+
+    return run
 
 
 def _relpos(config: T5Config) -> layers.RelativePositionBiases:
@@ -59,8 +116,8 @@ class EncoderLayer(nn.Module):
     config: T5Config
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, bias: Array, *, deterministic: bool) -> Array:
-        """x [b, l, e], mask [b, 1, l, l], bias [1, h, l, l] -> [b, l, e]."""
+    def __call__(self, x: Array, mask: Array, bias: Array, deterministic: bool) -> tuple[Array, None]:
+        """x [b, l, e], mask [b, 1, l, l], bias [1, h, l, l] -> ([b, l, e], None)."""
         cfg = self.config
         y = _norm(cfg, "pre_attention_layer_norm")(x)
         y = _attention(cfg, "attention")(y, y, mask, bias, deterministic=deterministic)
@@ -68,7 +125,7 @@ class EncoderLayer(nn.Module):
         y = _norm(cfg, "pre_mlp_layer_norm")(x)
         y = _mlp(cfg)(y, deterministic=deterministic)
         x = x + _dropout(cfg)(y, deterministic=deterministic)
-        return constrain(x, ("batch", "length", "embed"))
+        return constrain(x, ("batch", "length", "embed")), None
 
 
 class DecoderLayer(nn.Module):
@@ -84,13 +141,12 @@ class DecoderLayer(nn.Module):
         self_mask: Array | None,
         cross_mask: Array,
         bias: Array,
-        *,
         deterministic: bool,
         decode: bool,
         cache_length: int | None,
-    ) -> Array:
+    ) -> tuple[Array, None]:
         """x [b, q, e], encoded [b, k, e], self_mask [b, 1, q, q] (None when
-        decoding), cross_mask [b, 1, q, k], bias [1, h, q, q] -> [b, q, e]."""
+        decoding), cross_mask [b, 1, q, k], bias [1, h, q, q] -> ([b, q, e], None)."""
         cfg = self.config
         y = _norm(cfg, "pre_self_attention_layer_norm")(x)
         y = _attention(cfg, "self_attention", causal=True)(
@@ -105,7 +161,7 @@ class DecoderLayer(nn.Module):
         y = _norm(cfg, "pre_mlp_layer_norm")(x)
         y = _mlp(cfg)(y, deterministic=deterministic)
         x = x + _dropout(cfg)(y, deterministic=deterministic)
-        return constrain(x, ("batch", "length", "embed"))
+        return constrain(x, ("batch", "length", "embed")), None
 
 
 class Encoder(nn.Module):
@@ -123,8 +179,8 @@ class Encoder(nn.Module):
         x = constrain(x, ("batch", "length", "embed"))
         length = tokens.shape[-1]
         bias = _relpos(cfg)(length, length, bidirectional=True)
-        for i in range(cfg.num_encoder_layers):
-            x = EncoderLayer(cfg, name=f"layers_{i}")(x, mask, bias, deterministic=deterministic)
+        stack = layer_stack(cfg, EncoderLayer, cfg.num_encoder_layers, num_args=3, static_args=(3,), remat=True)
+        x = stack(x, mask, bias, deterministic)
         x = _norm(cfg, "encoder_norm")(x)
         return _dropout(cfg)(x, deterministic=deterministic)
 
@@ -160,17 +216,9 @@ class Decoder(nn.Module):
         else:
             length = tokens.shape[-1]
         bias = _relpos(cfg)(length, length, bidirectional=False)
-        for i in range(cfg.num_decoder_layers):
-            x = DecoderLayer(cfg, name=f"layers_{i}")(
-                x,
-                encoded,
-                self_mask,
-                cross_mask,
-                bias,
-                deterministic=deterministic,
-                decode=decode,
-                cache_length=max_decode_length,
-            )
+        # No remat while decoding: nothing is differentiated, and the cache is mutated.
+        stack = layer_stack(cfg, DecoderLayer, cfg.num_decoder_layers, num_args=7, static_args=(5, 6, 7), remat=not decode)
+        x = stack(x, encoded, self_mask, cross_mask, bias, deterministic, decode, max_decode_length)
         x = _norm(cfg, "decoder_norm")(x)
         x = _dropout(cfg)(x, deterministic=deterministic)
         if cfg.logits_via_embedding:

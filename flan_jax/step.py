@@ -1,0 +1,169 @@
+"""The jit-compiled training step and the sharded initial state it starts from.
+
+Kept apart from `flan_jax.trainer` (the loop: data, logging, checkpoints,
+evaluation) so that `flan-jax bench train` and tests can build exactly the
+step that training runs with nothing but jax, flax and optax installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from flan_jax import losses, partitioning
+from flan_jax.model import Transformer
+
+PyTree = Any
+Batch = Mapping[str, jax.Array]
+StepFn = Callable[[PyTree, PyTree, Batch, jax.Array, jax.Array], tuple[PyTree, PyTree, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """How the token losses are weighted and normalised (see `losses.cross_entropy_loss`)."""
+
+    z_loss: float = 1e-4
+    label_smoothing: float = 0.0
+    loss_normalizing_factor: float | None = None
+
+
+@dataclasses.dataclass
+class Model:
+    """The module plus the shardings of its parameters and optimizer state."""
+
+    module: Transformer
+    params_shardings: PyTree
+    opt_state_shardings: PyTree
+
+
+def dummy_batch(lengths: Mapping[str, int], batch_size: int = 1) -> dict[str, jnp.ndarray]:
+    enc = jnp.ones((batch_size, lengths["inputs"]), jnp.int32)
+    dec = jnp.ones((batch_size, lengths["targets"]), jnp.int32)
+    return {"encoder_input_tokens": enc, "decoder_input_tokens": dec, "decoder_target_tokens": dec}
+
+
+def initialize(
+    module: Transformer,
+    tx: optax.GradientTransformation,
+    partitioner: partitioning.Partitioner,
+    lengths: Mapping[str, int],
+    seed: int,
+) -> tuple[Model, PyTree, PyTree]:
+    """Initialises params and optimizer state directly into their shardings
+    (no device ever holds a full copy unless the rules replicate it)."""
+
+    def init_params(rng: jax.Array) -> PyTree:
+        return module.init(rng, **dummy_batch(lengths), enable_dropout=False)["params"]
+
+    boxed = jax.eval_shape(init_params, jax.random.key(seed))
+    params_shardings = partitioner.params_shardings(boxed)
+    abstract_params = nn.unbox(boxed)
+    opt_state_shardings = partitioner.state_shardings(
+        params_shardings, abstract_params, jax.eval_shape(tx.init, abstract_params)
+    )
+    with partitioner.activate():
+        params = jax.jit(lambda rng: nn.unbox(init_params(rng)), out_shardings=params_shardings)(
+            jax.random.key(seed)
+        )
+        opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings)(params)
+    return Model(module, params_shardings, opt_state_shardings), params, opt_state
+
+
+def _split_microbatches(batch: Batch, num_microbatches: int, sharding: jax.sharding.Sharding) -> Batch:
+    """[B, ...] -> [n, B/n, ...], microbatch j taking rows j, j + n, j + 2n, ...
+
+    Strided rather than contiguous, so each microbatch is spread over every
+    data-parallel device (the batch is split over them in contiguous blocks).
+    """
+
+    def split(x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, sharding)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    model: Model,
+    tx: optax.GradientTransformation,
+    partitioner: partitioning.Partitioner,
+    loss_config: LossConfig = LossConfig(),
+    num_microbatches: int = 1,
+) -> StepFn:
+    """A jit-compiled (params, opt_state, batch, rng, step) -> (params, opt_state, metrics).
+
+    With `num_microbatches` > 1 the batch is split and the gradients of the
+    summed token losses are accumulated in a `lax.scan`, then normalised once
+    by the whole batch's token count: the same update as one large batch
+    (dropout aside: each microbatch draws its own masks).
+    """
+
+    def summed_loss(params: PyTree, batch: Batch, dropout_rng: jax.Array) -> tuple[jax.Array, dict]:
+        logits = model.module.apply(
+            {"params": params},
+            batch["encoder_input_tokens"],
+            batch["decoder_input_tokens"],
+            batch["decoder_target_tokens"],
+            encoder_segment_ids=batch.get("encoder_segment_ids"),
+            decoder_segment_ids=batch.get("decoder_segment_ids"),
+            encoder_positions=batch.get("encoder_positions"),
+            decoder_positions=batch.get("decoder_positions"),
+            enable_dropout=True,
+            rngs={"dropout": dropout_rng},
+        )
+        _, metrics = losses.cross_entropy_loss(
+            logits,
+            batch["decoder_target_tokens"],
+            batch["decoder_loss_weights"],
+            z_loss=loss_config.z_loss,
+            label_smoothing=loss_config.label_smoothing,
+        )
+        return metrics["cross_ent_sum"] + metrics["z_loss_sum"], metrics
+
+    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+
+    def accumulated(params: PyTree, batch: Batch, dropout_rng: jax.Array) -> tuple[PyTree, dict]:
+        if num_microbatches == 1:
+            (_, metrics), grads = grad_fn(params, batch, dropout_rng)
+            return grads, metrics
+        micro = _split_microbatches(batch, num_microbatches, partitioner.sharding(jax.sharding.PartitionSpec(None, "data")))
+
+        def body(carry, xs):
+            index, microbatch = xs
+            (_, metrics), grads = grad_fn(params, microbatch, jax.random.fold_in(dropout_rng, index))
+            return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        metrics_shape = jax.eval_shape(summed_loss, params, first, dropout_rng)[1]
+        zero_grads = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), model.params_shardings)
+        init = (zero_grads, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape))
+        (grads, metrics), _ = jax.lax.scan(body, init, (jnp.arange(num_microbatches), micro))
+        return grads, metrics
+
+    def train_step(params, opt_state, batch, rng, step):
+        grads, metrics = accumulated(params, batch, jax.random.fold_in(rng, step))
+        denominator = metrics["num_tokens"]
+        if loss_config.loss_normalizing_factor is not None:
+            denominator = jnp.asarray(loss_config.loss_normalizing_factor, jnp.float32)
+        denominator = jnp.maximum(denominator, 1.0)
+        grads = jax.tree.map(lambda g: g / denominator, grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        loss = (metrics["cross_ent_sum"] + metrics["z_loss_sum"]) / denominator
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+        return params, opt_state, metrics
+
+    batch_sharding = partitioner.batch_sharding()
+    replicated = partitioner.replicated()
+    return jax.jit(
+        train_step,
+        in_shardings=(model.params_shardings, model.opt_state_shardings, batch_sharding, replicated, replicated),
+        out_shardings=(model.params_shardings, model.opt_state_shardings, replicated),
+        donate_argnums=(0, 1),
+    )
