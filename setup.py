@@ -1,18 +1,25 @@
 """Installs flan-jax: Flan-style instruction finetuning of T5 in JAX."""
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 # `t5` depends on `seqio-nightly`, which installs into the same `seqio/`
 # directory as `seqio`. launch/install.sh reinstalls the pinned `seqio` last
 # so that its files win; tests/test_install.py checks the installed version.
 SEQIO_VERSION = "0.0.20"
 
+# The gin configs stay in the top-level gin/ and install as flan_jax/gin_configs/
+# (data only, no __init__.py; flan_jax/config_files.py finds them), so a wheel or
+# `pip install .` carries them. Its subdirectories are listed too, as setuptools asks.
+GIN_PACKAGES = ["flan_jax.gin_configs"] + [f"flan_jax.gin_configs.{p}" for p in find_namespace_packages(where="gin")]
+
 setup(
     name="flan-jax",
     version="0.1.0",
     description="Flan-style instruction finetuning of T5 encoder-decoders in JAX.",
     python_requires=">=3.11",
-    packages=find_packages(include=["flan_jax", "flan_jax.*", "tasks", "tasks.*"]),
+    packages=find_packages(include=["flan_jax", "flan_jax.*", "tasks", "tasks.*"]) + GIN_PACKAGES,
+    package_dir={"flan_jax.gin_configs": "gin"},
+    package_data={package: ["*.gin"] for package in GIN_PACKAGES},
     include_package_data=True,
     install_requires=[
         "jax>=0.10,<0.13",

@@ -5,10 +5,12 @@
   flan-jax infer --checkpoint=PATH [--decode=greedy|beam|sample] [PROMPT ...]   (stdin if none)
   flan-jax convert SRC DST [--to=flan-jax|hf]
   flan-jax bench decode|data
+  flan-jax bench train --gin_file=models/flan_t5_base.gin [--batch_size=32 --lengths=1024,256 --compare_hf]
   flan-jax data list | show TASK_OR_MIXTURE [--variant=fs_cot] [-n 3] | stats TASK_OR_MIXTURE
 
-`--gin_file` is searched relative to the working directory, then the repo's
-`gin/` directory. `--gin.KEY=VALUE` adds the binding `KEY = VALUE`.
+`--gin_file` is searched relative to the working directory, then the gin
+configs shipped with the package (the checkout's `gin/` when run from source).
+`--gin.KEY=VALUE` adds the binding `KEY = VALUE`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,38 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
+from flan_jax.config_files import candidate_dirs, gin_config_dir
+
+# flan_jax/gin_configs when installed, the checkout's gin/ from source; None if neither exists.
+GIN_DIR = gin_config_dir()
+
+
+def _init_distributed() -> None:
+    """Joins a multi-process run (FLAN_JAX_DISTRIBUTED=1) before JAX touches a device.
+
+    On Cloud TPU slices and under SLURM, jax.distributed.initialize() finds the
+    coordinator, the process count and this process's id by itself. Elsewhere
+    (e.g. launch/multiprocess_local.sh) set FLAN_JAX_COORDINATOR_ADDRESS
+    (host:port of process 0), FLAN_JAX_NUM_PROCESSES and FLAN_JAX_PROCESS_ID;
+    any of them that is set overrides auto-detection. On CPU the processes
+    exchange collectives over TCP with gloo (jax's default; set here so that a
+    JAX_CPU_COLLECTIVES_IMPLEMENTATION=none in the environment cannot break it).
+    """
+    if os.environ.get("FLAN_JAX_DISTRIBUTED") != "1":
+        return
+    import jax
+
+    explicit: dict = {}
+    if address := os.environ.get("FLAN_JAX_COORDINATOR_ADDRESS"):
+        explicit["coordinator_address"] = address
+    for key, name in (("num_processes", "FLAN_JAX_NUM_PROCESSES"), ("process_id", "FLAN_JAX_PROCESS_ID")):
+        if value := os.environ.get(name):
+            try:
+                explicit[key] = int(value)
+            except ValueError:
+                raise SystemExit(f"flan-jax: error: {name}={value!r} is not an integer") from None
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**explicit)
 
 
 def _quiet_backends() -> None:
@@ -33,10 +66,6 @@ def _quiet_backends() -> None:
     absl_logging.set_verbosity(absl_logging.ERROR)
 
     tf.config.set_visible_devices([], "GPU")
-    if os.environ.get("FLAN_JAX_DISTRIBUTED") == "1":
-        import jax
-
-        jax.distributed.initialize()  # Coordinator and process ids from the environment.
 
 
 def _split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
@@ -60,10 +89,11 @@ def _split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str
 
 
 def _resolve_gin_file(name: str) -> str:
-    for candidate in (Path(name), GIN_DIR / name):
+    for candidate in (Path(name), *([GIN_DIR / name] if GIN_DIR else [])):
         if candidate.is_file():
             return str(candidate)
-    raise SystemExit(f"flan-jax: error: gin file {name!r} not found (looked in . and {GIN_DIR})")
+    where = str(GIN_DIR) if GIN_DIR else ", ".join(map(str, candidate_dirs())) + ": none of them holds gin configs"
+    raise SystemExit(f"flan-jax: error: gin file {name!r} not found (looked in . and {where})")
 
 
 class _GinProbeFilter(logging.Filter):
@@ -73,25 +103,35 @@ class _GinProbeFilter(logging.Filter):
         return not record.getMessage().startswith("Path not found:")
 
 
-def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
-    """Parses gin files and bindings; a bad one ends the program with gin's message."""
+def parse_gin(files: Sequence[str], bindings: Sequence[str], *, with_data: bool = True) -> None:
+    """Parses gin files and bindings; a bad one ends the program with gin's message.
+
+    `with_data=False` registers only the model, optimizer and partitioning
+    configurables (what `bench train` needs), so TensorFlow, SeqIO and t5 are
+    never imported.
+    """
     import gin
 
     logging.getLogger().addFilter(_GinProbeFilter())
 
-    import tasks  # (registers the SeqIO tasks and mixtures)
-    from flan_jax import trainer  # noqa: F401  (registers the configurables)
+    if with_data:
+        import tasks  # (registers the SeqIO tasks and mixtures)
+        from flan_jax import trainer  # noqa: F401  (registers the configurables)
+    else:
+        from flan_jax import bench_train  # noqa: F401  (registers model, optimizer, partitioner)
 
-    gin.add_config_file_search_path(str(GIN_DIR))
+    if GIN_DIR:
+        gin.add_config_file_search_path(str(GIN_DIR))
     try:
         gin.parse_config_files_and_bindings([_resolve_gin_file(f) for f in files], bindings, finalize_config=False)
     except SystemExit:
         raise
     except Exception as e:  # gin raises several types; all are user errors here.
         raise SystemExit(f"flan-jax: error: bad gin config: {e}") from None
-    # Tasks were registered on import, before gin; register them again so gin
-    # bindings that shape them (vocabulary, data directory) take effect.
-    tasks.registry.register_seqio()
+    if with_data:
+        # Tasks were registered on import, before gin; register them again so
+        # gin bindings that shape them (vocabulary, data directory) take effect.
+        tasks.registry.register_seqio()
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -174,8 +214,23 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
     if args.what == "decode":
         bench.bench_decode(repeats=args.repeats, compare_hf=not args.no_hf)
-    else:
+    elif args.what == "data":
         bench.bench_data(args.mixture, repeats=args.repeats)
+    else:
+        from flan_jax import bench_train
+
+        inputs, _, targets = args.lengths.partition(",")
+        try:
+            lengths = {"inputs": int(inputs), "targets": int(targets)}
+            layers = [int(n) for n in args.layers.split(",")] if args.layers else []
+        except ValueError:
+            raise SystemExit(f"flan-jax: error: --lengths={args.lengths!r} / --layers={args.layers!r}: expected integers like 1024,256") from None
+        if args.batch_size < 1 or args.steps < 1 or min(lengths.values()) < 1 or any(n < 1 for n in layers):
+            raise SystemExit("flan-jax: error: --batch_size, --steps, --lengths and --layers must be positive")
+        bench_train.bench_train(
+            batch_size=args.batch_size, lengths=lengths, steps=args.steps, num_microbatches=args.num_microbatches,
+            layers=layers, compare_hf=args.compare_hf, json_out=args.json_out, profile_dir=args.profile_dir,
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,8 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="step of a flan-jax run (default: best, else latest)")
     p.add_argument("--vocab", help="spiece.model to bundle, for sources that carry none")
     p = sub.add_parser("bench", help="benchmarks that print figures")
-    p.add_argument("what", choices=["decode", "data"])
+    p.add_argument("what", choices=["decode", "data", "train"])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch_size", type=int, default=32, help="train: global batch")
+    p.add_argument("--lengths", default="1024,256", help="train: inputs,targets lengths")
+    p.add_argument("--steps", type=int, default=10, help="train: timed steps")
+    p.add_argument("--num_microbatches", type=int, default=1, help="train: gradient accumulation")
+    p.add_argument("--layers", help="train: comma-separated depths (encoder = decoder) to benchmark in turn, e.g. 2,24")
+    p.add_argument("--compare_hf", action="store_true", help="train: also time transformers' T5 step")
+    p.add_argument("--json_out", help="train: also write the figures to this JSON file")
+    p.add_argument("--profile_dir", help="train: trace 3 steps there and print time per model part")
     p.add_argument("--no_hf", action="store_true", help="decode: skip the transformers comparison")
     p.add_argument("--mixture", help="data: task or mixture (default: flan_cot if registered, else builtin_train)")
     p = sub.add_parser("data", help="inspect registered tasks and mixtures")
@@ -233,10 +296,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     files, bindings, rest = _split_gin_args(argv)
     args = build_parser().parse_args(rest)
-    _quiet_backends()
+    _init_distributed()
+    with_data = not (args.command == "bench" and args.what == "train")
+    if not with_data:
+        # Allocate on demand: the peak-memory figure is then the step's own, and
+        # --compare_hf's torch can use the memory JAX does not.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if with_data:
+        _quiet_backends()
     from flan_jax.errors import UserError
 
-    parse_gin(files, bindings)
+    parse_gin(files, bindings, with_data=with_data)
     commands = {"train": _cmd_train, "eval": _cmd_eval, "infer": _cmd_infer, "convert": _cmd_convert, "bench": _cmd_bench, "data": _cmd_data}
     try:
         commands[args.command](args)

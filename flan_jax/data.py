@@ -9,6 +9,23 @@ rendering and tokenizing happen in Python, so on a long run that is hours.
 `TrainIterator` saves the tf.data iterator itself (shuffle buffers, mixing
 sampler, packing state) next to each checkpoint and restores it in seconds;
 it falls back to skipping when no saved position matches.
+
+Several hosts feed one global batch in one of two ways (`input_sharding`):
+
+  "source"        each host reads its own shard of the examples (SeqIO
+                  `ShardInfo`) and packs and batches them alone. Input work
+                  and memory per host do not grow with the host count: the
+                  default, for real runs. The batches depend on the host
+                  count, though: the same seed on 1 and on 2 hosts gives
+                  different (equally valid) batches.
+  "global_batch"  every host builds the whole global batch from the unsharded
+                  source, exactly as a single host would, and keeps its own
+                  block of rows. Each host repeats all the input work, but the
+                  global batches are identical for any host count and mesh, so
+                  a run can move between topologies and be compared exactly
+                  (tests/test_multiprocess.py). For small runs and debugging.
+
+With one host (num_shards == 1) both build the same pipeline.
 """
 
 from __future__ import annotations
@@ -43,6 +60,9 @@ def get_mixture_or_task(name: str) -> seqio.Task | seqio.Mixture:
         ) from None
 
 
+INPUT_SHARDINGS = ("source", "global_batch")
+
+
 def feature_converter(pack: bool) -> seqio.EncDecFeatureConverter:
     return seqio.EncDecFeatureConverter(pack=pack)
 
@@ -60,6 +80,7 @@ def get_train_dataset(
     start_batch: int = 0,
     shard_index: int = 0,
     num_shards: int = 1,
+    input_sharding: str = "source",
 ) -> tf.data.Dataset:
     """An endless, deterministic dataset of model-feature batches.
 
@@ -74,8 +95,18 @@ def get_train_dataset(
       shuffle: shuffle the examples.
       start_batch: batches to skip, to resume at a given step.
       shard_index, num_shards: this host's share of the data.
+      input_sharding: how that share is made (see the module doc): "source"
+        reads shard `shard_index` of `num_shards` of the examples;
+        "global_batch" builds global batches of `batch_size * num_shards`
+        rows from all examples and keeps the `shard_index`-th block of
+        `batch_size` consecutive rows of each.
     """
+    if input_sharding not in INPUT_SHARDINGS:
+        raise UserError(f"input_sharding={input_sharding!r}: expected one of {', '.join(map(repr, INPUT_SHARDINGS))}")
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index={shard_index} is not in [0, num_shards={num_shards})")
     get_mixture_or_task(mixture_or_task_name)  # Fail early with a clear message.
+    shard_source = num_shards > 1 and input_sharding == "source"
     ds = seqio.get_dataset(
         mixture_or_task_name,
         task_feature_lengths=dict(task_feature_lengths),
@@ -83,11 +114,16 @@ def get_train_dataset(
         dataset_split=split,
         shuffle=shuffle,
         num_epochs=None,
-        shard_info=seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None,
+        shard_info=seqio.ShardInfo(shard_index, num_shards) if shard_source else None,
         seed=seed,
         verbose=False,
     )
-    ds = ds.batch(batch_size, drop_remainder=True)
+    if num_shards > 1 and input_sharding == "global_batch":
+        ds = ds.batch(batch_size * num_shards, drop_remainder=True)
+        begin, end = shard_index * batch_size, (shard_index + 1) * batch_size
+        ds = ds.map(lambda batch: {k: v[begin:end] for k, v in batch.items()})
+    else:
+        ds = ds.batch(batch_size, drop_remainder=True)
     if start_batch:
         ds = ds.skip(start_batch)
     return ds.prefetch(tf.data.AUTOTUNE)
@@ -97,7 +133,8 @@ class TrainIterator:
     """Numpy batches of `get_train_dataset`, whose exact position can be saved and restored.
 
     `position` counts the batches returned. `save()` writes the iterator's
-    state to `state_dir/process_<shard_index>/<position>/`; an iterator built
+    state to `state_dir/process_<process_index>/<position>/` (`process_index`
+    defaults to `shard_index`; hosts that feed the same shard save apart); an iterator built
     with `start_batch=N` and the same arguments restores the state saved at N,
     else reads and drops N batches (exact too, only slow). Either way its next
     batch is batch N of an uninterrupted run.
@@ -115,9 +152,11 @@ class TrainIterator:
         *,
         start_batch: int = 0,
         state_dir: str | None = None,
+        process_index: int | None = None,
         **dataset_kwargs: Any,
     ) -> None:
-        """`dataset_kwargs` go to `get_train_dataset` (split, seed, pack, shuffle, shard_index, num_shards)."""
+        """`dataset_kwargs` go to `get_train_dataset` (split, seed, pack, shuffle, shard_index, num_shards,
+        input_sharding)."""
         # What must match for a saved state to be restored into this pipeline.
         self._spec = {
             "mixture_or_task_name": mixture_or_task_name,
@@ -125,8 +164,8 @@ class TrainIterator:
             "batch_size": batch_size,
             **dataset_kwargs,
         }
-        shard = dataset_kwargs.get("shard_index", 0)
-        self._dir = os.path.join(state_dir, f"process_{shard}") if state_dir else None
+        process = dataset_kwargs.get("shard_index", 0) if process_index is None else process_index
+        self._dir = os.path.join(state_dir, f"process_{process}") if state_dir else None
         # Never skip inside the dataset: the graph must be the same whether
         # the state was restored or not, or a later save could not be restored.
         ds = get_train_dataset(mixture_or_task_name, task_feature_lengths, batch_size, **dataset_kwargs)
@@ -211,12 +250,16 @@ def targets_vocabulary(task: seqio.Task | seqio.Mixture) -> seqio.Vocabulary:
     return vocab
 
 
-def save_vocabulary(vocab: seqio.Vocabulary, directory: str) -> dict:
-    """Copies the vocabulary next to a run so checkpoints can be used alone; returns its record."""
+def save_vocabulary(vocab: seqio.Vocabulary, directory: str, *, write: bool = True) -> dict:
+    """Copies the vocabulary next to a run so checkpoints can be used alone; returns its record.
+
+    `write=False` only returns the record (the other hosts of a multi-host run).
+    """
     if isinstance(vocab, seqio.SentencePieceVocabulary):
         path = os.path.join(directory, "spiece.model")
         # The original file: `sp_model` already has the extra ids folded in.
-        tf.io.gfile.copy(vocab.sentencepiece_model_file, path, overwrite=True)
+        if write:
+            tf.io.gfile.copy(vocab.sentencepiece_model_file, path, overwrite=True)
         return {"type": "sentencepiece", "file": "spiece.model", "extra_ids": vocab.extra_ids}
     if isinstance(vocab, seqio.ByteVocabulary):
         return {"type": "byte", "extra_ids": vocab.extra_ids}

@@ -9,6 +9,7 @@ so the same code runs on a laptop CPU and on a pod slice.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -72,6 +73,46 @@ def _mesh_devices(mesh_shape: Sequence[int], devices: Sequence[jax.Device]) -> n
         )
     # Topology-aware on TPU slices; elsewhere devices in id order, model innermost.
     return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataLayout:
+    """Which part of the global batch this process feeds (see `Partitioner.data_layout`).
+
+    The global batch is split along 'data' into `num_shards` equal parts, one
+    per group of processes whose devices hold the same rows (processes that
+    differ only along 'model' feed identical rows); this process feeds part
+    `shard_index`. `contiguous`: that part is the `shard_index`-th block of
+    consecutive rows, rows [i * B / n, (i + 1) * B / n). It always is where the
+    mesh lists devices in process order (CPU, GPU); a topology-aware TPU mesh
+    may spread a host's rows over the batch instead, which is fine for data
+    that is sharded at its source but not for slicing one global batch.
+    """
+
+    shard_index: int
+    num_shards: int
+    contiguous: bool = True
+
+
+def data_layout(mesh: Mesh, process_index: int) -> DataLayout:
+    """The `DataLayout` of one process on a (data, model) mesh; see `Partitioner.data_layout`."""
+    data_axis = mesh.axis_names.index("data")
+    size = mesh.shape["data"]
+    rows: dict[int, set[int]] = {}
+    for index, device in np.ndenumerate(mesh.devices):
+        rows.setdefault(device.process_index, set()).add(index[data_axis])
+    if process_index not in rows:
+        raise ValueError(f"process {process_index} has no device in the mesh")
+    groups = sorted({tuple(sorted(r)) for r in rows.values()})
+    if len({len(g) for g in groups}) != 1 or sorted(i for g in groups for i in g) != list(range(size)):
+        raise ValueError(
+            f"the mesh splits its 'data' axis unevenly over processes (data indices per process group: {groups}); "
+            "every process must hold the same number of whole rows of the batch"
+        )
+    mine = tuple(sorted(rows[process_index]))
+    shard_index, per_shard = groups.index(mine), len(mine)
+    contiguous = mine == tuple(range(shard_index * per_shard, (shard_index + 1) * per_shard))
+    return DataLayout(shard_index, size // per_shard, contiguous)
 
 
 @gin.configurable
@@ -139,6 +180,18 @@ class Partitioner:
     def replicated(self) -> NamedSharding:
         return self.sharding(PartitionSpec())
 
+    def data_layout(self) -> DataLayout:
+        """Which rows of each global batch this process must pass to `shard_batch`.
+
+        A batch is split over 'data' in contiguous blocks, one per index of the
+        'data' axis; a process feeds the blocks of its own devices, in order.
+        With devices in process order (`_mesh_devices` off TPU: process 0's
+        devices first) the processes' blocks follow each other: on 2 hosts x 2
+        devices a (4, 1) mesh gives host 0 rows [0, B/2) and host 1 the rest,
+        a (2, 2) mesh the same, and a (1, 4) mesh gives both the whole batch.
+        """
+        return data_layout(self.mesh, jax.process_index())
+
     @contextlib.contextmanager
     def activate(self) -> Iterator[None]:
         """Makes the mesh current and the rules active for nn.with_logical_constraint."""
@@ -148,8 +201,8 @@ class Partitioner:
     def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Assembles each host's share of the batch into one global array split over 'data'.
 
-        Each process passes its own rows (global batch / process count); the
-        global array is their concatenation in process order.
+        Each process passes its own rows, global batch / `data_layout().num_shards`
+        of them, as `data_layout()` describes; with one process, the whole batch.
         """
         sharding = self.batch_sharding()
         return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -117,13 +117,14 @@ def make_train_step(
             enable_dropout=True,
             rngs={"dropout": dropout_rng},
         )
-        _, metrics = losses.cross_entropy_loss(
-            logits,
-            batch["decoder_target_tokens"],
-            batch["decoder_loss_weights"],
-            z_loss=loss_config.z_loss,
-            label_smoothing=loss_config.label_smoothing,
-        )
+        with jax.named_scope("loss"):  # named scopes label `bench train --profile_dir`
+            _, metrics = losses.cross_entropy_loss(
+                logits,
+                batch["decoder_target_tokens"],
+                batch["decoder_loss_weights"],
+                z_loss=loss_config.z_loss,
+                label_smoothing=loss_config.label_smoothing,
+            )
         return metrics["cross_ent_sum"] + metrics["z_loss_sum"], metrics
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
@@ -152,9 +153,10 @@ def make_train_step(
         if loss_config.loss_normalizing_factor is not None:
             denominator = jnp.asarray(loss_config.loss_normalizing_factor, jnp.float32)
         denominator = jnp.maximum(denominator, 1.0)
-        grads = jax.tree.map(lambda g: g / denominator, grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        with jax.named_scope("optimizer"):
+            grads = jax.tree.map(lambda g: g / denominator, grads)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
         loss = (metrics["cross_ent_sum"] + metrics["z_loss_sum"]) / denominator
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
         return params, opt_state, metrics

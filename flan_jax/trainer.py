@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
@@ -24,13 +23,14 @@ import numpy as np
 import optax
 import tqdm
 from clu import metric_writers
+from jax.experimental import multihost_utils
 
 from flan_jax import checkpoints as ckpt_lib
 from flan_jax import data as data_lib
 from flan_jax import evaluation
+from flan_jax import flops
 from flan_jax import formats
 from flan_jax import inference
-from flan_jax import losses
 from flan_jax import optim
 from flan_jax import partitioning
 from flan_jax import step as step_lib
@@ -70,6 +70,11 @@ class TrainConfig:
     # the same update as the whole batch, with the activation memory of one
     # microbatch.
     num_microbatches: int = 1
+    # How the hosts of a multi-host run share out the global batch (see
+    # flan_jax/data.py): "source" (each host reads its own shard of the
+    # examples; scalable) or "global_batch" (each host builds the whole global
+    # batch and keeps its rows; the same batches for any host count and mesh).
+    input_sharding: str = "source"
 
     def loss_config(self) -> step_lib.LossConfig:
         return step_lib.LossConfig(self.z_loss, self.label_smoothing, self.loss_normalizing_factor)
@@ -121,7 +126,10 @@ def make_decode_fn(
 
     def decode(params: PyTree, inputs: np.ndarray) -> np.ndarray:
         with partitioner.activate():
-            return np.asarray(jax.device_get(fn(params, jnp.asarray(inputs))))
+            tokens = fn(params, jnp.asarray(inputs))
+            if not tokens.is_fully_addressable:  # Several hosts: each gathers every row.
+                return np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
+            return np.asarray(jax.device_get(tokens))
 
     return decode
 
@@ -143,7 +151,8 @@ class _MetricsLog:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")
 
     def read(self) -> list[dict]:
-        if not os.path.exists(self.path):
+        # Only the chief's file is complete; other hosts might catch it mid-line.
+        if not self.enabled or not os.path.exists(self.path):
             return []
         with open(self.path) as f:
             return [json.loads(line) for line in f if line.strip()]
@@ -209,9 +218,14 @@ def _restore_state(
     return params, opt_state, meta
 
 
-def _save_config(model_dir: str, step: int) -> str:
-    """Writes the operative gin config; an existing config.gin is never overwritten."""
+def _save_config(model_dir: str, step: int, write: bool = True) -> str:
+    """Writes the operative gin config; an existing config.gin is never overwritten.
+
+    `write=False` (every host but the first) writes nothing and returns config.gin's path.
+    """
     path = os.path.join(model_dir, "config.gin")
+    if not write:
+        return path
     text = gin.operative_config_str()
     if os.path.exists(path):
         with open(path) as f:
@@ -275,6 +289,18 @@ def train(
             f"TrainConfig.batch_size={config.batch_size} is not divisible by the "
             f"{partitioner.data_parallel_size} data-parallel devices"
         )
+    if config.input_sharding not in data_lib.INPUT_SHARDINGS:
+        raise UserError(
+            f"TrainConfig.input_sharding={config.input_sharding!r}: expected one of "
+            f"{', '.join(map(repr, data_lib.INPUT_SHARDINGS))}"
+        )
+    # This host's rows of each global batch (all of them with one host).
+    layout = partitioner.data_layout()
+    if config.input_sharding == "global_batch" and not layout.contiguous:
+        raise UserError(
+            "TrainConfig.input_sharding='global_batch' needs each host's devices to hold consecutive rows "
+            "of the batch, and this mesh spreads them; use input_sharding='source'"
+        )
     evaluator = evaluation.Evaluator(eval_config, lengths) if eval_config.mixture_or_task_name else None
 
     os.makedirs(config.model_dir, exist_ok=True)
@@ -294,8 +320,9 @@ def train(
         print(f"Resumed from {checkpoint_dir} at step {start_step}.")
     elif config.init_checkpoint:
         params, opt_state = _load_pretrained(config.init_checkpoint, model_config, model, tx, partitioner, params)
-    config_path = _save_config(config.model_dir, start_step)
-    vocab_record = data_lib.save_vocabulary(vocabulary, config.model_dir) if is_chief else {}
+    # Files outside orbax are written by the first host alone (orbax coordinates its own writes).
+    config_path = _save_config(config.model_dir, start_step, write=is_chief)
+    vocab_record = data_lib.save_vocabulary(vocabulary, config.model_dir, write=is_chief)
 
     def meta(step: int) -> dict:
         return {
@@ -328,6 +355,8 @@ def train(
         total=config.num_steps, initial=start_step, disable=not (show_progress and is_chief),
         unit="step", dynamic_ncols=True,
     )
+    step_flops = flops.train_flops_per_step(model_config, config.batch_size, lengths["inputs"], lengths["targets"])
+    peak_flops, _ = flops.system_peak_flops(model_config.dtype)
     window_tokens, window_start, pending = 0, time.perf_counter(), []
     first_loss = last_loss = None
     speeds: list[float] = []
@@ -336,12 +365,14 @@ def train(
     batches = data_lib.TrainIterator(
         config.mixture_or_task_name,
         lengths,
-        config.batch_size // jax.process_count(),
+        config.batch_size // layout.num_shards,
         start_batch=start_batch,
         state_dir=os.path.join(config.model_dir, "input_state") if config.save_input_state else None,
+        process_index=jax.process_index(),
         seed=config.seed,
-        shard_index=jax.process_index(),
-        num_shards=jax.process_count(),
+        shard_index=layout.shard_index,
+        num_shards=layout.num_shards,
+        input_sharding=config.input_sharding,
     )
     try:
         with partitioner.activate():
@@ -349,7 +380,7 @@ def train(
                 if step >= config.num_steps:
                     break
                 fill = data_lib.fill_rates(host_batch)
-                window_tokens += data_lib.num_real_tokens(host_batch) * jax.process_count()
+                window_tokens += data_lib.num_real_tokens(host_batch) * layout.num_shards  # hosts feeding distinct rows
                 batch = partitioner.shard_batch(host_batch)
                 params, opt_state, metrics = train_step(params, opt_state, batch, rng, jnp.asarray(step, jnp.int32))
                 step += 1
@@ -365,6 +396,8 @@ def train(
                         "accuracy": totals["correct"] / max(totals["num_tokens"], 1.0),
                         "grad_norm": totals["grad_norm"] / len(host),
                         "tokens_per_sec": window_tokens / elapsed,
+                        # Model FLOPs utilisation (flan_jax.flops); the first window includes compilation.
+                        "mfu": len(host) * step_flops / elapsed / peak_flops,
                         **fill,
                     }
                     if step > start_step + 1:  # The first window includes compilation.
@@ -372,7 +405,9 @@ def train(
                     log.write(step, scalars)
                     first_loss = scalars["loss"] if first_loss is None else first_loss
                     last_loss = scalars["loss"]
-                    progress.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{scalars['tokens_per_sec']:,.0f}")
+                    progress.set_postfix(
+                        loss=f"{last_loss:.3f}", tok_s=f"{scalars['tokens_per_sec']:,.0f}", mfu=f"{scalars['mfu']:.1%}"
+                    )
                     window_tokens, window_start, pending = 0, time.perf_counter(), []
                 is_last = step == config.num_steps
                 eval_now = evaluator is not None and (

@@ -9,6 +9,14 @@
 # one process per host; jax.distributed.initialize() finds the pod's
 # coordinator by itself (FLAN_JAX_DISTRIBUTED=1). MODEL_DIR must be on GCS so
 # all hosts share checkpoints.
+#
+# Flags: all arguments go unchanged to `flan-jax train` on every host
+# (--gin_file=F, --gin.KEY=VALUE), after --gin.TrainConfig.model_dir=MODEL_DIR.
+# Environment (here, not on the workers):
+#   TPU_NAME, ZONE  the TPU VM slice (required).
+#   MODEL_DIR       gs:// run directory shared by all hosts (required).
+#   REMOTE_DIR      where the checkout goes on each worker (default ~/flan-jax).
+# Each host feeds its rows of the global batch (TrainConfig.input_sharding).
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${MODEL_DIR:?set MODEL_DIR (gs://...)}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -325,6 +325,20 @@ def test_fused_attention_matches_the_einsum_path():
         for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=tolerance * np.abs(np.asarray(b)).max() + 1e-7, rtol=0)
 
+    # With dropout both paths drop the same value vectors (T5X's attention
+    # dropout, whose mask is shared by all queries).
+    noisy = dataclasses.replace(TINY, dropout_rate=0.2)
+    params = _init(noisy)
+    outputs = [
+        Transformer(dataclasses.replace(noisy, fused_attention=fused)).apply(
+            {"params": params}, encoder_tokens, decoder_inputs, targets, rngs={"dropout": jax.random.key(3)}
+        )
+        for fused in (False, True)
+    ]
+    quiet = Transformer(noisy).apply({"params": params}, encoder_tokens, decoder_inputs, targets, enable_dropout=False)
+    assert np.abs(np.asarray(outputs[0]) - np.asarray(quiet)).max() > 0.1
+    np.testing.assert_allclose(np.asarray(outputs[1]), np.asarray(outputs[0]), atol=1e-4, rtol=0)
+
 
 def test_remat_and_dropout_under_scan():
     """Dropout draws differ per layer under scan (split rngs), and remat

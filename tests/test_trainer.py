@@ -104,3 +104,45 @@ def test_cross_entropy_matches_numpy():
     expected = -(np.take_along_axis(log_probs, targets[..., None], -1)[..., 0] * weights).sum() / weights.sum()
     np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
     assert float(metrics["num_tokens"]) == 3.0
+
+
+@pytest.mark.parametrize("saved_scanned", [True, False], ids=["saved_scanned", "saved_unrolled"])
+def test_resume_converts_between_scanned_and_unrolled_checkpoints(tmp_path, tiny_config, saved_scanned):
+    """A run saved with one layer layout resumes with the other: parameters and
+    Adafactor state convert, and the next step equals continuing in the saved layout."""
+    import dataclasses
+
+    from flan_jax import formats
+    from flan_jax.model import scan
+
+    part = partitioning.Partitioner()
+    tx = optim.adafactor(learning_rate=1e-2)
+    batch = part.shard_batch(_fixed_batch(tiny_config.vocab_size))
+
+    def build(scanned: bool):
+        config = dataclasses.replace(tiny_config, scan_layers=scanned)
+        model, params, opt_state = step_lib.initialize(Transformer(config), tx, part, LENGTHS, seed=0)
+        return config, model, params, opt_state, step_lib.make_train_step(model, tx, part)
+
+    config, model, params, opt_state, step_fn = build(saved_scanned)
+    for i in range(2):
+        params, opt_state, _ = step_fn(params, opt_state, batch, jax.random.key(0), jnp.asarray(i))
+    ckpt = ckpt_lib.Checkpointer(tmp_path / "ckpt", ckpt_lib.CheckpointConfig(best_metric=None))
+    ckpt.save(2, params, opt_state, {"step": 2, "model_config": dataclasses.asdict(config)})
+    ckpt.wait()
+    # Continue in the saved layout: the reference.
+    want, _, _ = step_fn(params, opt_state, batch, jax.random.key(0), jnp.asarray(2))
+
+    _, other_model, other_params, other_opt, other_step = build(not saved_scanned)
+    with part.activate():
+        restored, restored_opt, meta = trainer._restore_state(ckpt, 2, other_model, other_params, other_opt, part)
+    assert meta["step"] == 2
+    assert scan.is_scanned(restored) == (not saved_scanned)
+    assert jax.tree.structure(restored_opt) == jax.tree.structure(other_opt)
+    got, _, _ = other_step(restored, restored_opt, batch, jax.random.key(0), jnp.asarray(2))
+    for a, b in zip(jax.tree.leaves(scan.to_layout(jax.device_get(got), saved_scanned)), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # Inference-side loading converts too.
+    loaded = formats.load_checkpoint(str(tmp_path / "ckpt" / "2"), config=dataclasses.replace(config, scan_layers=not saved_scanned))
+    assert scan.is_scanned(loaded.params) == (not saved_scanned)
+    ckpt.close()

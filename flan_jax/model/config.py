@@ -46,8 +46,8 @@ class T5Config:
     # the backward pass) or "dots" (keep matmul outputs, recompute the rest).
     remat_policy: str = "none"
     # Attention through `jax.nn.dot_product_attention` (cuDNN's fused kernel on
-    # GPUs, XLA elsewhere) when the call allows it: no dropout on attention
-    # weights and not a decoding step. Otherwise the explicit einsum path.
+    # GPUs in bf16, XLA elsewhere) in training and scoring; decoding steps keep
+    # the einsum path and its kv cache.
     fused_attention: bool = False
 
     def __post_init__(self) -> None:

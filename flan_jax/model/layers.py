@@ -161,7 +161,12 @@ class RelativePositionBiases(nn.Module):
             (self.num_heads, self.num_buckets),
             jnp.float32,
         )
-        return jnp.take(table, jnp.asarray(buckets), axis=1)[None]  # [1, h, q, k]
+        # A one-hot matmul rather than a gather (as T5X does): the gradient is
+        # then a small matmul instead of a scatter-add of q*k values into
+        # h*n slots, which accelerators serialise. HIGHEST keeps it exact.
+        one_hot = jax.nn.one_hot(jnp.asarray(buckets), self.num_buckets, dtype=jnp.float32)  # [q, k, n]
+        bias = jnp.einsum("hn,qkn->hqk", table, one_hot, precision=lax.Precision.HIGHEST)
+        return bias[None]  # [1, h, q, k]
 
 
 # ----------------------------------------------------------------- attention
@@ -173,7 +178,6 @@ def dot_product_attention(
     value: Array,
     bias: Array | None,
     *,
-    dropout: Callable[[Array], Array],
     float32_logits: bool,
 ) -> Array:
     """softmax(q k^T + bias) v without 1/sqrt(d) (folded into the query init).
@@ -189,7 +193,7 @@ def dot_product_attention(
     logits = logits.astype(jnp.float32)
     if bias is not None:
         logits = logits + bias
-    weights = dropout(jax.nn.softmax(logits, axis=-1).astype(dtype))
+    weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
     return jnp.einsum("bhqk,bhkd->bqhd", weights, value.astype(dtype))
 
 
@@ -231,8 +235,7 @@ class MultiHeadDotProductAttention(nn.Module):
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
     float32_logits: bool = False
-    # Use fused_dot_product_attention where the call allows it (no attention
-    # dropout, not decoding).
+    # Use fused_dot_product_attention outside decoding.
     fused: bool = False
     causal: bool = False
     kernel_init: Initializer = attention_kernel_init
@@ -269,9 +272,12 @@ class MultiHeadDotProductAttention(nn.Module):
             return base_init(*args) * depth_scaling
 
         query = self._project("query", inputs_q, query_init)
-        if self.fused and not decode and (deterministic or self.dropout_rate == 0.0):
+        keep = self._value_dropout(inputs_kv.shape[:2], deterministic)  # [b, h, k, 1] or None
+        if self.fused and not decode:
             key = self._project("key", inputs_kv, self.kernel_init)  # [b, k, h, d]
             value = self._project("value", inputs_kv, self.kernel_init)
+            if keep is not None:
+                value = value * keep.transpose(0, 2, 1, 3)
             x = fused_dot_product_attention(query, key, value, mask, bias)
             return self._output(x, inputs_q.shape[-1])
         if decode and not self.causal:
@@ -290,16 +296,24 @@ class MultiHeadDotProductAttention(nn.Module):
         if bias is not None:
             attention_bias = bias if attention_bias is None else attention_bias + bias
 
-        dropout = nn.Dropout(rate=self.dropout_rate, broadcast_dims=(-2,))
-        x = dot_product_attention(
-            query,
-            key,
-            value,
-            attention_bias,
-            dropout=lambda w: dropout(w, deterministic=deterministic),
-            float32_logits=self.float32_logits,
-        )  # [b, q, h, d]
+        if keep is not None:
+            value = value * keep
+        x = dot_product_attention(query, key, value, attention_bias, float32_logits=self.float32_logits)  # [b, q, h, d]
         return self._output(x, inputs_q.shape[-1])
+
+    def _value_dropout(self, batch_and_length: tuple[int, int], deterministic: bool) -> Array | None:
+        """Attention dropout as scaled keep-masks [b, h, k, 1] on the value vectors.
+
+        T5X drops attention weights [b, h, q, k] with a mask shared by every
+        query ([b, h, 1, k]). Dropping weight (q, k) for all q is the same as
+        dropping value vector k, so we drop values: the same function, a mask
+        q times smaller, and fused attention kernels can take it.
+        """
+        if deterministic or self.dropout_rate == 0.0:
+            return None
+        batch, length = batch_and_length
+        ones = jnp.ones((batch, self.num_heads, length, 1), self.dtype)
+        return nn.Dropout(rate=self.dropout_rate)(ones, deterministic=False)
 
     def _output(self, x: Array, features: int) -> Array:
         """[b, q, h, d] -> [b, q, e]."""

@@ -1,0 +1,91 @@
+"""`flan-jax bench train` (without TensorFlow, SeqIO, t5 or clu) and the FLOPs count behind MFU."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from flan_jax import flops
+from flan_jax.model import T5Config, Transformer
+
+# Runs the CLI with the data stack made unimportable, as on a GPU machine
+# where only jax, flax, optax, orbax and gin are installed.
+BLOCKED_RUN = textwrap.dedent("""
+    import sys
+
+    # None in sys.modules makes `import x` fail and find_spec(x) answer None,
+    # as for a package that is not installed.
+    for name in ("tensorflow", "tensorflow_text", "seqio", "t5", "clu", "tasks"):
+        sys.modules[name] = None
+    from flan_jax import cli
+    cli.main(sys.argv[1:])
+""")
+
+
+def _bench(tmp_path, *flags):
+    args = [
+        "bench", "train", "--gin_file=models/tiny.gin", "--gin.T5Config.scan_layers=True",
+        "--batch_size=4", "--lengths=32,16", "--steps=2", f"--json_out={tmp_path / 'out.json'}", *flags,
+    ]
+    result = subprocess.run([sys.executable, "-c", BLOCKED_RUN, *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout, json.loads((tmp_path / "out.json").read_text())
+
+
+def test_bench_train_runs_without_the_data_stack_and_reports_figures(tmp_path):
+    out, results = _bench(tmp_path, "--layers=1,6", f"--profile_dir={tmp_path / 'profile'}")
+    assert "peak for MFU" in out and "compile time flan-jax, 6+6 layers / flan-jax, 1+1 layers" in out
+    assert [r["name"] for r in results] == ["flan-jax, 1+1 layers", "flan-jax, 6+6 layers"]
+    for r in results:
+        assert r["compile_seconds"] > 0 and r["step_seconds"] > 0 and 0 < r["mfu"] < 1
+        assert r["real_tokens_per_sec"] < r["tokens_per_sec"]  # packed rows carry padding
+        assert r["peak_memory_bytes"] > 0
+    # The profile is summed by model part, forward and backward.
+    assert "by model part:" in out and "encoder mlp (backward)" in out and "optimizer" in out
+
+
+def test_bench_train_compares_with_transformers(tmp_path):
+    pytest.importorskip("transformers")
+    out, results = _bench(tmp_path, "--compare_hf")
+    assert results[-1]["name"].startswith("transformers") and results[-1]["tokens_per_sec"] > 0
+    assert "flan-jax / transformers tokens/s:" in out
+
+
+@pytest.mark.parametrize("activations", [("gelu", "linear"), ("relu",)])
+def test_model_flops_match_what_xla_counts(activations):
+    """The analytic count equals XLA's count of the forward pass's matmul FLOPs."""
+    config = T5Config(
+        vocab_size=512, emb_dim=64, num_heads=4, head_dim=16, num_encoder_layers=2, num_decoder_layers=3,
+        mlp_dim=256, dropout_rate=0.0, mlp_activations=activations,
+    )
+    module = Transformer(config)
+    enc, dec = jnp.ones((2, 48), jnp.int32), jnp.ones((2, 16), jnp.int32)
+    params = jax.eval_shape(lambda: module.init(jax.random.key(0), enc, dec, dec, enable_dropout=False))
+
+    compiled = jax.jit(lambda p: module.apply(p, enc, dec, dec, enable_dropout=False)).lower(params).compile()
+    xla = compiled.cost_analysis()
+    xla = xla[0] if isinstance(xla, list) else xla
+    ours = 2 * flops.forward_flops_per_example(config, 48, 16)
+    # XLA counts every op (softmax, norms, the relative-position one-hot
+    # product); the matmuls we count are all but a few percent of it.
+    assert 0.85 * xla["flops"] < ours <= xla["flops"], (ours, xla["flops"])
+    assert flops.train_flops_per_step(config, 2, 48, 16) == 3 * ours
+
+
+def test_published_peaks_are_looked_up_by_device_kind():
+    @dataclasses.dataclass
+    class FakeDevice:
+        device_kind: str
+        platform: str = "gpu"
+
+    assert flops.published_peak_flops(FakeDevice("NVIDIA H100 80GB HBM3")) == 989.4e12
+    assert flops.published_peak_flops(FakeDevice("NVIDIA H100 PCIe")) == 756e12
+    assert flops.published_peak_flops(FakeDevice("NVIDIA A100-SXM4-80GB")) == 312e12
+    assert flops.published_peak_flops(FakeDevice("TPU v5 lite")) == 197e12
+    assert flops.published_peak_flops(FakeDevice("TPU v5p")) == 459e12
+    assert flops.published_peak_flops(FakeDevice("Some new chip")) is None
