@@ -160,11 +160,13 @@ def test_launcher_stops_the_others_when_one_fails(tmp_path):
         "#!/usr/bin/env bash\n"
         'echo "$FLAN_JAX_PROCESS_ID of $FLAN_JAX_NUM_PROCESSES at $FLAN_JAX_COORDINATOR_ADDRESS: $*"\n'
         '[ "$FLAN_JAX_DISTRIBUTED" = 1 ] || exit 9\n'
-        '[ "$FLAN_JAX_PROCESS_ID" = 1 ] && { echo failing; exit 3; }\n'
-        "sleep 120\n"
+        # Process 1 fails only once process 0 has started (and printed).
+        '[ "$FLAN_JAX_PROCESS_ID" = 0 ] && { touch "$STARTED"; sleep 120; exit 0; }\n'
+        'for _ in $(seq 200); do [ -e "$STARTED" ] && break; sleep 0.1; done\n'
+        "echo failing; exit 3\n"
     )
     fake.chmod(0o755)
-    env = _env(FLAN_JAX_NO_SETUP="1", MODEL_DIR=str(tmp_path / "run"))
+    env = _env(FLAN_JAX_NO_SETUP="1", MODEL_DIR=str(tmp_path / "run"), STARTED=str(tmp_path / "process_0_started"))
     env["PATH"] = f"{fake_bin}{os.pathsep}{env['PATH']}"
     proc = subprocess.run(
         ["bash", str(REPO / "launch" / "multiprocess_local.sh"), "2", "--gin.X=1"],

@@ -29,8 +29,7 @@ SCRIPT = textwrap.dedent("""
         "decoder_input_tokens": np.concatenate([np.zeros((32, 1), np.int32), tgt[:, :-1]], 1),
         "decoder_loss_weights": (tgt > 0).astype(np.float32),
     }
-    RULES = {"dp": partitioning.DATA_PARALLEL_LOGICAL_AXIS_RULES, "fsdp": partitioning.FSDP_LOGICAL_AXIS_RULES,
-             "tp": partitioning.STANDARD_LOGICAL_AXIS_RULES}
+    RULES = {"dp": partitioning.DATA_PARALLEL_LOGICAL_AXIS_RULES, "fsdp": partitioning.FSDP_LOGICAL_AXIS_RULES}
 
     def one_step(mesh_shape, rules, microbatches=1, devices=None, **model_kwargs):
         config = dataclasses.replace(BASE, **model_kwargs)
@@ -60,12 +59,9 @@ SCRIPT = textwrap.dedent("""
         "8-way FSDP": dict(mesh_shape=(8, 1), rules="fsdp"),
         "4x2 (FSDP x tensor)": dict(mesh_shape=(4, 2), rules="fsdp"),
         "2x4 (FSDP x tensor)": dict(mesh_shape=(2, 4), rules="fsdp"),
-        "2x4 tensor parallel": dict(mesh_shape=(2, 4), rules="tp"),
-        "scanned, 1x1": dict(mesh_shape=(1, 1), rules="dp", devices=jax.devices()[:1], scan_layers=True),
         "scanned, 8-way FSDP": dict(mesh_shape=(8, 1), rules="fsdp", scan_layers=True),
         "remat full": dict(mesh_shape=(8, 1), rules="fsdp", remat_policy="full"),
         "remat dots": dict(mesh_shape=(8, 1), rules="fsdp", remat_policy="dots"),
-        "scanned + remat full, 4x2": dict(mesh_shape=(4, 2), rules="fsdp", scan_layers=True, remat_policy="full"),
         "4 microbatches, 8x1": dict(mesh_shape=(8, 1), rules="dp", microbatches=4),
         "4 microbatches, scanned 4x2": dict(mesh_shape=(4, 2), rules="fsdp", microbatches=4, scan_layers=True),
     }
@@ -83,10 +79,10 @@ SCRIPT = textwrap.dedent("""
             kernel = params["decoder"]["layers"]["mlp"]["wo"]["kernel"]
             assert kernel.shape == (3, 64, 32) and kernel.sharding.spec[2] == "data", kernel.sharding.spec
             assert kernel.addressable_shards[0].data.shape == (3, 64, 4)
-        if name == "2x4 tensor parallel":
+        if name == "2x4 (FSDP x tensor)":
             kernel = params["decoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]
-            assert kernel.sharding.spec[1] == "model", kernel.sharding.spec
-            assert kernel.addressable_shards[0].data.shape == (32, 16)
+            assert tuple(kernel.sharding.spec) == ("data", "model"), kernel.sharding.spec
+            assert kernel.addressable_shards[0].data.shape == (16, 16)
         params = scan.to_layout(jax.device_get(params), False)
         assert jax.tree.structure(params) == jax.tree.structure(ref_params), name
         loss_diff = abs(loss - ref_loss) / abs(ref_loss)
@@ -105,4 +101,4 @@ def test_one_step_is_the_same_on_every_mesh_layout_and_microbatching():
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=900)
     print(result.stdout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
-    assert "all 12 cases within" in result.stdout
+    assert "all 9 cases within" in result.stdout
