@@ -38,13 +38,14 @@ def synthetic_batch(
     decoder inputs shifted right within each example."""
     rng = np.random.default_rng(seed)
     li, lt = lengths["inputs"], lengths["targets"]
-    out = {name: np.zeros((batch_size, lt), np.int32) for name in ("decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids", "decoder_positions")}
-    out.update({name: np.zeros((batch_size, li), np.int32) for name in ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions")})
-    out["decoder_loss_weights"] = np.zeros((batch_size, lt), np.float32)
+    streams = (("encoder", "inputs", li, "encoder_input_tokens"), ("decoder", "targets", lt, "decoder_target_tokens"))
+    out = {}
+    for prefix, _, length, field in streams:
+        for name in (field, f"{prefix}_segment_ids", f"{prefix}_positions"):
+            out[name] = np.zeros((batch_size, length), np.int32)
     for row in range(batch_size):
         count = int(rng.integers(1, 5))
-        for prefix, length, field in (("encoder", li, "encoder_input_tokens"), ("decoder", lt, "decoder_target_tokens")):
-            key = "inputs" if prefix == "encoder" else "targets"
+        for prefix, key, length, field in streams:
             sizes = np.maximum(1, (rng.dirichlet(np.ones(count)) * FILL_RATES[key] * length).astype(int))
             start = 0
             for segment, size in enumerate(sizes, 1):

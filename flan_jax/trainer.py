@@ -38,7 +38,6 @@ from flan_jax.errors import UserError
 from flan_jax.model import T5Config, Transformer, scan
 
 PyTree = Any
-Batch = Mapping[str, jax.Array]
 
 
 @gin.configurable
