@@ -41,6 +41,8 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",
+            "hypothesis>=6.100",
             "transformers>=4.40",
             "torch==2.13.0",
             "safetensors>=0.4",

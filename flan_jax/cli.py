@@ -6,7 +6,7 @@
   flan-jax convert SRC DST [--to=flan-jax|hf]
   flan-jax bench decode|data
   flan-jax bench train --gin_file=models/flan_t5_base.gin [--batch_size=32 --lengths=1024,256 --compare_hf]
-  flan-jax data list | show TASK_OR_MIXTURE [--variant=fs_cot] [-n 3] | stats TASK_OR_MIXTURE
+  flan-jax data list | show TASK_MIXTURE_OR_FAMILY [--variant=fs_cot] [-n 3] | stats TASK_OR_MIXTURE
 
 `--gin_file` is searched relative to the working directory, then the gin
 configs shipped with the package (the checkout's `gin/` when run from source).
@@ -16,13 +16,18 @@ configs shipped with the package (the checkout's `gin/` when run from source).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import re
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from flan_jax import errors
 from flan_jax.config_files import candidate_dirs, gin_config_dir
+from flan_jax.errors import UserError
 
 # flan_jax/gin_configs when installed, the checkout's gin/ from source; None if neither exists.
 GIN_DIR = gin_config_dir()
@@ -56,16 +61,60 @@ def _init_distributed() -> None:
     jax.distributed.initialize(**explicit)
 
 
+# An INFO line of absl's C++ logging ("I0000 00:00:1795783688.436051   18202 port.cc:153] ..."),
+# of TensorFlow's own format before 2.19 ("2025-01-01 10:00:00.000001: I tensorflow/...:12] ..."),
+# and absl's notice that such lines go to stderr until absl::InitializeLog() is called.
+_NATIVE_INFO_LINE = re.compile(
+    r"I\d{4} [\d:.]+ +\d+ \S+:\d+\] "
+    r"|\d{4}-\d\d-\d\d [\d:.]+: I \S+:\d+\] "
+    r"|WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+)
+
+
+@contextlib.contextmanager
+def _native_info_lines_dropped() -> Iterator[None]:
+    """Holds back what is written to file descriptor 2 meanwhile, then passes it on without INFO lines.
+
+    (Should the process die inside, what was held is lost: TF_CPP_MIN_LOG_LEVEL=0 shows it.)
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().splitlines(keepends=True)
+                    if not _NATIVE_INFO_LINE.match(line.decode(errors="replace"))]
+            os.write(2, b"".join(kept))
+
+
 def _quiet_backends() -> None:
-    """Keeps TensorFlow to the CPU input pipeline and its logs quiet."""
+    """Keeps TensorFlow to the CPU input pipeline and its logs quiet.
+
+    TF_CPP_MIN_LOG_LEVEL quiets TensorFlow's C++ logging once it is set up, but
+    TensorFlow >= 2.19 logs INFO lines (oneDNN, CUDA drivers) through absl while
+    its shared libraries load, before absl::InitializeLog(); absl then writes
+    every line to stderr and reads no environment variable. So those lines
+    are filtered out of stderr during the import; warnings and errors pass.
+    TF_CPP_MIN_LOG_LEVEL=0 keeps everything.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow as tf
+    with contextlib.nullcontext() if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0" else _native_info_lines_dropped():
+        import tensorflow as tf
     from absl import logging as absl_logging
 
     # SeqIO warns once per task about uncached sources; only errors matter here.
     absl_logging.set_verbosity(absl_logging.ERROR)
 
-    tf.config.set_visible_devices([], "GPU")
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TensorFlow already runs in this process (main() called in-process); too late.
+        pass
 
 
 def _split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
@@ -127,7 +176,9 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str], *, with_data: bool 
     except SystemExit:
         raise
     except Exception as e:  # gin raises several types; all are user errors here.
-        raise SystemExit(f"flan-jax: error: bad gin config: {e}") from None
+        # gin's message, then where: "  In bindings string line 2", the line, "    ^".
+        message, *where = [line.strip() for line in str(e).splitlines() if line.strip().strip("^")] or [repr(e)]
+        raise UserError(f"bad gin config: {message}" + (f" ({': '.join(where)})" if where else "")) from None
     if with_data:
         # Tasks were registered on import, before gin; register them again so
         # gin bindings that shape them (vocabulary, data directory) take effect.
@@ -139,10 +190,14 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     try:
         config = trainer.TrainConfig()
-    except TypeError as e:
-        raise SystemExit(f"flan-jax: error: incomplete gin config: {e}") from None
+    except TypeError as e:  # gin adds lines on what it had bound; the first one names what is missing.
+        raise UserError(f"incomplete gin config: {str(e).splitlines()[0]}") from None
     summary = trainer.train(config)
     print(summary.format())
+    if summary.preempted_by:
+        from flan_jax import preemption
+
+        raise SystemExit(preemption.PREEMPTED_EXIT_CODE)  # "Run me again": the run is not finished.
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -219,18 +274,48 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     else:
         from flan_jax import bench_train
 
-        inputs, _, targets = args.lengths.partition(",")
-        try:
-            lengths = {"inputs": int(inputs), "targets": int(targets)}
-            layers = [int(n) for n in args.layers.split(",")] if args.layers else []
-        except ValueError:
-            raise SystemExit(f"flan-jax: error: --lengths={args.lengths!r} / --layers={args.layers!r}: expected integers like 1024,256") from None
-        if args.batch_size < 1 or args.steps < 1 or min(lengths.values()) < 1 or any(n < 1 for n in layers):
-            raise SystemExit("flan-jax: error: --batch_size, --steps, --lengths and --layers must be positive")
+        inputs, targets = _positive_ints("--lengths", args.lengths, "1024,256", count=2)
+        lengths = {"inputs": inputs, "targets": targets}
+        layers = _positive_ints("--layers", args.layers, "2,24") if args.layers else []
         bench_train.bench_train(
             batch_size=args.batch_size, lengths=lengths, steps=args.steps, num_microbatches=args.num_microbatches,
             layers=layers, compare_hf=args.compare_hf, json_out=args.json_out, profile_dir=args.profile_dir,
         )
+
+
+def _positive_ints(flag: str, text: str, example: str, count: int | None = None) -> list[int]:
+    """'1024,256' -> [1024, 256]; a UserError naming `flag` for anything else."""
+    try:
+        values = [int(n) for n in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1 or (count is not None and len(values) != count):
+        number = f"{count} " if count else ""
+        raise UserError(f"{flag}={text!r}: expected {number}comma-separated positive integers like {example}")
+    return values
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Checks numeric flags before anything is imported or read; a UserError names the flag."""
+    if args.command == "bench" and args.what == "train":
+        for flag in ("batch_size", "steps", "num_microbatches"):
+            errors.require(f"--{flag}", getattr(args, flag), errors.POSITIVE_INT)
+        if args.batch_size % args.num_microbatches:
+            raise UserError(f"--num_microbatches={args.num_microbatches} does not divide --batch_size={args.batch_size}")
+        _positive_ints("--lengths", args.lengths, "1024,256", count=2)
+        if args.layers:
+            _positive_ints("--layers", args.layers, "2,24")
+    elif args.command == "data" and args.data_command == "show" and args.n is not None:
+        errors.require("-n", args.n, errors.POSITIVE_INT)
+    elif args.command == "data" and args.data_command == "stats":
+        for flag in ("num_examples", "inputs_length", "targets_length"):
+            errors.require(f"--{flag}", getattr(args, flag), errors.POSITIVE_INT)
+
+
+def _message(error: UserError) -> str:
+    """The error's message alone: gin appends "\n  In call to configurable 'X' (...)" to
+    exceptions raised while it builds a configurable (e.g. by a config's __post_init__)."""
+    return str(error).split("\n  In call to configurable ", 1)[0]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,9 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = p.add_subparsers(dest="data_command", required=True)
     data_sub.add_parser("list", help="mixtures, task families and their variants")
     q = data_sub.add_parser("show", help="print rendered examples")
-    q.add_argument("name", metavar="TASK_OR_MIXTURE")
+    q.add_argument("name", metavar="TASK_MIXTURE_OR_FAMILY")
     q.add_argument("--variant", help="only tasks of this variant, e.g. fs_cot")
-    q.add_argument("-n", type=int, default=3, help="number of examples")
+    q.add_argument("-n", type=int, help="number of examples (default 3; of a task family: 1 per variant)")
     q.add_argument("--split", default="train")
     q = data_sub.add_parser("stats", help="shares, token lengths, truncation, packing fill rate")
     q.add_argument("name", metavar="TASK_OR_MIXTURE")
@@ -296,22 +381,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     files, bindings, rest = _split_gin_args(argv)
     args = build_parser().parse_args(rest)
-    _init_distributed()
-    with_data = not (args.command == "bench" and args.what == "train")
-    if not with_data:
-        # Allocate on demand: the peak-memory figure is then the step's own, and
-        # --compare_hf's torch can use the memory JAX does not.
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    if with_data:
-        _quiet_backends()
-    from flan_jax.errors import UserError
-
-    parse_gin(files, bindings, with_data=with_data)
     commands = {"train": _cmd_train, "eval": _cmd_eval, "infer": _cmd_infer, "convert": _cmd_convert, "bench": _cmd_bench, "data": _cmd_data}
     try:
+        _check_flags(args)
+        _init_distributed()
+        with_data = not (args.command == "bench" and args.what == "train")
+        if not with_data:
+            # Allocate on demand: the peak-memory figure is then the step's own, and
+            # --compare_hf's torch can use the memory JAX does not.
+            os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        if with_data:
+            _quiet_backends()
+        parse_gin(files, bindings, with_data=with_data)
         commands[args.command](args)
     except UserError as e:
-        raise SystemExit(f"flan-jax: error: {e}") from None
+        raise SystemExit(f"flan-jax: error: {_message(e)}") from None
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@
 Each function prints a report to stdout and returns the same figures as
 plain data, for tests and notebooks. Names are looked up with
 `data.get_mixture_or_task`, so an unknown name is a UserError that lists
-what exists.
+what exists, and the names close to it. `show` also takes a task family
+(`flan_cot_gsm8k`: the tasks `flan_cot_gsm8k_{variant}`).
 """
 
 from __future__ import annotations
 
 import collections
+import difflib
 import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,6 +36,36 @@ def _wrap(items: Sequence[str], indent: int = 4) -> str:
     return textwrap.fill(" ".join(items), width=100, initial_indent=" " * indent, subsequent_indent=" " * indent)
 
 
+def _families() -> dict[str, dict[str, str]]:
+    """{family: {variant: task}} of the registered tasks named `{family}_{variant}`, in name order."""
+    families: dict[str, dict[str, str]] = collections.defaultdict(dict)
+    for name in sorted(seqio.TaskRegistry.names()):
+        family, variant = mixing.split_variant(name)
+        if variant:
+            families[family][variant] = name
+    return dict(families)
+
+
+def _family(name: str) -> dict[str, str]:
+    """{variant: task} in mixing.VARIANTS order if `name` is a task family (and no task or mixture), else {}."""
+    if name in seqio.TaskRegistry.names() or name in seqio.MixtureRegistry.names():
+        return {}
+    tasks = _families().get(name, {})
+    return {variant: tasks[variant] for variant in mixing.VARIANTS if variant in tasks}
+
+
+def _get(name: str, *, with_families: bool = False) -> seqio.Task | seqio.Mixture:
+    """data.get_mixture_or_task, whose error for an unknown name also gives the registered names closest to it."""
+    try:
+        return data.get_mixture_or_task(name)
+    except UserError as e:
+        known = [*seqio.MixtureRegistry.names(), *seqio.TaskRegistry.names(), *(_families() if with_families else ())]
+        close = difflib.get_close_matches(name, known, n=5)
+        if not close:
+            raise
+        raise UserError(f"{e} Close to it: {', '.join(close)}.") from None
+
+
 # --- list -------------------------------------------------------------------------------
 
 
@@ -43,14 +75,8 @@ def list_registered() -> dict[str, Any]:
     Returns {"mixtures": {name: {"tasks", "families", "variants", "entries",
     "missing_collections"}}, "families": {family: [variants]}, "other_tasks": [names]}.
     """
-    families: dict[str, list[str]] = collections.defaultdict(list)
-    other = []
-    for name in sorted(seqio.TaskRegistry.names()):
-        family, variant = mixing.split_variant(name)
-        if variant:
-            families[family].append(variant)
-        else:
-            other.append(name)
+    families = {family: list(tasks) for family, tasks in _families().items()}
+    other = [name for name in sorted(seqio.TaskRegistry.names()) if not mixing.split_variant(name)[1]]
     recipes = mixing.recipes()
     mixtures = {}
     for name in sorted(seqio.MixtureRegistry.names()):
@@ -96,9 +122,13 @@ def list_registered() -> dict[str, Any]:
 
 
 def _select_tasks(name: str, variant: str | None) -> dict[str, float]:
-    """{task: share} of a task or mixture, restricted to `variant`; a UserError if none is left."""
-    data.get_mixture_or_task(name)
-    shares = mixing.task_shares(name)
+    """{task: share} of a task, mixture or task family (equal shares), restricted to `variant`;
+    a UserError if none is left."""
+    if family := _family(name):
+        shares = {task: 1.0 for task in family.values()}
+    else:
+        _get(name, with_families=True)
+        shares = mixing.task_shares(name)
     if variant is None:
         return shares
     chosen = {t: s for t, s in shares.items() if mixing.split_variant(t)[1] == variant}
@@ -125,26 +155,31 @@ def _examples(task: seqio.Task, count: int, lengths: Mapping[str, int], split: s
 def show(
     name: str,
     variant: str | None = None,
-    n: int = 3,
+    n: int | None = None,
     split: str = "train",
     task_feature_lengths: Mapping[str, int] = DEFAULT_LENGTHS,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Prints `n` rendered examples of a task, or of a mixture's tasks of `variant`.
+    """Prints rendered examples of a task, of a mixture's tasks or of a task family's (of `variant`).
 
-    A mixture's examples come from tasks drawn by their shares (`seed`); each
-    task shows its first examples in order. Few-shot prompts are fitted to
-    `task_feature_lengths` as in training. Returns [{"task", "inputs",
+    A task or mixture shows `n` examples (default 3); a mixture's come from
+    tasks drawn by their shares (`seed`). A task family shows `n` (default 1)
+    of each variant: the same first examples through each variant's templates.
+    Each task shows its first examples in order. Few-shot prompts are fitted
+    to `task_feature_lengths` as in training. Returns [{"task", "inputs",
     "targets", "input_tokens", "target_tokens"}], token counts before truncation.
     """
     shares = _select_tasks(name, variant)
-    drawn = np.random.default_rng(seed).choice(list(shares), size=n, p=np.array(list(shares.values())) / sum(shares.values()))
-    counts = collections.Counter(drawn)
+    if _family(name):
+        counts = {task: n or 1 for task in shares}
+    else:
+        p = np.array(list(shares.values())) / sum(shares.values())
+        counts = collections.Counter(np.random.default_rng(seed).choice(list(shares), size=n or 3, p=p))
     shown = []
-    for task_name in sorted(counts, key=list(drawn).index):
+    for task_name, count in counts.items():  # A Counter keeps the order in which tasks were first drawn.
         task = seqio.get_mixture_or_task(task_name)
         features = task.output_features
-        for ex in _examples(task, counts[task_name], task_feature_lengths, split, shuffle=False, seed=seed):
+        for ex in _examples(task, count, task_feature_lengths, split, shuffle=False, seed=seed):
             shown.append({
                 "task": task_name,
                 "inputs": ex["inputs_pretokenized"].decode(),
@@ -196,7 +231,7 @@ def stats(
     packing: the examples packed by seqio's EncDecFeatureConverter at those
     lengths, and the share of non-padding tokens (fill rate) of the rows.
     """
-    data.get_mixture_or_task(name)
+    _get(name)
     configured = {t: s for t, s in mixing.task_shares(name).items()
                   if split in seqio.get_mixture_or_task(t).splits}  # seqio skips tasks without the split.
     if not configured:

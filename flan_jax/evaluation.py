@@ -16,6 +16,7 @@ import seqio
 import tensorflow as tf
 
 from flan_jax import data as data_lib
+from flan_jax import errors
 
 # (encoder_input_tokens [batch, in_len]) -> output tokens [batch, max_decode_len]
 DecodeFn = Callable[[np.ndarray], np.ndarray]
@@ -31,6 +32,13 @@ class EvalConfig:
     num_examples: int | None = 64  # per task; None evaluates everything
     batch_size: int = 32
     task_feature_lengths: Mapping[str, int] | None = None  # None: the training lengths
+
+    def __post_init__(self) -> None:
+        errors.require_fields(
+            self, mixture_or_task_name=errors.optional(errors.NAME), split=errors.NAME,
+            num_examples=errors.optional(errors.POSITIVE_INT), batch_size=errors.POSITIVE_INT,
+            task_feature_lengths=errors.optional(errors.FEATURE_LENGTHS),
+        )
 
 
 def make_predict_fn(decode_fn: DecodeFn, batch_size: int) -> Callable[[tf.data.Dataset], list[tuple[int, np.ndarray]]]:

@@ -98,6 +98,9 @@ def make_train_step(
 ) -> StepFn:
     """A jit-compiled (params, opt_state, batch, rng, step) -> (params, opt_state, metrics).
 
+    A step whose loss or gradient norm is not finite applies no update and
+    reports `skipped` = 1 in its metrics.
+
     With `num_microbatches` > 1 the batch is split and the gradients of the
     summed token losses are accumulated in a `lax.scan`, then normalised once
     by the whole batch's token count: the same update as one large batch
@@ -153,12 +156,21 @@ def make_train_step(
         if loss_config.loss_normalizing_factor is not None:
             denominator = jnp.asarray(loss_config.loss_normalizing_factor, jnp.float32)
         denominator = jnp.maximum(denominator, 1.0)
+        loss = (metrics["cross_ent_sum"] + metrics["z_loss_sum"]) / denominator
         with jax.named_scope("optimizer"):
             grads = jax.tree.map(lambda g: g / denominator, grads)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-        loss = (metrics["cross_ent_sum"] + metrics["z_loss_sum"]) / denominator
-        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+            grad_norm = optax.tree.norm(grads)
+            updates, new_opt_state = tx.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            # A non-finite loss or gradient leaves params and optimizer state as
+            # they were (the trainer then stops or counts the skip). Not
+            # optax.apply_if_finite: its state would wrap the per-parameter
+            # tree that checkpoints convert between layer layouts.
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            params, opt_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old), (new_params, new_opt_state), (params, opt_state)
+            )
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=1.0 - finite.astype(jnp.float32))
         return params, opt_state, metrics
 
     batch_sharding = partitioner.batch_sharding()

@@ -27,12 +27,14 @@ from jax.experimental import multihost_utils
 
 from flan_jax import checkpoints as ckpt_lib
 from flan_jax import data as data_lib
+from flan_jax import errors
 from flan_jax import evaluation
 from flan_jax import flops
 from flan_jax import formats
 from flan_jax import inference
 from flan_jax import optim
 from flan_jax import partitioning
+from flan_jax import preemption
 from flan_jax import step as step_lib
 from flan_jax.errors import UserError
 from flan_jax.model import T5Config, Transformer, scan
@@ -74,6 +76,26 @@ class TrainConfig:
     # examples; scalable) or "global_batch" (each host builds the whole global
     # batch and keeps its rows; the same batches for any host count and mesh).
     input_sharding: str = "source"
+    # What a non-finite loss or gradient norm does: "stop" the run (naming the
+    # step and batch) or "skip" that update and go on, counting skipped steps.
+    # Either way the update is not applied (see step.make_train_step).
+    on_nonfinite: str = "stop"
+
+    def __post_init__(self) -> None:
+        errors.require_fields(
+            self, model_dir=errors.PATH, mixture_or_task_name=errors.NAME, num_steps=errors.POSITIVE_INT,
+            task_feature_lengths=errors.FEATURE_LENGTHS, batch_size=errors.POSITIVE_INT, seed=errors.NON_NEGATIVE_INT,
+            log_every=errors.POSITIVE_INT, eval_every=errors.NON_NEGATIVE_INT, z_loss=errors.NON_NEGATIVE_NUMBER,
+            label_smoothing=errors.FRACTION, loss_normalizing_factor=errors.optional(errors.POSITIVE_NUMBER),
+            init_checkpoint=errors.optional(errors.PATH), save_input_state=errors.BOOL,
+            num_microbatches=errors.POSITIVE_INT, input_sharding=errors.one_of(*data_lib.INPUT_SHARDINGS),
+            on_nonfinite=errors.one_of("stop", "skip"),
+        )
+        if self.batch_size % self.num_microbatches:
+            raise UserError(
+                f"TrainConfig.num_microbatches={self.num_microbatches} does not divide "
+                f"TrainConfig.batch_size={self.batch_size}"
+            )
 
     def loss_config(self) -> step_lib.LossConfig:
         return step_lib.LossConfig(self.z_loss, self.label_smoothing, self.loss_normalizing_factor)
@@ -94,16 +116,31 @@ class TrainSummary:
     tensorboard_dir: str
     config_path: str
     already_complete: bool = False
+    preempted_by: str | None = None  # the signal that stopped the run early
+    skipped_steps: int = 0  # updates skipped for a non-finite loss (TrainConfig.on_nonfinite='skip')
+    save_stalls: list[float] = dataclasses.field(default_factory=list)  # seconds training waited per save
 
     def format(self) -> str:
         lines = ["", "=" * 72]
         if self.already_complete:
             lines.append(f"Run already complete at step {self.last_step}; nothing to do.")
+        if self.preempted_by:
+            lines.append(
+                f"Stopped by {self.preempted_by} at step {self.last_step}; checkpoint saved in "
+                f"{self.checkpoint_dir}/{self.last_step}. Run the same command again to resume."
+            )
         lines.append(f"steps           {self.first_step} -> {self.last_step}")
         if self.first_loss is not None:
             lines.append(f"loss            first {self.first_loss:.4f}   last {self.last_loss:.4f}")
+        if self.skipped_steps:
+            lines.append(f"skipped         {self.skipped_steps} updates with a non-finite loss or gradient")
         if self.tokens_per_sec:
             lines.append(f"throughput      {self.tokens_per_sec:,.0f} tokens/s")
+        if self.save_stalls:
+            lines.append(
+                f"checkpointing   {len(self.save_stalls)} saves, training paused "
+                f"{1e3 * float(np.median(self.save_stalls)):.0f} ms per save (median), {1e3 * max(self.save_stalls):.0f} ms at most"
+            )
         if self.eval_metrics:
             lines.append("evaluation (exact-match accuracy, %):")
             for key, value in sorted(self.eval_metrics.items()):
@@ -156,9 +193,77 @@ class _MetricsLog:
         with open(self.path) as f:
             return [json.loads(line) for line in f if line.strip()]
 
+    def truncate_after(self, step: int) -> None:
+        """Drops the entries of steps after `step`: a killed run logged past its last checkpoint."""
+        records = self.read()
+        kept = [r for r in records if r["step"] <= step]
+        if len(kept) < len(records):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(tmp, self.path)  # Atomic: a kill now leaves the old file or the new one.
+
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()
+
+
+class _MetricWindow:
+    """The per-step metrics since the last log step, summed on the host when logged.
+
+    Its sums travel in each checkpoint's metadata (`state()`), so a run
+    resumed in the middle of a window logs at the window's end exactly what
+    an uninterrupted run logs. Steps whose update was skipped (non-finite
+    loss) are counted, not summed.
+    """
+
+    def __init__(self, saved: Mapping[str, Any] | None = None) -> None:
+        saved = saved or {}
+        self.sums: dict[str, float] = dict(saved.get("sums", {}))
+        self.num_steps: int = saved.get("num_steps", 0)
+        self.skipped_total: int = saved.get("skipped_total", 0)
+        self._pending: list[tuple[int, dict]] = []  # (step, metrics on device), not yet fetched
+
+    def add(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
+        self._pending.append((step, metrics))
+
+    def sync(self) -> list[tuple[int, dict[str, float]]]:
+        """Fetches pending metrics (one device sync) into the sums; returns the skipped steps' metrics."""
+        skipped = []
+        for step, metrics in jax.device_get(self._pending):
+            values = {k: float(v) for k, v in metrics.items()}
+            if values.pop("skipped"):
+                skipped.append((step, values))
+                continue
+            for key, value in values.items():
+                self.sums[key] = self.sums.get(key, 0.0) + value
+            self.num_steps += 1
+        self._pending = []
+        self.skipped_total += len(skipped)
+        return skipped
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint stores (call after `sync`)."""
+        return {"sums": dict(self.sums), "num_steps": self.num_steps, "skipped_total": self.skipped_total}
+
+    def scalars(self) -> dict[str, float]:
+        """The window's averages; then starts a new window."""
+        sums, n = self.sums, max(self.num_steps, 1)
+        tokens = max(sums.get("num_tokens", 0.0), 1.0)
+        nan = float("nan")
+        scalars = {
+            "loss": sums.get("loss", nan) / n,
+            "cross_ent_loss": sums.get("cross_ent_sum", nan) / tokens,
+            "accuracy": sums.get("correct", nan) / tokens,
+            "grad_norm": sums.get("grad_norm", nan) / n,
+            "skipped_steps": float(self.skipped_total),
+        }
+        self.sums, self.num_steps = {}, 0
+        return scalars
+
+
+class NonFiniteLossError(UserError):
+    """The loss or gradient norm of a step was NaN or infinite (TrainConfig.on_nonfinite='stop')."""
 
 
 def _load_pretrained(
@@ -170,13 +275,8 @@ def _load_pretrained(
     init_params: PyTree,
 ) -> tuple[PyTree, PyTree]:
     """Params from a pretrained checkpoint (any format), placed on the mesh, plus a fresh optimizer state."""
+    # load_checkpoint checks every parameter's name and shape against model_config.
     loaded = formats.load_checkpoint(path, config=model_config, shardings=model.params_shardings)
-    want = jax.tree.map(lambda x: (x.shape, x.dtype), init_params)
-    if jax.tree.structure(loaded.params) != jax.tree.structure(init_params):
-        raise UserError(f"{path}: its parameter tree does not match T5Config {model_config}")
-    for (key, (shape, _)), got in zip(jax.tree.leaves_with_path(want, is_leaf=lambda x: isinstance(x, tuple)), jax.tree.leaves(loaded.params)):
-        if tuple(got.shape) != tuple(shape):
-            raise UserError(f"{path}: {jax.tree_util.keystr(key)} has shape {tuple(got.shape)}, the model wants {tuple(shape)}")
     params = jax.tree.map(lambda x, ref: x.astype(ref.dtype), loaded.params, init_params)
     with partitioner.activate():
         opt_state = jax.jit(tx.init, out_shardings=model.opt_state_shardings)(params)
@@ -278,20 +378,10 @@ def train(
             f"the vocabulary of {config.mixture_or_task_name!r} has {vocabulary.vocab_size} ids but "
             f"T5Config.vocab_size is {model_config.vocab_size}"
         )
-    if config.num_microbatches < 1 or config.batch_size % config.num_microbatches:
-        raise UserError(
-            f"TrainConfig.num_microbatches={config.num_microbatches} must be positive and divide "
-            f"TrainConfig.batch_size={config.batch_size}"
-        )
     if config.batch_size % partitioner.data_parallel_size:
         raise UserError(
             f"TrainConfig.batch_size={config.batch_size} is not divisible by the "
             f"{partitioner.data_parallel_size} data-parallel devices"
-        )
-    if config.input_sharding not in data_lib.INPUT_SHARDINGS:
-        raise UserError(
-            f"TrainConfig.input_sharding={config.input_sharding!r}: expected one of "
-            f"{', '.join(map(repr, data_lib.INPUT_SHARDINGS))}"
         )
     # This host's rows of each global batch (all of them with one host).
     layout = partitioner.data_layout()
@@ -302,24 +392,29 @@ def train(
         )
     evaluator = evaluation.Evaluator(eval_config, lengths) if eval_config.mixture_or_task_name else None
 
-    os.makedirs(config.model_dir, exist_ok=True)
+    ckpt_lib.check_writable(config.model_dir)
     checkpoint_dir = os.path.join(config.model_dir, "checkpoints")
     checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, checkpoint_config)
     log = _MetricsLog(config.model_dir, enabled=is_chief)
 
     module = Transformer(model_config)
     model, params, opt_state = step_lib.initialize(module, tx, partitioner, lengths, config.seed)
-    start_step = checkpointer.latest_step() or 0
-    start_batch = 0
-    if start_step:
-        params, opt_state, restored_meta = _restore_state(checkpointer, start_step, model, params, opt_state, partitioner)
-        # The input position saved with the checkpoint: iteration is
-        # deterministic, so skipping that many batches continues exactly.
-        start_batch = restored_meta.get("data", {}).get("batches_consumed", start_step)
+    start_step, restored_meta = 0, {}
+    if checkpointer.all_steps():
+        # The newest readable step; unreadable ones are reported and set aside.
+        start_step, (params, opt_state, restored_meta) = checkpointer.read_newest(
+            lambda step: _restore_state(checkpointer, step, model, params, opt_state, partitioner)
+        )
         print(f"Resumed from {checkpoint_dir} at step {start_step}.")
     elif config.init_checkpoint:
         params, opt_state = _load_pretrained(config.init_checkpoint, model_config, model, tx, partitioner, params)
+    # The input position saved with the checkpoint: iteration is deterministic,
+    # so skipping that many batches continues exactly.
+    start_batch = restored_meta.get("data", {}).get("batches_consumed", start_step)
+    window = _MetricWindow(restored_meta.get("metrics_window"))
     # Files outside orbax are written by the first host alone (orbax coordinates its own writes).
+    if is_chief:
+        log.truncate_after(start_step)
     config_path = _save_config(config.model_dir, start_step, write=is_chief)
     vocab_record = data_lib.save_vocabulary(vocabulary, config.model_dir, write=is_chief)
 
@@ -329,6 +424,7 @@ def train(
             "model_config": dataclasses.asdict(model_config),
             "vocabulary": vocab_record,
             "data": {"mixture_or_task_name": config.mixture_or_task_name, "seed": config.seed, "batches_consumed": step},
+            "metrics_window": window.state(),
         }
 
     if start_step >= config.num_steps:
@@ -338,28 +434,24 @@ def train(
         first, last, speed, last_eval = _summary_from_log(log.read())
         return TrainSummary(
             start_step, start_step, first, last, speed, last_eval, checkpoint_dir,
-            best_step, log.tb_dir, config_path, already_complete=True,
+            best_step, log.tb_dir, config_path, already_complete=True, skipped_steps=window.skipped_total,
         )
 
     train_step = step_lib.make_train_step(model, tx, partitioner, config.loss_config(), config.num_microbatches)
     decode = make_decode_fn(module, partitioner, lengths["targets"]) if evaluator else None
     rng = jax.random.key(config.seed + 1)
-
-    def run_eval(step: int) -> dict[str, float]:
-        metrics = evaluator.evaluate(functools.partial(decode, params), step)
-        log.write(step, metrics)
-        return metrics
-
     progress = tqdm.tqdm(
         total=config.num_steps, initial=start_step, disable=not (show_progress and is_chief),
         unit="step", dynamic_ncols=True,
     )
     step_flops = flops.train_flops_per_step(model_config, config.batch_size, lengths["inputs"], lengths["targets"])
     peak_flops, _ = flops.system_peak_flops(model_config.dtype)
-    window_tokens, window_start, pending = 0, time.perf_counter(), []
-    first_loss = last_loss = None
+    window_tokens, window_start, window_steps = 0, time.perf_counter(), 0
+    last_loss = None
     speeds: list[float] = []
+    save_stalls: list[float] = []
     eval_metrics: dict[str, float] = {}
+
     step = start_step
     batches = data_lib.TrainIterator(
         config.mixture_or_task_name,
@@ -373,67 +465,96 @@ def train(
         num_shards=layout.num_shards,
         input_sharding=config.input_sharding,
     )
+
+    def check_finite() -> None:
+        """Fetches the window's metrics; stops the run at a non-finite step unless skipping."""
+        skipped = window.sync()
+        if skipped and config.on_nonfinite == "stop":
+            bad_step, values = skipped[0]
+            checkpointer.wait()
+            raise NonFiniteLossError(
+                f"step {bad_step} has loss {values['loss']} and gradient norm {values['grad_norm']} "
+                f"(batch index {bad_step - 1} of {config.mixture_or_task_name!r}, seed {config.seed}); "
+                f"its update was not applied. Last good checkpoint: step {checkpointer.latest_step()} in "
+                f"{checkpoint_dir}. Set TrainConfig.on_nonfinite='skip' to skip such steps and go on"
+            )
+        for bad_step, values in skipped:
+            progress.write(f"step {bad_step}: loss {values['loss']}, gradient norm {values['grad_norm']}; update skipped")
+
+    def log_window(step: int, host_batch: Mapping[str, np.ndarray]) -> None:
+        nonlocal window_tokens, window_start, window_steps, last_loss
+        check_finite()
+        elapsed = time.perf_counter() - window_start
+        scalars = {
+            **window.scalars(),
+            "tokens_per_sec": window_tokens / elapsed,
+            # Model FLOPs utilisation (flan_jax.flops); the first window includes compilation.
+            "mfu": window_steps * step_flops / elapsed / peak_flops,
+            **data_lib.fill_rates(host_batch),
+        }
+        if step > start_step + window_steps:  # The first window includes compilation.
+            speeds.append(scalars["tokens_per_sec"])
+        log.write(step, scalars)
+        last_loss = scalars["loss"]
+        progress.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{scalars['tokens_per_sec']:,.0f}", mfu=f"{scalars['mfu']:.1%}")
+        window_tokens, window_start, window_steps = 0, time.perf_counter(), 0
+
+    def save(step: int, metrics: Mapping[str, float] | None) -> None:
+        check_finite()  # No checkpoint after an unnoticed non-finite step; the window's sums go in it.
+        # Wait for the steps still in flight first: that is compute the loop
+        # would wait for anyway, not a cost of saving.
+        jax.block_until_ready((params, opt_state))
+        start = time.perf_counter()
+        checkpointer.save(step, params, opt_state, meta(step), metrics=metrics)
+        batches.save(keep=checkpointer.all_steps())
+        save_stalls.append(time.perf_counter() - start)
+
+    watcher = preemption.PreemptionWatcher()
     try:
-        with partitioner.activate():
+        with partitioner.activate(), watcher:
             for host_batch in batches:
                 if step >= config.num_steps:
                     break
-                fill = data_lib.fill_rates(host_batch)
                 window_tokens += data_lib.num_real_tokens(host_batch) * layout.num_shards  # hosts feeding distinct rows
                 batch = partitioner.shard_batch(host_batch)
                 params, opt_state, metrics = train_step(params, opt_state, batch, rng, jnp.asarray(step, jnp.int32))
                 step += 1
-                pending.append(metrics)
+                window_steps += 1
+                window.add(step, metrics)
                 progress.update(1)
-                if step == start_step + 1 or step % config.log_every == 0 or step == config.num_steps:
-                    host = jax.device_get(pending)  # Syncs with the device once per log interval.
-                    elapsed = time.perf_counter() - window_start
-                    totals = {k: sum(float(m[k]) for m in host) for k in host[0]}
-                    scalars = {
-                        "loss": totals["loss"] / len(host),
-                        "cross_ent_loss": totals["cross_ent_sum"] / max(totals["num_tokens"], 1.0),
-                        "accuracy": totals["correct"] / max(totals["num_tokens"], 1.0),
-                        "grad_norm": totals["grad_norm"] / len(host),
-                        "tokens_per_sec": window_tokens / elapsed,
-                        # Model FLOPs utilisation (flan_jax.flops); the first window includes compilation.
-                        "mfu": len(host) * step_flops / elapsed / peak_flops,
-                        **fill,
-                    }
-                    if step > start_step + 1:  # The first window includes compilation.
-                        speeds.append(scalars["tokens_per_sec"])
-                    log.write(step, scalars)
-                    first_loss = scalars["loss"] if first_loss is None else first_loss
-                    last_loss = scalars["loss"]
-                    progress.set_postfix(
-                        loss=f"{last_loss:.3f}", tok_s=f"{scalars['tokens_per_sec']:,.0f}", mfu=f"{scalars['mfu']:.1%}"
-                    )
-                    window_tokens, window_start, pending = 0, time.perf_counter(), []
+                if step == 1 or step % config.log_every == 0 or step == config.num_steps:
+                    log_window(step, host_batch)
                 is_last = step == config.num_steps
-                eval_now = evaluator is not None and (
-                    is_last or (config.eval_every and step % config.eval_every == 0)
-                )
+                eval_now = evaluator is not None and (is_last or (config.eval_every and step % config.eval_every == 0))
                 if eval_now:
                     progress.write(f"Evaluating at step {step} on {len(evaluator.task_names)} tasks...")
-                    eval_metrics = run_eval(step)
+                    eval_metrics = evaluator.evaluate(functools.partial(decode, params), step)
+                    log.write(step, eval_metrics)
                     progress.write(f"  average accuracy {eval_metrics.get('eval/average_accuracy', float('nan')):.2f}")
                     window_start = time.perf_counter()
                 if eval_now or is_last or step % checkpoint_config.save_every == 0:
-                    checkpointer.save(step, params, opt_state, meta(step), metrics=eval_metrics if eval_now else None)
-                    batches.save(keep=checkpointer.all_steps())
+                    save(step, eval_metrics if eval_now else None)
+                if not is_last and watcher.should_stop(step):
+                    if step not in checkpointer.all_steps():
+                        save(step, None)
+                    checkpointer.wait()  # Synchronous: the process is about to exit.
+                    progress.write(f"{watcher.signal_name}: saved step {step} in {checkpoint_dir}/{step}.")
+                    break
     finally:
         # A tf.data iterator still alive at interpreter exit (say, held by a
         # traceback) can hang TensorFlow's shutdown: drop it here.
-        del batches
+        batches = None  # noqa: F841
     progress.close()
-    checkpointer.wait()
     best_step = checkpointer.best_step()
-    checkpointer.close()
+    checkpointer.close()  # Waits for the last save; raises if it failed.
     log.close()
-    if first_loss is None:
+    first_loss, logged_last, _, _ = _summary_from_log(log.read())  # The run's, across resumes.
+    if step == start_step:
         raise UserError(f"the dataset of {config.mixture_or_task_name!r} yielded no batch")
-    first_loss = _summary_from_log(log.read())[0] or first_loss  # The run's, across resumes.
     return TrainSummary(
-        start_step, step, first_loss, last_loss,
+        start_step, step, first_loss, last_loss if last_loss is not None else logged_last,
         float(np.median(speeds)) if speeds else None,
         eval_metrics, checkpoint_dir, best_step, log.tb_dir, config_path,
+        preempted_by=watcher.signal_name if step < config.num_steps else None,
+        skipped_steps=window.skipped_total, save_stalls=save_stalls,
     )

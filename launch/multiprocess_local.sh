@@ -28,6 +28,8 @@
 # FLAN_JAX_NUM_PROCESSES, FLAN_JAX_PROCESS_ID) where a pod or SLURM would
 # provide them. Output lines are prefixed with [process <i>]. It waits for all
 # processes; when one fails it stops the others and exits with its status.
+# Ctrl-C or SIGTERM to the script (or SIGTERM to any one process) makes all of
+# them save a checkpoint at the same step and exit 75; rerun to resume.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ "$#" -lt 1 ] || ! [[ "$1" =~ ^[1-9][0-9]*$ ]]; then
@@ -59,12 +61,21 @@ echo "[multiprocess_local] $NUM_PROCESSES processes x $DEVICES_PER_PROCESS CPU d
 SETSID=()
 command -v setsid >/dev/null && SETSID=(setsid)
 declare -A running=()  # pid -> process index
-stop_all() {
+stop_all() {  # $1: the signal
   for pid in "${!running[@]}"; do
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    kill "-$1" -- "-$pid" 2>/dev/null || kill "-$1" "$pid" 2>/dev/null || true
   done
 }
-trap 'stop_all; exit 130' INT TERM
+# Ctrl-C or SIGTERM: every process finishes its step, they save one checkpoint
+# together and exit 75 (flan_jax/preemption.py); a second one kills them.
+interrupted=0
+on_signal() {
+  if [ "$interrupted" -eq 1 ]; then stop_all KILL; exit 130; fi
+  interrupted=1
+  echo "[multiprocess_local] stopping: the processes save a checkpoint first (again to kill them)" >&2
+  stop_all TERM
+}
+trap on_signal INT TERM
 
 for ((i = 0; i < NUM_PROCESSES; i++)); do
   log="/dev/null"
@@ -81,13 +92,19 @@ while [ "${#running[@]}" -gt 0 ]; do
   rc=0
   finished=""
   wait -n -p finished "${!running[@]}" || rc=$?
-  [ -z "$finished" ] && break  # nothing left to wait for
+  if [ -z "$finished" ]; then
+    [ "$interrupted" -eq 1 ] && continue  # woken by the signal: wait for the processes to save
+    break  # nothing left to wait for
+  fi
   index="${running[$finished]}"
   unset "running[$finished]"
-  if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then
+  if [ "$rc" -eq 75 ]; then
+    # Preempted after saving; the others stop at the same step.
+    [ "$status" -eq 0 ] && status=75
+  elif [ "$rc" -ne 0 ] && { [ "$status" -eq 0 ] || [ "$status" -eq 75 ]; }; then
     status="$rc"
     echo "[multiprocess_local] process $index exited with status $rc; stopping the others" >&2
-    stop_all
+    stop_all TERM
   fi
 done
 wait  # the output filters

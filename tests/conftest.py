@@ -1,5 +1,8 @@
-"""Shared test set-up: quiet TensorFlow, keep it off GPUs, find ../shared."""
+"""Shared test set-up: quiet TensorFlow, keep it off GPUs, find ../shared,
+faster XLA compiles on CPU, and an order for pytest-xdist (tests/run.sh)."""
 
+import importlib.metadata
+import importlib.util
 import os
 from pathlib import Path
 
@@ -10,6 +13,33 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("FLAN_JAX_DATA_DIR", str(REPO.parent / "shared" / "data"))
 os.environ.setdefault("FLAN_JAX_FIXTURES_DIR", str(REPO.parent / "shared" / "fixtures"))
+
+
+def _cpu_only() -> bool:
+    """True when JAX can only run on the CPU here (no GPU/TPU plugin installed, or JAX_PLATFORMS=cpu)."""
+    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        return True
+    if importlib.metadata.entry_points(group="jax_plugins") or importlib.util.find_spec("libtpu"):
+        return False
+    try:
+        return importlib.util.find_spec("jax_plugins") is None
+    except (ImportError, ValueError):
+        return True
+
+
+# The suite's models are tiny, so on the CPU its time goes into XLA compiling
+# them: LLVM's optimisation passes take ~40% of it. Without them the programs
+# compute the same things (XLA's own graph passes still run; only machine-code
+# optimisation is skipped) a little slower, which at these sizes costs far
+# less than it saves. Set in the environment, so the `flan-jax` subprocesses
+# the tests start inherit it. FLAN_JAX_TEST_XLA_OPT=1 keeps the default level.
+XLA_TEST_FLAG = "--xla_backend_optimization_level=0"
+if (
+    os.environ.get("FLAN_JAX_TEST_XLA_OPT", "0") != "1"
+    and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")
+    and _cpu_only()
+):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_TEST_FLAG}".strip()
 
 
 @pytest.fixture(autouse=True)
@@ -40,3 +70,125 @@ def flan_cot_data():
     directory = sources.data_dir()
     if not directory or not os.path.isdir(os.path.join(directory, "flan_cot")):
         pytest.skip("no Flan CoT data (set FLAN_JAX_DATA_DIR)")
+
+
+# ------------------------------------------------------------ pytest-xdist
+#
+# tests/run.sh runs the suite on 2+ workers (`-n`, `--dist loadgroup`). Two
+# things make that fast and safe:
+#
+# 1. Tests that share an expensive module-scoped fixture (a reference training
+#    run, a converted HF model, mixture batches) go to one worker together, so
+#    that it is built once: each gets an `xdist_group` named after its module.
+#    Autouse and session-scoped fixtures are left out (cheap, or everywhere).
+# 2. The slowest tests are handed out first, so that no worker is left
+#    running a 4-minute test alone at the end. EXPECTED_SECONDS holds rough
+#    serial seconds on a 2-core machine (`pytest --durations=30` gives them);
+#    a test not listed counts as its file's default or 1 s. Only the order
+#    changes; a serial run (no xdist) keeps pytest's file order.
+
+EXPECTED_SECONDS = {
+    "tests/test_partitioning.py::test_one_step_is_the_same_on_every_mesh_layout_and_microbatching": 250,
+    "tests/test_cli.py::test_convert_infer_and_finetune_from_any_format": 220,
+    "tests/test_cli.py::test_resume_restores_the_saved_input_state": 150,
+    "tests/test_multiprocess.py::test_two_processes_match_one_and_resume_on_another_mesh": 140,
+    "tests/test_cli.py::test_train_resume_and_infer": 140,
+    "tests/test_install.py::test_wheel_installs_with_its_gin_configs": 45,
+    "tests/test_formats.py::test_t5x_checkpoints_restore_onto_a_sharded_mesh": 35,
+    "tests/test_bench_train.py::test_bench_train_runs_without_the_data_stack_and_reports_figures": 25,
+    "tests/test_bench_train.py::test_bench_train_compares_with_transformers": 25,
+    "tests/test_data_commands.py::test_stats_of_flan_cot": 25,
+    "tests/test_model.py::test_fused_attention_matches_the_einsum_path": 25,
+    "tests/test_model.py::test_remat_and_dropout_under_scan": 20,
+    "tests/test_trainer.py::test_resume_converts_between_scanned_and_unrolled_checkpoints": 25,
+    "tests/test_data_commands.py::test_stats_of_builtin_train": 15,
+    "tests/test_data_commands.py::test_bench_data_runs": 12,
+    "tests/test_install.py::test_training_path_does_not_import_torch_or_transformers": 10,
+    "tests/test_multiprocess.py::test_global_batch_shards_concatenate_to_the_one_host_batch": 10,
+}
+# Per file, for tests not listed above: files of subprocess training runs.
+FILE_DEFAULT_SECONDS = {
+    "tests/test_cli.py": 10,
+    "tests/test_robustness.py": 60,
+    "tests/test_mixing.py": 5,
+    "tests/test_decoding.py": 15,
+    "tests/test_trainer.py": 10,
+    "tests/test_t5x_fixture_logits.py": 4,
+    "tests/test_model.py": 3,
+}
+
+
+def _expected_seconds(item: pytest.Item) -> float:
+    nodeid = item.nodeid.split("@")[0]
+    for key in (nodeid, nodeid.split("[")[0]):
+        if key in EXPECTED_SECONDS:
+            return EXPECTED_SECONDS[key]
+    return FILE_DEFAULT_SECONDS.get(nodeid.split("::")[0], 1.0)
+
+
+# Module-scoped but only a check: no reason to keep their tests together.
+_CHEAP_SHARED_FIXTURES = {"flan_cot_data"}
+
+
+def _shares_a_module_fixture(item: pytest.Item) -> bool:
+    fixtureinfo = getattr(item, "_fixtureinfo", None)
+    if fixtureinfo is None:
+        return False
+    for name in item.fixturenames:
+        fixturedefs = fixtureinfo.name2fixturedefs.get(name)
+        if not fixturedefs or name in _CHEAP_SHARED_FIXTURES:
+            continue
+        fixturedef = fixturedefs[-1]  # the one the test gets
+        if fixturedef.scope in ("module", "package", "class") and not getattr(fixturedef, "_autouse", False):
+            return True
+    return False
+
+
+def _group_name(item: pytest.Item) -> str | None:
+    mark = item.get_closest_marker("xdist_group")
+    if mark is None:
+        return None
+    return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+
+
+def _xdist_group_suffix(item: pytest.Item) -> None:
+    """Puts the `@group` suffix on the node id, as xdist's `--dist loadgroup`
+    does (its scheduler groups by that suffix), where xdist could not: xdist
+    3.8 sets `item._nodeid`, which pytest >= 9.2 no longer reads its node ids
+    from. Does nothing where xdist did it, or where pytest changed again."""
+    names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")})
+    if not names or "@" in item.nodeid:
+        return
+    try:
+        from _pytest.nodeid import coerce_node_id
+
+        item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
+    except (ImportError, AttributeError, TypeError):
+        pass
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(config, items):
+    under_xdist = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+    if under_xdist:  # before xdist's own hook reads the xdist_group marks
+        for item in items:
+            if _group_name(item) is None and _shares_a_module_fixture(item):
+                item.add_marker(pytest.mark.xdist_group(Path(item.nodeid.split("::")[0]).name))
+    result = yield
+    if not under_xdist:
+        return result
+    cost: dict[str, float] = {}  # per unit of scheduling: a group, or one test
+    first: dict[str, int] = {}
+    unit_of: dict[int, str] = {}
+    for index, item in enumerate(items):
+        group = _group_name(item)
+        unit = f"@{group}" if group is not None else item.nodeid
+        unit_of[id(item)] = unit
+        cost[unit] = cost.get(unit, 0.0) + _expected_seconds(item)
+        first.setdefault(unit, index)
+    position = {id(item): index for index, item in enumerate(items)}
+    items.sort(key=lambda item: (-cost[unit_of[id(item)]], first[unit_of[id(item)]], position[id(item)]))
+    if config.getvalue("dist") == "loadgroup" or getattr(config.option, "loadgroup", False):
+        for item in items:
+            _xdist_group_suffix(item)
+    return result

@@ -2,9 +2,12 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,6 +58,48 @@ def test_unknown_task_is_named(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.fixture
+def in_process_cli():
+    """cli.main in this process; gin's bindings are cleared afterwards."""
+    import gin
+
+    from flan_jax import cli
+
+    yield cli.main
+    gin.clear_config()
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["train", "--gin_file=runs/smoke.gin", "--gin.TrainConfig.batch_size=-3"], "TrainConfig.batch_size=-3"),
+    (["train", "--gin_file=runs/smoke.gin", "--gin.TrainConfig.batch_size='abc'"], "TrainConfig.batch_size='abc'"),
+    (["train", "--gin_file=runs/smoke.gin", "--gin.TrainConfig.task_feature_lengths={'inputs': 0, 'targets': 8}"],
+     "TrainConfig.task_feature_lengths="),
+    (["train", "--gin_file=runs/smoke.gin", "--gin.TrainConfig.num_steps=0"], "TrainConfig.num_steps=0"),
+    (["train", "--gin_file=runs/smoke.gin", "--gin.TrainConfig.num_microbatches=0"], "TrainConfig.num_microbatches=0"),
+    (["train", "--gin_file=runs/smoke.gin", "--gin.T5Config.num_heads=1.5"], "T5Config.num_heads=1.5"),
+    (["bench", "train", "--batch_size=-3"], "--batch_size=-3"),
+    (["data", "show", "builtin_train", "-n", "0"], "-n=0"),
+])
+def test_bad_value_is_one_line_naming_the_key(in_process_cli, capfd, argv, key):
+    with pytest.raises(SystemExit) as exit_info:
+        in_process_cli(argv)
+    message = str(exit_info.value.code)
+    assert message.startswith(f"flan-jax: error: {key}") and "expected" in message, message
+    assert "\n" not in message
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_terminal_is_free_of_native_info_lines():
+    """TensorFlow >= 2.19 logs INFO lines through absl while it loads, whatever TF_CPP_MIN_LOG_LEVEL says."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run([sys.executable, "-m", "flan_jax.cli", "data", "list"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "builtin_train" in result.stdout
+    for line in (result.stdout + result.stderr).splitlines():
+        assert not re.match(r"I\d{4} |WARNING: All log messages before absl", line), line
+
+
 def test_train_resume_and_infer(tmp_path):
     model_dir = tmp_path / "run"
     first = run_cli("train", *SMALL, f"--gin.TrainConfig.model_dir='{model_dir}'", "--gin.TrainConfig.num_steps=4")
@@ -78,7 +123,7 @@ def test_train_resume_and_infer(tmp_path):
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert "Resumed from" in longer.stdout and "steps           4 -> 6" in longer.stdout
     records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 4, 5, 6]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 4, 6]  # log steps as in one uninterrupted run
     assert (model_dir / "config.gin").read_text() == config_text  # never overwritten
     assert (model_dir / "config_resumed_at_4.gin").exists()
 

@@ -42,10 +42,19 @@ def test_show_a_mixture_by_variant(capsys):
     with pytest.raises(UserError, match="no task of variant 'zs_opt'.*fs_cot"):
         data_inspect.show("builtin_dates_fs_cot", variant="zs_opt")
 
+def test_show_a_family_one_example_per_variant(capsys):
+    shown = data_inspect.show("builtin_dates")
+    assert [ex["task"] for ex in shown] == [f"builtin_dates_{v}" for v in ("zs_noopt", "fs_noopt", "zs_cot", "fs_cot")]
+    assert shown[2]["inputs"].endswith("Let's think step by step.")
+    assert "=== 4/4  builtin_dates_fs_cot" in capsys.readouterr().out
+    assert [ex["task"] for ex in data_inspect.show("builtin_dates", variant="zs_cot", n=2)] == ["builtin_dates_zs_cot"] * 2
+
 def test_unknown_name_is_a_user_error():
     for command in (data_inspect.show, data_inspect.stats):
         with pytest.raises(UserError, match="unknown task or mixture 'nope'.*builtin_train"):
             command("nope")
+    with pytest.raises(UserError, match="Close to it: builtin_dates"):
+        data_inspect.show("builtin_date")
 
 def _check_stats(result: dict, num_examples: int) -> None:
     assert result["num_examples"] == num_examples

@@ -147,19 +147,22 @@ def test_t5x_checkpoints_restore_onto_a_sharded_mesh():
     """On 8 fake CPU devices (4 data x 2 model), each array lands in its T5X sharding."""
     script = textwrap.dedent(f"""
         import os
-        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
         import dataclasses
         import jax, numpy as np
         from flan_jax import formats, partitioning, step, optim
         from flan_jax.model import Transformer, scan
         part = partitioning.Partitioner(mesh_shape=(4, 2), logical_axis_rules=partitioning.STANDARD_LOGICAL_AXIS_RULES)
         assert len(jax.devices()) == 8
+        models = {{}}  # config -> the shardings step.initialize gives it (both layouts hold one checkpoint)
         for layout in ("legacy_tensorstore_msgpack", "default_orbax"):
             path = "{FIXTURE}/" + layout + "/checkpoint_20"
             reference = formats.load_checkpoint(path)
             for scan_layers in (False, True):
                 config = dataclasses.replace(reference.config, scan_layers=scan_layers)
-                model, _, _ = step.initialize(Transformer(config), optim.adafactor(), part, {{"inputs": 8, "targets": 8}}, 0)
+                if config not in models:
+                    models[config] = step.initialize(Transformer(config), optim.adafactor(), part, {{"inputs": 8, "targets": 8}}, 0)[0]
+                model = models[config]
                 sharded = formats.load_checkpoint(path, config=config, shardings=model.params_shardings)
                 layers = sharded.params["encoder"]["layers" if scan_layers else "layers_0"]
                 q = layers["attention"]["query"]["kernel"]

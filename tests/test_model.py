@@ -317,8 +317,10 @@ def test_fused_attention_matches_the_einsum_path():
             logits = Transformer(config).apply({"params": p}, encoder_tokens, decoder_inputs, targets, enable_dropout=False)
             return (logits * (targets > 0)[..., None]).sum() / 1e3, logits
 
-        (_, want), want_grads = jax.value_and_grad(loss, has_aux=True)(params, base)
-        (_, got), got_grads = jax.value_and_grad(loss, has_aux=True)(params, dataclasses.replace(base, fused_attention=True))
+        # Jitted, as in training (and one compile is faster than op-by-op dispatch).
+        loss_and_grads = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+        (_, want), want_grads = loss_and_grads(params, base)
+        (_, got), got_grads = loss_and_grads(params, dataclasses.replace(base, fused_attention=True))
         real = np.asarray(targets) > 0
         scale = np.abs(np.asarray(want)[real]).max()
         np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=tolerance * scale, rtol=0)
@@ -349,7 +351,8 @@ def test_remat_and_dropout_under_scan():
 
     def grads(remat_policy):
         module = Transformer(dataclasses.replace(config, remat_policy=remat_policy))
-        return jax.grad(lambda p: module.apply({"params": p}, tokens, tokens, tokens, rngs={"dropout": jax.random.key(1)}).sum())(params)
+        loss = lambda p: module.apply({"params": p}, tokens, tokens, tokens, rngs={"dropout": jax.random.key(1)}).sum()  # noqa: E731
+        return jax.jit(jax.grad(loss))(params)  # jitted, as in training
 
     reference = grads("none")
     for policy in ("full", "dots"):

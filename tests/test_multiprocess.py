@@ -45,7 +45,14 @@ FLAGS = [
     "--gin.train.show_progress=False",
 ]
 FSDP = ["--gin_file=partitioning/fsdp.gin"]
-TIMEOUT = 240
+# Generous: the suite runs on 2 xdist workers, so these 3 processes share 2 cores with another test.
+TIMEOUT = 480
+
+
+def _xla_flags(*flags: str) -> str:
+    """The XLA flags of this process (see tests/conftest.py) but its fake device count, plus `flags`."""
+    inherited = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    return " ".join([*inherited, *flags])
 
 
 def _env(**extra: str) -> dict:
@@ -85,7 +92,7 @@ def _finish(proc: subprocess.Popen, what: str) -> str:
 
 
 def _single_process(model_dir: Path, devices: int, *flags: str) -> subprocess.Popen:
-    env = _env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = _env(XLA_FLAGS=_xla_flags(f"--xla_force_host_platform_device_count={devices}"))
     return _start(
         [FLAN_JAX, "train", *FLAGS, f"--gin.TrainConfig.model_dir='{model_dir}'", *flags], env
     )
@@ -114,7 +121,7 @@ def test_two_processes_match_one_and_resume_on_another_mesh(tmp_path):
          "--gin.TrainConfig.num_steps=6", "--gin.TrainConfig.input_sharding='global_batch'",
          "--gin.TrainConfig.save_input_state=True"],
         _env(FLAN_JAX_NO_SETUP="1", DEVICES_PER_PROCESS="2", MODEL_DIR=str(multi), LOG_DIR=str(tmp_path / "logs"),
-             XLA_FLAGS=""),
+             XLA_FLAGS=_xla_flags()),
     )
     reference = _single_process(single, 4, *FSDP, "--gin.TrainConfig.num_steps=9")
     launcher_out = _finish(launcher, "launch/multiprocess_local.sh 2")
@@ -181,7 +188,7 @@ def test_launcher_stops_the_others_when_one_fails(tmp_path):
 def test_launcher_fails_when_the_real_processes_fail(tmp_path):
     proc = _start(
         ["bash", str(REPO / "launch" / "multiprocess_local.sh"), "2", "--no_such_flag"],
-        _env(FLAN_JAX_NO_SETUP="1", MODEL_DIR=str(tmp_path / "run"), XLA_FLAGS=""),
+        _env(FLAN_JAX_NO_SETUP="1", MODEL_DIR=str(tmp_path / "run"), XLA_FLAGS=_xla_flags()),
     )
     out = _finish_expecting_failure(proc)
     assert "no_such_flag" in out and "exited with status 2" in out, out[-3000:]

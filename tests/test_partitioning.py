@@ -7,7 +7,8 @@ import textwrap
 
 SCRIPT = textwrap.dedent("""
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    # Appended: keeps the flags tests/conftest.py sets for every test process.
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     import dataclasses
     import jax, jax.numpy as jnp, numpy as np
     from flan_jax import optim, partitioning, step
@@ -31,11 +32,20 @@ SCRIPT = textwrap.dedent("""
     }
     RULES = {"dp": partitioning.DATA_PARALLEL_LOGICAL_AXIS_RULES, "fsdp": partitioning.FSDP_LOGICAL_AXIS_RULES}
 
+    # (mesh, rules, devices, scan_layers) -> (partitioner, model): the shardings
+    # step.initialize gives do not depend on remat or microbatching, so the
+    # cases that differ only in those share one (initialising costs a compile).
+    INITIALIZED = {}
+
     def one_step(mesh_shape, rules, microbatches=1, devices=None, **model_kwargs):
         config = dataclasses.replace(BASE, **model_kwargs)
-        partitioner = partitioning.Partitioner(mesh_shape, RULES[rules], devices=devices)
         tx = optim.adafactor(learning_rate=1e-2)
-        model, params, opt_state = step.initialize(Transformer(config), tx, partitioner, lengths, seed=0)
+        key = (mesh_shape, rules, devices is None, config.scan_layers)
+        if key not in INITIALIZED:
+            partitioner = partitioning.Partitioner(mesh_shape, RULES[rules], devices=devices)
+            INITIALIZED[key] = partitioner, step.initialize(Transformer(config), tx, partitioner, lengths, seed=0)[0]
+        partitioner, model = INITIALIZED[key]
+        model = dataclasses.replace(model, module=Transformer(config))
         # The same starting weights everywhere: the 1x1 reference's, in this layout.
         params = jax.device_put(scan.to_layout(REFERENCE_INIT, config.scan_layers), model.params_shardings)
         with partitioner.activate():

@@ -1,5 +1,7 @@
 """Train step, optimizer and checkpoint round trip on a tiny model."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,14 +30,39 @@ def _fixed_batch(vocab: int, batch: int = 4) -> dict[str, np.ndarray]:
     }
 
 
-@pytest.fixture
-def setup(tiny_config):
-    module = Transformer(tiny_config)
-    tx = optim.adafactor(learning_rate=1e-2)
+def _copy(tree):
+    return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
+
+
+@pytest.fixture(scope="module")
+def build(tiny_config):
+    """build(scan_layers) -> (config, model, step_fn, params, opt_state): the tiny
+    model in that layer layout, its initial state and its compiled train step.
+
+    Each layout is initialised and compiled once for all the tests here; every
+    call returns fresh copies of params and opt_state, which the step donates.
+    `build.partitioner` is the (one-device) partitioner they use.
+    """
     part = partitioning.Partitioner()
-    model, params, opt_state = step_lib.initialize(module, tx, part, LENGTHS, seed=0)
-    step_fn = step_lib.make_train_step(model, tx, part)
-    return part, step_fn, params, opt_state, tiny_config
+    tx = optim.adafactor(learning_rate=1e-2)
+    built = {}
+
+    def build(scan_layers: bool = False):
+        if scan_layers not in built:
+            config = dataclasses.replace(tiny_config, scan_layers=scan_layers)
+            model, params, opt_state = step_lib.initialize(Transformer(config), tx, part, LENGTHS, seed=0)
+            built[scan_layers] = config, model, step_lib.make_train_step(model, tx, part), params, opt_state
+        config, model, step_fn, params, opt_state = built[scan_layers]
+        return config, model, step_fn, _copy(params), _copy(opt_state)
+
+    build.partitioner = part
+    return build
+
+
+@pytest.fixture
+def setup(build, tiny_config):
+    _, _, step_fn, params, opt_state = build(scan_layers=False)
+    return build.partitioner, step_fn, params, opt_state, tiny_config
 
 
 def test_adafactor_steps_lower_the_loss(setup):
@@ -107,24 +134,16 @@ def test_cross_entropy_matches_numpy():
 
 
 @pytest.mark.parametrize("saved_scanned", [True, False], ids=["saved_scanned", "saved_unrolled"])
-def test_resume_converts_between_scanned_and_unrolled_checkpoints(tmp_path, tiny_config, saved_scanned):
+def test_resume_converts_between_scanned_and_unrolled_checkpoints(tmp_path, tiny_config, build, saved_scanned):
     """A run saved with one layer layout resumes with the other: parameters and
     Adafactor state convert, and the next step equals continuing in the saved layout."""
-    import dataclasses
-
     from flan_jax import formats
     from flan_jax.model import scan
 
-    part = partitioning.Partitioner()
-    tx = optim.adafactor(learning_rate=1e-2)
+    part = build.partitioner
     batch = part.shard_batch(_fixed_batch(tiny_config.vocab_size))
 
-    def build(scanned: bool):
-        config = dataclasses.replace(tiny_config, scan_layers=scanned)
-        model, params, opt_state = step_lib.initialize(Transformer(config), tx, part, LENGTHS, seed=0)
-        return config, model, params, opt_state, step_lib.make_train_step(model, tx, part)
-
-    config, model, params, opt_state, step_fn = build(saved_scanned)
+    config, model, step_fn, params, opt_state = build(saved_scanned)
     for i in range(2):
         params, opt_state, _ = step_fn(params, opt_state, batch, jax.random.key(0), jnp.asarray(i))
     ckpt = ckpt_lib.Checkpointer(tmp_path / "ckpt", ckpt_lib.CheckpointConfig(best_metric=None))
@@ -133,7 +152,7 @@ def test_resume_converts_between_scanned_and_unrolled_checkpoints(tmp_path, tiny
     # Continue in the saved layout: the reference.
     want, _, _ = step_fn(params, opt_state, batch, jax.random.key(0), jnp.asarray(2))
 
-    _, other_model, other_params, other_opt, other_step = build(not saved_scanned)
+    _, other_model, other_step, other_params, other_opt = build(not saved_scanned)
     with part.activate():
         restored, restored_opt, meta = trainer._restore_state(ckpt, 2, other_model, other_params, other_opt, part)
     assert meta["step"] == 2

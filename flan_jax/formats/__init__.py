@@ -13,6 +13,7 @@ import os
 import shutil
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -51,8 +52,11 @@ def detect_format(path: str) -> str:
     )
 
 
-def config_from_params(params: PyTree) -> T5Config:
-    """Reads the architecture off a T5X-named parameter tree (T5X stores no config)."""
+def config_from_params(params: PyTree, source: str = "checkpoint") -> T5Config:
+    """Reads the architecture off a T5X-named parameter tree (T5X stores no config).
+
+    `params` may hold arrays or anything with a `.shape` (e.g. jax.ShapeDtypeStruct).
+    """
     try:
         vocab, emb = np.shape(params["token_embedder"]["embedding"])
         heads, buckets = np.shape(params["encoder"]["relpos_bias"]["rel_embedding"])
@@ -61,29 +65,95 @@ def config_from_params(params: PyTree) -> T5Config:
         mlp = layer0["mlp"]
         gated = "wi_0" in mlp
         mlp_dim = np.shape(mlp["wi_0" if gated else "wi"]["kernel"])[1]
-    except KeyError as e:
-        raise UserError(f"checkpoint params lack {e}; not a T5 encoder-decoder in T5X naming") from None
-    count = lambda stack: sum(k.startswith("layers_") for k in params[stack])  # noqa: E731
-    return T5Config(
-        vocab_size=vocab, emb_dim=emb, num_heads=heads, head_dim=joined_kv // heads,
-        num_encoder_layers=count("encoder"), num_decoder_layers=count("decoder"), mlp_dim=mlp_dim,
-        mlp_activations=("gelu", "linear") if gated else ("relu",), dropout_rate=0.0,
-        logits_via_embedding="logits_dense" not in params["decoder"],
-        relative_attention_num_buckets=buckets,
-    )
+        layers = {stack: sum(k.startswith("layers_") for k in params[stack]) for stack in ("encoder", "decoder")}
+        untied = "logits_dense" in params["decoder"]
+    # KeyError: a missing parameter; TypeError: an array where a subtree belongs;
+    # ValueError / IndexError: an array of the wrong rank.
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise UserError(
+            f"{source}: not a T5 encoder-decoder in T5X naming (reading its architecture off the parameters "
+            f"failed: {type(e).__name__}: {e})"
+        ) from e
+    if heads < 1 or joined_kv % heads:
+        raise UserError(f"{source}: attention kernels {joined_kv} wide do not split into {heads} heads")
+    try:
+        return T5Config(
+            vocab_size=vocab, emb_dim=emb, num_heads=heads, head_dim=joined_kv // heads,
+            num_encoder_layers=layers["encoder"], num_decoder_layers=layers["decoder"], mlp_dim=mlp_dim,
+            mlp_activations=("gelu", "linear") if gated else ("relu",), dropout_rate=0.0,
+            logits_via_embedding=not untied, relative_attention_num_buckets=buckets,
+        )
+    except UserError as e:  # its first line: gin appends where it called T5Config
+        raise UserError(f"{source}: its parameter shapes give {str(e).splitlines()[0]}") from e
 
 
-def _flan_jax_step_dir(path: str, step: int | None) -> tuple[str, int, str]:
-    """(checkpoints dir, step, run dir) for a run directory or a step directory."""
+def abstract_params(config: T5Config, shardings: PyTree | None = None) -> PyTree:
+    """A jax.ShapeDtypeStruct (float32, on `shardings` if given) per parameter of
+    `Transformer(config)`, in its layer layout; computed from the config alone."""
+    tree: dict = {}
+    for path, shape in hf.param_shapes(config).items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = jax.ShapeDtypeStruct(shape, np.float32)
+    if config.scan_layers:
+        tree = jax.eval_shape(scan.stack_layers, tree)
+    if shardings is not None:
+        tree = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    return tree
+
+
+def check_params(params: PyTree, config: T5Config, source: str) -> None:
+    """A UserError naming the first parameter that `Transformer(config)` lacks, misses or shapes
+    differently from `params` (arrays, or anything with a `.shape`, in the config's layer layout)."""
+    ckpt_lib.check_fits(params, abstract_params(config), source, "parameter")
+
+
+def _flan_jax_location(path: str, step: int | None) -> tuple[str, int | None, str]:
+    """(checkpoints dir, step or None for "best, else newest readable", run dir) of a run or step directory."""
     if os.path.isdir(os.path.join(path, "params")):  # a step directory
-        return os.path.dirname(path), int(os.path.basename(os.path.normpath(path))), os.path.dirname(os.path.dirname(path))
-    ckpt = ckpt_lib.open_for_reading(os.path.join(path, "checkpoints"))
-    if step is None:
-        step = ckpt.best_step() or ckpt.latest_step()
-    elif step not in ckpt.all_steps():
-        raise UserError(f"no step {step} in {ckpt.directory}; available: {ckpt.all_steps()}")
-    ckpt.close()
+        name = os.path.basename(os.path.normpath(path))
+        if not name.isdigit():
+            raise UserError(f"{path}: a step directory's name is its step number, not {name!r}")
+        return os.path.dirname(path), int(name), os.path.dirname(os.path.dirname(path))
     return os.path.join(path, "checkpoints"), step, path
+
+
+def _load_flan_jax(path: str, config: T5Config | None, shardings: PyTree | None, step: int | None) -> LoadedCheckpoint:
+    checkpoint_dir, step, run_dir = _flan_jax_location(path, step)
+    ckpt = ckpt_lib.open_for_reading(checkpoint_dir)
+
+    def read(step: int) -> tuple[T5Config, PyTree, dict]:
+        def saved_config(meta: dict) -> T5Config:
+            return config_from_dict(meta.get("model_config"), f"{checkpoint_dir}/{step}/meta: model_config")
+
+        if shardings is None:  # one orbax read brings both items
+            params, meta = ckpt.restore_params(step)
+            saved = saved_config(meta)
+            wanted = config or saved
+        else:
+            saved = saved_config(ckpt.meta(step))
+            wanted = config or saved
+            # In the same layout orbax compares the saved shapes to the model's before it reads anything.
+            abstract = abstract_params(wanted, shardings) if saved.scan_layers == wanted.scan_layers else None
+            params, meta = ckpt.restore_params(step, abstract)
+        params = scan.to_layout(params, wanted.scan_layers)
+        check_params(params, wanted, f"{checkpoint_dir}/{step}")
+        return wanted, params if saved.scan_layers == wanted.scan_layers else _place(params, shardings), meta
+
+    try:
+        if step is None:
+            # The best step, else the newest; an unreadable one is reported and set aside for the next.
+            best = ckpt.best_step()
+            order = ([best] if best is not None else []) + sorted(set(ckpt.all_steps()) - {best}, reverse=True)
+            step, (loaded_config, params, meta) = ckpt.read_newest(read, order)
+        elif step not in ckpt.all_steps():
+            raise UserError(f"no step {step} in {ckpt.directory}; available: {ckpt.all_steps()}")
+        else:
+            loaded_config, params, meta = read(step)
+    finally:
+        ckpt.close()
+    return LoadedCheckpoint("flan_jax", loaded_config, params, meta.get("vocabulary"), run_dir, step)
 
 
 def load_checkpoint(
@@ -98,6 +168,8 @@ def load_checkpoint(
     `config` overrides the architecture read from the checkpoint (T5X stores
     none; we otherwise infer it from parameter shapes), and the params come
     in its layer layout (scanned or unrolled) whatever the checkpoint holds.
+    Every parameter is checked against the config: a UserError names the
+    first one that is missing, extra or of another shape, with both shapes.
     """
     path = path if "://" in path else os.path.abspath(path)  # orbax and tensorstore want absolute paths
     fmt = detect_format(path)
@@ -105,38 +177,27 @@ def load_checkpoint(
         hf_config, params, vocab_file = hf.load_hf_directory(path)
         config = config or hf_config
         params = scan.to_layout(params, config.scan_layers)
+        check_params(params, config, path)
         vocab = {"type": "sentencepiece", "file": "spiece.model", "extra_ids": 0} if vocab_file else None
         return LoadedCheckpoint(fmt, config, _place(params, shardings), vocab, path, 0)
     if fmt in ("t5x_legacy", "t5x_orbax"):
-        reader = t5x.load_legacy if fmt == "t5x_legacy" else t5x.load_orbax
-        if config is not None and config.scan_layers:
+        checkpoint = t5x.open_checkpoint(path, fmt)
+        config = config or config_from_params(checkpoint.shapes, path)
+        # Shapes are checked before any array is read: a corrupt shape could ask for any amount of memory.
+        check_params(checkpoint.shapes, dataclasses.replace(config, scan_layers=False), path)
+        if config.scan_layers:
             # T5X stores layers unrolled: read each layer onto its slice of the
             # stacked sharding, then stack on device.
             layer_shardings = None
             if shardings is not None:
                 depths = {"encoder": config.num_encoder_layers, "decoder": config.num_decoder_layers}
                 layer_shardings = scan.unstacked_shardings(shardings, depths)
-            params, state = reader(path, layer_shardings)
+            params, checkpoint_step = checkpoint.read(layer_shardings)
             params = jax.jit(scan.stack_layers, out_shardings=shardings)(params)
         else:
-            params, state = reader(path, shardings)
-        return LoadedCheckpoint(fmt, config or config_from_params(params), params, None, None, state["step"])
-    checkpoint_dir, step, run_dir = _flan_jax_step_dir(path, step)
-    ckpt = ckpt_lib.open_for_reading(checkpoint_dir)
-    saved_config = config_from_dict(ckpt.meta(step)["model_config"])
-    config = config or saved_config
-    same_layout = saved_config.scan_layers == config.scan_layers
-    abstract = _abstract(ckpt, step, shardings) if shardings is not None and same_layout else None
-    params, meta = ckpt.restore_params(step, abstract)
-    ckpt.close()
-    if not same_layout:
-        params = _place(scan.to_layout(params, config.scan_layers), shardings)
-    return LoadedCheckpoint(fmt, config, params, meta.get("vocabulary"), run_dir, step)
-
-
-def _abstract(ckpt: ckpt_lib.Checkpointer, step: int, shardings: PyTree) -> PyTree:
-    tree = ckpt.manager.item_metadata(step)["params"]
-    return jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), tree, shardings)
+            params, checkpoint_step = checkpoint.read(shardings)
+        return LoadedCheckpoint(fmt, config, params, None, None, checkpoint_step)
+    return _load_flan_jax(path, config, shardings, step)
 
 
 def _place(params: PyTree, shardings: PyTree | None) -> PyTree:
@@ -145,13 +206,18 @@ def _place(params: PyTree, shardings: PyTree | None) -> PyTree:
     return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
 
 
-def config_from_dict(fields: dict) -> T5Config:
-    """Rebuilds a T5Config from its JSON form in a flan-jax checkpoint."""
+def config_from_dict(fields: Any, source: str = "checkpoint model_config") -> T5Config:
+    """Rebuilds a T5Config from its JSON form in a flan-jax checkpoint; UserError naming `source` if it is bad."""
+    if not isinstance(fields, dict):
+        raise UserError(f"{source}: expected a JSON object of T5Config fields, found {type(fields).__name__}")
     known = {f.name for f in dataclasses.fields(T5Config)}
     unknown = set(fields) - known
     if unknown:
-        raise UserError(f"checkpoint model_config has unknown fields {sorted(unknown)}")
-    return T5Config(**fields)
+        raise UserError(f"{source} has unknown fields {sorted(unknown)}")
+    try:
+        return T5Config(**fields)
+    except UserError as e:  # its first line: gin appends where it called T5Config
+        raise UserError(f"{source}: {str(e).splitlines()[0]}") from e
 
 
 def save_flan_jax(directory: str, config: T5Config, params: PyTree, vocab_file: str | None, step: int) -> str:
@@ -165,7 +231,8 @@ def save_flan_jax(directory: str, config: T5Config, params: PyTree, vocab_file: 
         vocab_record = {"type": "sentencepiece", "file": "spiece.model", "extra_ids": 0}
     ckpt = ckpt_lib.Checkpointer(os.path.join(directory, "checkpoints"), ckpt_lib.CheckpointConfig(best_metric=None))
     meta = {"step": step, "model_config": dataclasses.asdict(config), "vocabulary": vocab_record}
-    ckpt.save(step, params, None, meta)
+    # Fresh `Transformer.init` params come boxed in nn.Partitioned; the checkpoint holds the plain tree.
+    ckpt.save(step, nn.unbox(params), None, meta)
     ckpt.wait()
     ckpt.close()
     return directory

@@ -16,8 +16,10 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
+import safetensors
 import safetensors.numpy
 
+from flan_jax import errors
 from flan_jax.errors import UserError
 from flan_jax.formats.torch_pickle import load_torch_state_dict
 from flan_jax.model import T5Config, scan
@@ -67,23 +69,44 @@ def name_table(config: T5Config) -> list[NameRow]:
     return rows
 
 
-def params_from_hf_state_dict(state_dict: Mapping[str, Any], config: T5Config) -> Params:
+def param_shapes(config: T5Config) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """The shape of every parameter of `Transformer(config)`, unrolled layout, by path in the params tree."""
+    e, v, m = config.emb_dim, config.vocab_size, config.mlp_dim
+    hd = config.num_heads * config.head_dim
+    by_owner = {
+        "embedding": (v, e), "rel_embedding": (config.num_heads, config.relative_attention_num_buckets),
+        "scale": (e,), "query": (e, hd), "key": (e, hd), "value": (e, hd), "out": (hd, e),
+        "wo": (m, e), "logits_dense": (e, v),
+    }
+    shapes = {}
+    for path, _, _ in name_table(config):
+        owner = path[-2] if path[-1] == "kernel" else path[-1]
+        shapes[path] = (e, m) if owner.startswith("wi") else by_owner[owner]
+    return shapes
+
+
+def params_from_hf_state_dict(state_dict: Mapping[str, Any], config: T5Config, source: str = "HF checkpoint") -> Params:
     """Maps HF tensors (numpy arrays) to the nested params tree, scanned or
-    unrolled as `config` says; errors name the tensor."""
+    unrolled as `config` says; errors name `source`, the tensor and the shapes."""
     sd = {k.removeprefix("model."): v for k, v in state_dict.items()}
     if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
         sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
+    shapes = param_shapes(config)
     params: Params = {}
     for path, name, transpose in name_table(config):
         if name not in sd:
-            raise UserError(f"HF checkpoint has no tensor {name!r} (needed for {'/'.join(path)})")
+            raise UserError(f"{source} has no tensor {name!r} (needed for {'/'.join(path)})")
         value = np.asarray(sd[name])
-        value = value.T if transpose else value
+        want = shapes[path][::-1] if transpose else shapes[path]  # in HF's orientation, as the file has it
+        if value.shape != want:
+            raise UserError(
+                f"{source}: tensor {name!r} ({'/'.join(path)}) has shape {value.shape}, which does not fit "
+                f"the config: want {want}"
+            )
         node = params
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = value
-    _check_shapes(params, config)
+        node[path[-1]] = value.T if transpose else value
     return scan.to_layout(params, config.scan_layers)
 
 
@@ -100,33 +123,34 @@ def hf_state_dict_from_params(params: Params, config: T5Config) -> dict[str, np.
     return out
 
 
-def _check_shapes(params: Params, config: T5Config) -> None:
-    e, v, m = config.emb_dim, config.vocab_size, config.mlp_dim
-    hd = config.num_heads * config.head_dim
-    expected = {
-        "embedding": (v, e), "rel_embedding": (config.num_heads, config.relative_attention_num_buckets),
-        "scale": (e,), "query": (e, hd), "key": (e, hd), "value": (e, hd), "out": (hd, e),
-        "wo": (m, e), "logits_dense": (e, v),
-    }
-    for path, _, _ in name_table(config):
-        node = params
-        for key in path:
-            node = node[key]
-        owner = path[-2] if path[-1] == "kernel" else path[-1]
-        want = (e, m) if owner.startswith("wi") else expected[owner]
-        if tuple(node.shape) != want:
-            raise UserError(f"{'/'.join(path)}: shape {tuple(node.shape)} does not fit the config, want {want}")
-
-
 # --- config.json ----------------------------------------------------------------
 
 
-def config_from_hf(hf: Mapping[str, Any]) -> T5Config:
-    """T5Config from a HF T5 `config.json` dict."""
-    proj = hf.get("feed_forward_proj", "relu")
-    activations = {name: acts for acts, name in _FEED_FORWARD.items()}.get(proj)
-    if activations is None:
-        raise UserError(f"config.json: unsupported feed_forward_proj {proj!r}")
+_REQUIRED_KEYS = {
+    key: errors.POSITIVE_INT for key in ("vocab_size", "d_model", "num_heads", "num_layers", "d_kv", "d_ff")
+}
+_OPTIONAL_KEYS = {
+    "num_decoder_layers": errors.optional(errors.POSITIVE_INT),  # None: as many as the encoder
+    "relative_attention_num_buckets": errors.POSITIVE_INT,
+    "relative_attention_max_distance": errors.POSITIVE_INT,
+    "dropout_rate": errors.FRACTION,
+    "layer_norm_epsilon": errors.POSITIVE_NUMBER,
+    "feed_forward_proj": errors.one_of(*_FEED_FORWARD.values()),
+    "tie_word_embeddings": errors.BOOL,
+    "scale_decoder_outputs": errors.BOOL,
+    "model_type": errors.one_of("t5"),
+}
+
+
+def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> T5Config:
+    """T5Config from a HF T5 `config.json` dict; a UserError naming `source` and the key for a bad value."""
+    for key, check in _REQUIRED_KEYS.items():
+        if key not in hf:
+            raise UserError(f"{source}: no {key!r} (expected {check.expected})")
+    for key, check in {**_REQUIRED_KEYS, **_OPTIONAL_KEYS}.items():
+        if key in hf:
+            errors.require(f"{source}: {key}", hf[key], check)
+    activations = {name: acts for acts, name in _FEED_FORWARD.items()}[hf.get("feed_forward_proj", "relu")]
     return T5Config(
         vocab_size=hf["vocab_size"],
         emb_dim=hf["d_model"],
@@ -194,20 +218,41 @@ def is_hf_directory(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
+def _read_json_object(path: str) -> dict[str, Any]:
+    """A JSON file holding an object; a UserError naming the file otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"{path}: not a readable JSON file: {e}") from e
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    try:
+        return safetensors.numpy.load_file(path)
+    # TypeError: a dtype numpy lacks (bfloat16 files); KeyError: one the reader does not know.
+    except (safetensors.SafetensorError, OSError, TypeError, KeyError) as e:
+        raise UserError(f"{path}: not a readable safetensors file: {type(e).__name__}: {e}") from e
+
+
 def load_state_dict(directory: str) -> dict[str, np.ndarray]:
     """All tensors of a HF model directory: safetensors (single or sharded) or pytorch_model.bin."""
     join = lambda name: os.path.join(directory, name)  # noqa: E731
     for weights, index, reader in (
-        ("model.safetensors", "model.safetensors.index.json", safetensors.numpy.load_file),
+        ("model.safetensors", "model.safetensors.index.json", _read_safetensors),
         ("pytorch_model.bin", "pytorch_model.bin.index.json", load_torch_state_dict),
     ):
         if os.path.isfile(join(weights)):
             return dict(reader(join(weights)))
         if os.path.isfile(join(index)):
-            with open(join(index)) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+            weight_map = _read_json_object(join(index)).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise UserError(f"{join(index)}: expected a 'weight_map' object of tensor name -> shard file")
             state: dict[str, np.ndarray] = {}
-            for shard in shards:
+            for shard in sorted(set(weight_map.values())):
                 if not os.path.isfile(join(shard)):
                     raise UserError(f"{join(index)} names shard {shard!r}, which is missing")
                 state.update(reader(join(shard)))
@@ -220,12 +265,9 @@ def load_state_dict(directory: str) -> dict[str, np.ndarray]:
 
 def load_hf_directory(directory: str) -> tuple[T5Config, Params, str | None]:
     """(config, params, path of spiece.model or None) of a HF T5 directory."""
-    with open(os.path.join(directory, "config.json")) as f:
-        hf_config = json.load(f)
-    if hf_config.get("model_type", "t5") != "t5":
-        raise UserError(f"{directory}/config.json: model_type {hf_config.get('model_type')!r} is not t5")
-    config = config_from_hf(hf_config)
-    params = params_from_hf_state_dict(load_state_dict(directory), config)
+    config_path = os.path.join(directory, "config.json")
+    config = config_from_hf(_read_json_object(config_path), source=config_path)
+    params = params_from_hf_state_dict(load_state_dict(directory), config, source=directory)
     vocab = os.path.join(directory, "spiece.model")
     return config, params, vocab if os.path.isfile(vocab) else None
 

@@ -7,8 +7,25 @@ import dataclasses
 import gin
 import jax.numpy as jnp
 
+from flan_jax import errors
+from flan_jax.model.layers import _ACTIVATIONS
+
 
 REMAT_POLICIES = ("none", "full", "dots")
+
+
+def _is_float_dtype(name: object) -> bool:
+    try:
+        return isinstance(name, str) and jnp.issubdtype(jnp.dtype(name), jnp.floating)
+    except (TypeError, ValueError):  # jnp.dtype's answers to names it does not know
+        return False
+
+
+FLOAT_DTYPE = errors.Check("a floating-point dtype name such as 'float32' or 'bfloat16'", _is_float_dtype)
+ACTIVATIONS = errors.Check(
+    f"a non-empty list of activations from {', '.join(map(repr, _ACTIVATIONS))}",
+    lambda v: isinstance(v, (list, tuple)) and bool(v) and all(isinstance(a, str) and a in _ACTIVATIONS for a in v),
+)
 
 
 @gin.configurable
@@ -51,10 +68,17 @@ class T5Config:
     fused_attention: bool = False
 
     def __post_init__(self) -> None:
+        errors.require_fields(
+            self, vocab_size=errors.POSITIVE_INT, dtype=FLOAT_DTYPE, emb_dim=errors.POSITIVE_INT,
+            num_heads=errors.POSITIVE_INT, num_encoder_layers=errors.POSITIVE_INT,
+            num_decoder_layers=errors.POSITIVE_INT, head_dim=errors.POSITIVE_INT, mlp_dim=errors.POSITIVE_INT,
+            mlp_activations=ACTIVATIONS, dropout_rate=errors.FRACTION, logits_via_embedding=errors.BOOL,
+            float32_attention_logits=errors.BOOL, relative_attention_num_buckets=errors.POSITIVE_INT,
+            relative_attention_max_distance=errors.POSITIVE_INT, layer_norm_epsilon=errors.POSITIVE_NUMBER,
+            scan_layers=errors.BOOL, remat_policy=errors.one_of(*REMAT_POLICIES), fused_attention=errors.BOOL,
+        )
         # gin and JSON may hand over lists; a tuple keeps the config hashable.
         object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"T5Config.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
 
     @property
     def activation_dtype(self) -> jnp.dtype:
