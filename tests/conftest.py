@@ -81,40 +81,47 @@ def flan_cot_data():
 #    run, a converted HF model, mixture batches) go to one worker together, so
 #    that it is built once: each gets an `xdist_group` named after its module.
 #    Autouse and session-scoped fixtures are left out (cheap, or everywhere).
-# 2. The slowest tests are handed out first, so that no worker is left
-#    running a 4-minute test alone at the end. EXPECTED_SECONDS holds rough
-#    serial seconds on a 2-core machine (`pytest --durations=30` gives them);
-#    a test not listed counts as its file's default or 1 s. Only the order
-#    changes; a serial run (no xdist) keeps pytest's file order.
+# 2. The slowest tests (and groups) are handed out first, so that no worker
+#    is left running a 3-minute test alone at the end. EXPECTED_SECONDS holds
+#    rough seconds on a 2-core machine (`bash tests/run.sh --durations=40`);
+#    a test not listed counts as its file's default, or 1 s. Only the order
+#    changes (worth updating when a slow test is added); a serial run, without
+#    xdist, keeps pytest's file order.
 
 EXPECTED_SECONDS = {
-    "tests/test_partitioning.py::test_one_step_is_the_same_on_every_mesh_layout_and_microbatching": 250,
-    "tests/test_cli.py::test_convert_infer_and_finetune_from_any_format": 220,
-    "tests/test_cli.py::test_resume_restores_the_saved_input_state": 150,
-    "tests/test_multiprocess.py::test_two_processes_match_one_and_resume_on_another_mesh": 140,
-    "tests/test_cli.py::test_train_resume_and_infer": 140,
-    "tests/test_install.py::test_wheel_installs_with_its_gin_configs": 45,
-    "tests/test_formats.py::test_t5x_checkpoints_restore_onto_a_sharded_mesh": 35,
-    "tests/test_bench_train.py::test_bench_train_runs_without_the_data_stack_and_reports_figures": 25,
-    "tests/test_bench_train.py::test_bench_train_compares_with_transformers": 25,
+    "tests/test_cli.py::test_resume_restores_the_saved_input_state": 200,
+    "tests/test_cli.py::test_convert_infer_and_finetune_from_any_format": 170,
+    "tests/test_robustness.py::test_sigterm_saves_where_it_stopped_and_the_rerun_matches": 130,
+    "tests/test_robustness.py::test_sigkill_then_rerun_logs_one_entry_per_step_as_uninterrupted": 130,
+    "tests/test_cli.py::test_train_resume_and_infer": 120,
+    "tests/test_partitioning.py::test_one_step_is_the_same_on_every_mesh_layout_and_microbatching": 90,
+    "tests/test_multiprocess.py::test_two_processes_match_one_and_resume_on_another_mesh": 80,
+    "tests/test_robustness.py::test_unreadable_newest_step_is_set_aside_for_infer_eval_and_resume": 65,
+    "tests/test_install.py::test_wheel_installs_with_its_gin_configs": 50,
+    "tests/test_bench_train.py::test_bench_train_compares_with_transformers": 35,
+    "tests/test_bench_train.py::test_bench_train_runs_without_the_data_stack_and_reports_figures": 30,
+    "tests/test_model.py::test_fused_attention_matches_the_einsum_path": 30,
+    "tests/test_mixing.py::test_same_seed_gives_the_same_batches": 40,
     "tests/test_data_commands.py::test_stats_of_flan_cot": 25,
-    "tests/test_model.py::test_fused_attention_matches_the_einsum_path": 25,
-    "tests/test_model.py::test_remat_and_dropout_under_scan": 20,
-    "tests/test_trainer.py::test_resume_converts_between_scanned_and_unrolled_checkpoints": 25,
-    "tests/test_data_commands.py::test_stats_of_builtin_train": 15,
+    "tests/test_formats.py::test_t5x_checkpoints_restore_onto_a_sharded_mesh": 25,
+    "tests/test_data_commands.py::test_stats_of_builtin_train": 17,
+    "tests/test_cli.py::test_infer_on_missing_run_is_clear": 15,
+    "tests/test_model.py::test_remat_and_dropout_under_scan": 15,
     "tests/test_data_commands.py::test_bench_data_runs": 12,
-    "tests/test_install.py::test_training_path_does_not_import_torch_or_transformers": 10,
-    "tests/test_multiprocess.py::test_global_batch_shards_concatenate_to_the_one_host_batch": 10,
+    "tests/test_install.py::test_training_path_does_not_import_torch_or_transformers": 12,
+    "tests/test_mixing.py::test_resume_by_skipping_continues_exactly": 12,
+    "tests/test_mixing.py::test_resume_from_saved_position_continues_exactly": 9,
+    "tests/test_multiprocess.py::test_global_batch_shards_concatenate_to_the_one_host_batch": 8,
 }
-# Per file, for tests not listed above: files of subprocess training runs.
+# Per file, for tests not listed above.
 FILE_DEFAULT_SECONDS = {
-    "tests/test_cli.py": 10,
-    "tests/test_robustness.py": 60,
-    "tests/test_mixing.py": 5,
-    "tests/test_decoding.py": 15,
-    "tests/test_trainer.py": 10,
-    "tests/test_t5x_fixture_logits.py": 4,
-    "tests/test_model.py": 3,
+    "tests/test_robustness.py": 40,  # subprocess training runs
+    "tests/test_cli.py": 8,  # a subprocess each
+    "tests/test_decoding.py": 8,
+    "tests/test_trainer.py": 6,
+    "tests/test_model.py": 4,
+    "tests/test_t5x_fixture_logits.py": 3,
+    "tests/test_checkpoint_errors.py": 2,
 }
 
 
