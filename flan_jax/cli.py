@@ -1,7 +1,10 @@
 """The `flan-jax` command: parses T5X-style gin flags and runs one subcommand.
 
   flan-jax train --gin_file=runs/smoke.gin [--gin_file=...] [--gin.KEY=VALUE ...]
-  flan-jax eval  --gin_file=runs/smoke.gin [--step=N]
+  flan-jax eval  --gin_file=runs/smoke.gin [--step=N]                  (EvalConfig's tasks)
+  flan-jax eval  --checkpoint=PATH --suite=bbh_direct,bbh_cot,mmlu_direct,mmlu_cot,gsm8k_cot
+                 [--limit=N --method=generate|rank --output=FILE --batch_size=32]
+  flan-jax eval  --compare A.json B.json [...]
   flan-jax infer --checkpoint=PATH [--decode=greedy|beam|sample] [PROMPT ...]   (stdin if none)
   flan-jax convert SRC DST [--to=flan-jax|hf]
   flan-jax bench decode|data
@@ -16,6 +19,7 @@ configs shipped with the package (the checkout's `gin/` when run from source).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import logging
 import os
@@ -201,16 +205,62 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from flan_jax import evaluation, inference, partitioning, trainer
+    from flan_jax import evaluation, inference, trainer
 
+    if args.compare:
+        print(evaluation.compare_results([(path, evaluation.read_results(path)) for path in args.compare]))
+        return
+    if args.suite:
+        _eval_suites(args)
+        return
     config = trainer.TrainConfig()
     model = inference.load_model(args.checkpoint or config.model_dir, step=args.step, vocab_path=args.vocab)
-    evaluator = evaluation.Evaluator(evaluation.EvalConfig(), config.task_feature_lengths)
-    decode = trainer.make_decode_fn(model.module, partitioning.Partitioner(), evaluator.max_decode_length)
-    metrics = evaluator.evaluate(lambda x: decode(model.params, x), model.step)
+    eval_config = evaluation.EvalConfig()
+    if args.method:
+        eval_config = dataclasses.replace(eval_config, method=args.method)
+    evaluator = evaluation.Evaluator(eval_config, config.task_feature_lengths)
+    metrics = evaluator.evaluate(inference.ModelRunner(model.module).fns(model.params), model.step,
+                                 show_progress=True)
     print(f"step {model.step}")
     for key, value in sorted(metrics.items()):
         print(f"  {key.removeprefix('eval/'):<56} {value:7.2f}")
+
+
+def _eval_suites(args: argparse.Namespace) -> None:
+    """`eval --suite`: held-out benchmarks of any checkpoint, to JSON, TensorBoard and a table."""
+    import json
+
+    from clu import metric_writers
+
+    from flan_jax import evaluation, inference
+    from tasks import registry
+
+    suites = [registry.get_suite(name.strip()) for name in args.suite.split(",") if name.strip()]
+    if not args.checkpoint:
+        raise UserError("--suite needs --checkpoint=PATH (a flan-jax run, a HF directory or a T5X checkpoint)")
+    model = inference.load_model(args.checkpoint, step=args.step, vocab_path=args.vocab)
+    if model.vocabulary.vocab_size > model.module.config.vocab_size:
+        raise UserError(f"the vocabulary has {model.vocabulary.vocab_size} ids but the model only "
+                        f"{model.module.config.vocab_size}; pass the model's own with --vocab")
+    registry.register_seqio(model.vocabulary)  # The suites' prompts are tokenized as the model was trained.
+    output = args.output or os.path.join(
+        "eval_results", f"{Path(os.path.abspath(args.checkpoint)).name}-step{model.step}.json")
+    tb_dir = args.tb_dir or os.path.splitext(output)[0] + "_tb"
+    print(f"Evaluating {args.checkpoint} ({model.format}, step {model.step}) on {', '.join(s.name for s in suites)}")
+    results = evaluation.run_suites(
+        suites, inference.ModelRunner(model.module).fns(model.params),
+        lengths={"inputs": args.input_length, "targets": args.target_length}, method=args.method or "generate",
+        batch_size=args.batch_size, limit=args.limit,
+    )
+    results = {"checkpoint": os.path.abspath(args.checkpoint), "format": model.format, "step": model.step, **results}
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+        json.dump(results, f, indent=1)
+    writer = metric_writers.create_default_writer(tb_dir)
+    writer.write_scalars(model.step, evaluation.tensorboard_scalars(results))
+    writer.close()
+    print(evaluation.format_results(results))
+    print(f"results      {output}\ntensorboard  {tb_dir}")
 
 
 def _cmd_infer(args: argparse.Namespace) -> None:
@@ -305,6 +355,13 @@ def _check_flags(args: argparse.Namespace) -> None:
         _positive_ints("--lengths", args.lengths, "1024,256", count=2)
         if args.layers:
             _positive_ints("--layers", args.layers, "2,24")
+    elif args.command == "eval":
+        for flag in ("batch_size", "input_length", "target_length"):
+            errors.require(f"--{flag}", getattr(args, flag), errors.POSITIVE_INT)
+        if args.limit is not None:
+            errors.require("--limit", args.limit, errors.POSITIVE_INT)
+        if args.compare and len(args.compare) < 2:
+            raise UserError("--compare takes two or more results files")
     elif args.command == "data" and args.data_command == "show" and args.n is not None:
         errors.require("-n", args.n, errors.POSITIVE_INT)
     elif args.command == "data" and args.data_command == "stats":
@@ -323,10 +380,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="finetune on a SeqIO mixture (gin-configured)")
     checkpoint_help = "a flan-jax run or step directory, a HF model directory or a T5X checkpoint_<step>/"
-    p = sub.add_parser("eval", help="evaluate a checkpoint on EvalConfig's tasks")
+    p = sub.add_parser("eval", help="evaluate a checkpoint on held-out suites, or on EvalConfig's tasks")
     p.add_argument("--checkpoint", "--model_dir", help=checkpoint_help + " (default: TrainConfig.model_dir)")
     p.add_argument("--step", type=int, help="checkpoint step (default: best, else latest)")
     p.add_argument("--vocab", help="spiece.model, for checkpoints that carry none")
+    p.add_argument("--suite", help="comma-separated suites: bbh_direct, bbh_cot, mmlu_direct, mmlu_cot, gsm8k_cot")
+    p.add_argument("--limit", type=int, help="suite: the first N examples of each task (default: all)")
+    p.add_argument("--method", choices=["generate", "rank"],
+                   help="rank: rank classification of the options where examples have them (default: generate)")
+    p.add_argument("--batch_size", type=int, default=32, help="suite: rows per batch")
+    p.add_argument("--input_length", type=int, default=2048, help="suite: prompt tokens (EOS included)")
+    p.add_argument("--target_length", type=int, default=256, help="suite: most tokens decoded or scored")
+    p.add_argument("--output", help="suite: results JSON (default eval_results/<checkpoint>-step<N>.json)")
+    p.add_argument("--tb_dir", help="suite: TensorBoard directory (default: next to --output)")
+    p.add_argument("--compare", nargs="+", metavar="RESULTS_JSON", help="print results files side by side")
     p = sub.add_parser("infer", help="answer prompts with a trained model")
     p.add_argument("--checkpoint", "--model_dir", required=True, help=checkpoint_help)
     p.add_argument("--step", type=int, help="checkpoint step (default: best, else latest)")

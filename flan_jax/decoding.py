@@ -128,6 +128,23 @@ def greedy_decode(
     )
 
 
+def sequence_log_likelihood(
+    model: Transformer, params: PyTree, encoder_input_tokens: Array, target_tokens: Array
+) -> Array:
+    """log p(targets | inputs) per row [b], teacher-forced, summed over non-padding targets.
+
+    encoder_input_tokens [b, k], target_tokens [b, q] (EOS included, 0 = padding).
+    This is what rank classification compares between a question's options.
+    """
+    params = nn.unbox(params)
+    decoder_inputs = jnp.pad(target_tokens[:, :-1], ((0, 0), (1, 0)))  # Shifted right after the start id 0.
+    logits = model.apply({"params": params}, encoder_input_tokens, decoder_inputs, target_tokens,
+                         enable_dropout=False)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    token_log_probs = jnp.take_along_axis(log_probs, target_tokens[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(target_tokens > 0, token_log_probs, 0.0), axis=-1)
+
+
 def _top_k_filter(logits: Array, k: int) -> Array:
     kth_best = lax.top_k(logits, k)[0][..., -1:]
     return jnp.where(logits < kth_best, -jnp.inf, logits)

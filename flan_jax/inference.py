@@ -10,10 +10,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 import seqio
 
 from flan_jax import data as data_lib
-from flan_jax import decoding, formats
+from flan_jax import decoding, evaluation, formats, partitioning
 from flan_jax.errors import UserError
 from flan_jax.model import Transformer
 
@@ -81,3 +82,39 @@ def generate(
     args = (model.params, inputs) + ((jax.random.key(seed),) if method == "sample" else ())
     tokens = np.asarray(fn(*args))
     return [model.vocabulary.decode(row.tolist()) for row in tokens]
+
+
+class ModelRunner:
+    """Greedy decoding and sequence scoring of one module on one mesh, jit-compiled once per shape.
+
+    `fns(params)` gives what evaluation needs (`evaluation.ModelFns`); the
+    parameters are an argument, so training can evaluate each step's.
+    """
+
+    def __init__(self, module: Transformer, partitioner: partitioning.Partitioner | None = None) -> None:
+        self.module = module
+        self.partitioner = partitioner or partitioning.Partitioner()
+        self._decoders: dict[int, Callable[..., jax.Array]] = {}
+        self._score = jax.jit(functools.partial(decoding.sequence_log_likelihood, module))
+
+    def _fetch(self, array: jax.Array) -> np.ndarray:
+        if not array.is_fully_addressable:  # Several hosts: each gathers every row.
+            return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+        return np.asarray(jax.device_get(array))
+
+    def decode(self, params: Any, inputs: np.ndarray, max_decode_length: int) -> np.ndarray:
+        """Greedy tokens [b, max_decode_length] for inputs [b, l]."""
+        if max_decode_length not in self._decoders:
+            self._decoders[max_decode_length] = decode_fn(self.module, "greedy", max_decode_length)
+        with self.partitioner.activate():
+            return self._fetch(self._decoders[max_decode_length](params, jnp.asarray(inputs)))
+
+    def score(self, params: Any, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """log p(targets | inputs) [b] for inputs [b, l] and targets [b, t]."""
+        with self.partitioner.activate():
+            return self._fetch(self._score(params, jnp.asarray(inputs), jnp.asarray(targets)))
+
+    def fns(self, params: Any) -> evaluation.ModelFns:
+        return evaluation.ModelFns(
+            decode=functools.partial(self.decode, params), score=functools.partial(self.score, params)
+        )

@@ -9,11 +9,10 @@ returns a `TrainSummary`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import gin
@@ -23,7 +22,6 @@ import numpy as np
 import optax
 import tqdm
 from clu import metric_writers
-from jax.experimental import multihost_utils
 
 from flan_jax import checkpoints as ckpt_lib
 from flan_jax import data as data_lib
@@ -150,24 +148,6 @@ class TrainSummary:
         lines.append(f"config          {self.config_path}")
         lines.append("=" * 72)
         return "\n".join(lines)
-
-
-def make_decode_fn(
-    module: Transformer,
-    partitioner: partitioning.Partitioner,
-    max_decode_length: int,
-) -> Callable[[PyTree, np.ndarray], np.ndarray]:
-    """(params, encoder_input_tokens) -> greedy output tokens, jit-compiled once per shape."""
-    fn = inference.decode_fn(module, "greedy", max_decode_length)
-
-    def decode(params: PyTree, inputs: np.ndarray) -> np.ndarray:
-        with partitioner.activate():
-            tokens = fn(params, jnp.asarray(inputs))
-            if not tokens.is_fully_addressable:  # Several hosts: each gathers every row.
-                return np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
-            return np.asarray(jax.device_get(tokens))
-
-    return decode
 
 
 class _MetricsLog:
@@ -438,7 +418,7 @@ def train(
         )
 
     train_step = step_lib.make_train_step(model, tx, partitioner, config.loss_config(), config.num_microbatches)
-    decode = make_decode_fn(module, partitioner, lengths["targets"]) if evaluator else None
+    runner = inference.ModelRunner(module, partitioner) if evaluator else None
     rng = jax.random.key(config.seed + 1)
     progress = tqdm.tqdm(
         total=config.num_steps, initial=start_step, disable=not (show_progress and is_chief),
@@ -528,7 +508,7 @@ def train(
                 eval_now = evaluator is not None and (is_last or (config.eval_every and step % config.eval_every == 0))
                 if eval_now:
                     progress.write(f"Evaluating at step {step} on {len(evaluator.task_names)} tasks...")
-                    eval_metrics = evaluator.evaluate(functools.partial(decode, params), step)
+                    eval_metrics = evaluator.evaluate(runner.fns(params), step)
                     log.write(step, eval_metrics)
                     progress.write(f"  average accuracy {eval_metrics.get('eval/average_accuracy', float('nan')):.2f}")
                     window_start = time.perf_counter()

@@ -20,16 +20,20 @@ metric is exact match.
 Splits: BBH has one set of examples, registered as "test" and, under the
 same examples, "validation", so that seqio.Evaluator's and EvalConfig's
 default split works. Mixtures: `bbh_direct`, `bbh_cot` (rate 1 per task:
-evaluation visits every task anyway).
+evaluation visits every task anyway), and suites of the same names (test
+split) for `flan-jax eval --suite`, whose random-guess baseline per example
+is `chance`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 
+from flan_jax import evaluation
 from flan_jax.errors import UserError
-from tasks import registry, sources
+from tasks import registry, sources, templates
 from tasks.templates import ANSWER_PHRASE, COT_TRIGGER, TaskSpec, Template
 
 PUBLISHED_AT = "https://github.com/suzgunmirac/BIG-Bench-Hard (bbh/ and cot-prompts/)"
@@ -46,6 +50,10 @@ TASKS = (
     "tracking_shuffled_objects_three_objects", "web_of_lies", "word_sorting",
 )
 _TEMPLATE = Template("Q: {question}\nA:")
+# Answers that are one of two words (boolean_expressions, navigate, formal_fallacies, ...).
+_BINARY_ANSWERS = ({"True", "False"}, {"Yes", "No"}, {"yes", "no"}, {"valid", "invalid"})
+_OPTION_LINE = re.compile(r"^\([A-Z]\) ", re.MULTILINE)
+_OPTION_LETTER = re.compile(r"\([A-Z]\)")
 
 
 def parse_prompt(text: str, path: str = "<prompt>") -> tuple[str, list[sources.Example], str]:
@@ -118,6 +126,20 @@ class BbhSource(sources.LoadedSource):
         return {"validation": examples, "test": examples, "prompt": exemplars}
 
 
+def chance(inputs: str, target: str) -> float:
+    """The probability that a random guess answers this example right.
+
+    1/n for a choice among the query's n lettered options, 1/2 for a two-word
+    answer (True/False, Yes/No, valid/invalid), 0 for free-form answers
+    (numbers, sorted words, bracket sequences).
+    """
+    answer = templates.extract_answer(target)
+    if _OPTION_LETTER.fullmatch(answer):
+        query = inputs.rpartition("\n\nQ: ")[2]  # After the exemplars, which list options too.
+        return 1.0 / max(1, len(_OPTION_LINE.findall(query)))
+    return 0.5 if any(answer in pair for pair in _BINARY_ANSWERS) else 0.0
+
+
 def _location() -> str:
     return os.path.join(sources.data_dir_or_raise("bbh", "the BIG-Bench Hard files", PUBLISHED_AT), "bbh")
 
@@ -129,6 +151,10 @@ def _register() -> None:
             variant = "fs_cot" if mode == "cot" else "fs_noopt"
             names += registry.add_source(BbhSource(task, mode), {f"bbh_{task}_{mode}": variant})
         registry.add_mixture(f"bbh_{mode}", [(name, 1.0) for name in names])
+        registry.add_suite(evaluation.Suite(
+            f"bbh_{mode}", tuple(names), f"BIG-Bench Hard, 27 tasks, 3-shot, {'chain of thought' if mode == 'cot' else 'answer only'}",
+            max_decode_length=256 if mode == "cot" else 128, chance=chance,
+        ))
 
 
 _register()

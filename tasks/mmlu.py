@@ -1,12 +1,14 @@
-"""MMLU (hendrycks/test): 57 held-out evaluation subjects, 5-shot, answer by letter.
+"""MMLU (hendrycks/test): 57 held-out evaluation subjects, 5-shot direct and chain-of-thought.
 
 Files, under `<data dir>/mmlu/` (see tasks/sources.py):
 `{dev,val,test}/<subject>_{dev,val,test}.csv`, no header, rows
 `question,A,B,C,D,answer_letter` (fields may be quoted and span lines).
+Optional: `mmlu-cot.json`, FLAN's chain-of-thought prompts ({subject: 5-shot
+prompt text}, published with the FLAN repository; see COT_PROMPTS_AT).
 
-Tasks `mmlu_{subject}`, splits "validation" (val/) and "test" (test/);
-mixture `mmlu` (rate 1 per subject). The prompt is the standard one, with the
-subject's five dev rows, in file order, as exemplars:
+Direct: tasks `mmlu_{subject}`, splits "validation" (val/) and "test"
+(test/); mixture `mmlu` (rate 1 per subject). The prompt is the standard one,
+with the subject's five dev rows, in file order, as exemplars:
 
   The following are multiple choice questions (with answers) about {subject}.
 
@@ -20,11 +22,29 @@ subject's five dev rows, in file order, as exemplars:
   ... four more exemplars ..., then the query, ending in "Answer:"
 
 where {subject} is the file's subject with "_" as spaces. The target is the
-letter. The template library renders it (fs_noopt, the header as prefix),
-so exemplars are dropped from the end while the prompt is too long. Rows
-that cannot be used (not six columns, an empty question, an answer that is
-not A-D) are skipped and counted in `sources.stats("mmlu_<subject>")`.
+letter, and the options "A".."D" are the example's `options`, so rank
+classification scores the log-likelihood of each letter. The template
+library renders it (fs_noopt, the header as prefix), so exemplars are
+dropped from the end while the prompt is too long.
 
+Chain of thought: tasks `mmlu_{subject}_cot`, the same splits, mixture
+`mmlu_cot`. The query is FLAN's CoT layout,
+
+  Q: {question}
+  (A) {A} (B) {B} (C) {C} (D) {D}
+  A: Let's think step by step.
+
+after the subject's prompt from mmlu-cot.json (its five exemplars with
+rationales) and a blank line. Without that file the query follows the header
+alone (zero-shot chain of thought, which Flan-T5 was also trained on), and a
+warning says so. The target is "So the answer is (X)."; predictions and
+targets are reduced to the letter (`answer_letter`).
+
+Rows that cannot be used (not six columns, an empty question, an answer that
+is not A-D) are skipped and counted in `sources.stats("mmlu_<subject>")`.
+
+Suites `mmlu_direct` and `mmlu_cot` (test split) report the macro average
+over subjects and over the four categories of the MMLU paper (CATEGORIES).
 Row counts of the data in ../shared/data: 285 dev, 1,542 val, 14,079 test
 (the 2020-09-08 release; the later official one is said to have 14,042
 test rows).
@@ -32,13 +52,23 @@ test rows).
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
 
+from flan_jax import evaluation
+from flan_jax.errors import UserError
 from tasks import registry, sources
 from tasks.templates import TaskSpec, Template
 
+logger = logging.getLogger(__name__)
+
 MIXTURE = "mmlu"
+COT_MIXTURE = "mmlu_cot"
 PUBLISHED_AT = "https://github.com/hendrycks/test (data.tar: dev/, val/, test/)"
+COT_PROMPTS_FILE = "mmlu-cot.json"
+COT_PROMPTS_AT = "https://github.com/jasonwei20/flan-2/blob/main/mmlu-cot.json (FLAN's MMLU CoT prompts)"
 NUM_SHOTS = 5
 LETTERS = ("A", "B", "C", "D")
 SPLIT_DIRS = {"dev": "dev", "validation": "val", "test": "test"}
@@ -58,6 +88,31 @@ SUBJECTS = (
     "public_relations", "security_studies", "sociology", "us_foreign_policy", "virology", "world_religions",
 )
 
+# The four categories of the MMLU paper, by subject (hendrycks/test's categories).
+_STEM = (
+    "abstract_algebra", "astronomy", "college_biology", "college_chemistry", "college_computer_science",
+    "college_mathematics", "college_physics", "computer_security", "conceptual_physics", "electrical_engineering",
+    "elementary_mathematics", "high_school_biology", "high_school_chemistry", "high_school_computer_science",
+    "high_school_mathematics", "high_school_physics", "high_school_statistics", "machine_learning",
+)
+_HUMANITIES = (
+    "formal_logic", "high_school_european_history", "high_school_us_history", "high_school_world_history",
+    "international_law", "jurisprudence", "logical_fallacies", "moral_disputes", "moral_scenarios", "philosophy",
+    "prehistory", "professional_law", "world_religions",
+)
+_SOCIAL_SCIENCES = (
+    "econometrics", "high_school_geography", "high_school_government_and_politics", "high_school_macroeconomics",
+    "high_school_microeconomics", "high_school_psychology", "human_sexuality", "professional_psychology",
+    "public_relations", "security_studies", "sociology", "us_foreign_policy",
+)
+CATEGORIES = {
+    subject: ("STEM" if subject in _STEM else "humanities" if subject in _HUMANITIES
+              else "social sciences" if subject in _SOCIAL_SCIENCES else "other")
+    for subject in SUBJECTS
+}
+_ANSWER_IS = re.compile(r"answer is:?\s*\(?([A-D])\)?")
+_LEADING_LETTER = re.compile(r"\s*\(?([A-D])\)?(?=[\s.:)]|$)")
+
 
 def spec(subject: str) -> TaskSpec:
     header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
@@ -65,8 +120,23 @@ def spec(subject: str) -> TaskSpec:
                     prefix=header, shot_joiner=" ")
 
 
+def answer_letter(text: str | bytes, example: object = None, is_target: bool = False) -> str:
+    """SeqIO postprocess_fn: the answer letter of a prediction or target.
+
+    The last "answer is (X)" if there is one (chain of thought, "So the answer
+    is (B)."), else a letter at the start ("B", "(B)", "B. 42"), else the text.
+    """
+    del example, is_target
+    text = text.decode("utf-8") if isinstance(text, bytes) else text
+    found = _ANSWER_IS.findall(text)
+    if found:
+        return found[-1]
+    leading = _LEADING_LETTER.match(text)
+    return leading.group(1) if leading else text.strip()
+
+
 def parse_row(row: sources.Row) -> sources.Example:
-    """question,A,B,C,D,letter -> {question (with the lettered choices), answer (the letter)}."""
+    """question,A,B,C,D,letter -> {question (with the lettered choices), answer (the letter), options}."""
     if len(row) != 6:
         raise sources.MalformedRow(f"expected 6 columns, found {len(row)}")
     question, *choices, answer = row
@@ -76,7 +146,14 @@ def parse_row(row: sources.Row) -> sources.Example:
     if not question.strip():
         raise sources.MalformedRow("empty question")
     lines = [question] + [f"{letter}. {choice}" for letter, choice in zip(LETTERS, choices)]
-    return {"question": "\n".join(lines), "answer": answer, "rationale": ""}
+    return {"question": "\n".join(lines), "answer": answer, "rationale": "", "options": list(LETTERS),
+            "stem": question, "choices": choices}
+
+
+def as_cot(example: sources.Example) -> sources.Example:
+    """The CoT layout of a parsed row: "(A) .. (B) .." after the question; the answer "(X)"."""
+    choices = " ".join(f"({letter}) {choice}" for letter, choice in zip(LETTERS, example["choices"]))
+    return {"question": f"{example['stem']}\n{choices}", "answer": f"({example['answer']})", "rationale": ""}
 
 
 def read(subject: str, location: str, stats: sources.SourceStats) -> dict[str, list[sources.Example]]:
@@ -94,8 +171,58 @@ def source(subject: str) -> sources.LoadedSource:
         f"mmlu_{subject}", spec(subject), ("validation", "test"),
         locate=_location,
         read=lambda location, stats: read(subject, location, stats),
-        exemplar_split="dev", fixed_exemplars=True,
+        exemplar_split="dev", fixed_exemplars=True, postprocess_fn=answer_letter,
     )
+
+
+def cot_spec(subject: str, prompt: str | None) -> TaskSpec:
+    """zs_cot after the published 5-shot prompt (or, without one, after the header alone)."""
+    header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}."
+    return TaskSpec(f"mmlu_{subject}_cot", [Template("Q: {question}\nA:")], cot_separator=" ",
+                    prefix=(prompt.strip() if prompt else header) + "\n\n")
+
+
+class CotSource(sources.LoadedSource):
+    """One subject in FLAN's chain-of-thought layout; its prompt comes from mmlu-cot.json when present."""
+
+    def __init__(self, subject: str) -> None:
+        super().__init__(f"mmlu_{subject}_cot", cot_spec(subject, None), ("validation", "test"),
+                         locate=_location, read=self._read_files, postprocess_fn=answer_letter)
+        self.subject = subject
+
+    def _read_files(self, location: str, stats: sources.SourceStats) -> dict[str, list[sources.Example]]:
+        self.spec = cot_spec(self.subject, _cot_prompts(location).get(self.subject))
+        splits = read(self.subject, location, stats)
+        return {split: [as_cot(ex) for ex in examples] for split, examples in splits.items()}
+
+
+_PROMPTS_CACHE: dict[str, dict[str, str]] = {}
+
+
+def _cot_prompts(location: str) -> dict[str, str]:
+    """{subject: prompt} from `location/mmlu-cot.json`, or {} (with a warning) when it is not there."""
+    if location not in _PROMPTS_CACHE:
+        try:
+            path, data = sources.read_data_file("mmlu_cot", location, COT_PROMPTS_FILE, "")
+        except sources.MissingDataError:
+            logger.warning("mmlu_cot: no %s in %s, so chain of thought is zero-shot. For FLAN's 5-shot CoT "
+                           "prompts get it from %s.", COT_PROMPTS_FILE, location, COT_PROMPTS_AT)
+            _PROMPTS_CACHE[location] = {}
+        else:
+            try:
+                prompts = json.loads(data)
+                if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+                    raise ValueError("expected a JSON object of {subject: prompt text}")
+            except ValueError as e:
+                raise UserError(f"mmlu_cot: {path} is not FLAN's mmlu-cot.json: {e}") from None
+            _PROMPTS_CACHE[location] = prompts
+    return _PROMPTS_CACHE[location]
+
+
+def chance(inputs: str, target: str) -> float:
+    """Four options: a random letter is right a quarter of the time."""
+    del inputs, target
+    return 1.0 / len(LETTERS)
 
 
 def _location() -> str:
@@ -103,10 +230,20 @@ def _location() -> str:
 
 
 def _register() -> None:
-    names = []
+    direct, cot = [], []
     for subject in SUBJECTS:
-        names += registry.add_source(source(subject), {f"mmlu_{subject}": "fs_noopt"})
-    registry.add_mixture(MIXTURE, [(name, 1.0) for name in names])
+        direct += registry.add_source(source(subject), {f"mmlu_{subject}": "fs_noopt"})
+        cot += registry.add_source(CotSource(subject), {f"mmlu_{subject}_cot": "zs_cot"})
+    registry.add_mixture(MIXTURE, [(name, 1.0) for name in direct])
+    registry.add_mixture(COT_MIXTURE, [(name, 1.0) for name in cot])
+    for name, tasks, decode_length, description in (
+        ("mmlu_direct", direct, 8, "MMLU, 57 subjects, 5-shot, answer letter"),
+        ("mmlu_cot", cot, 256, f"MMLU, 57 subjects, chain of thought (5-shot with {COT_PROMPTS_FILE}, else 0-shot)"),
+    ):
+        registry.add_suite(evaluation.Suite(
+            name, tuple(tasks), description, max_decode_length=decode_length,
+            categories={task: CATEGORIES[subject] for task, subject in zip(tasks, SUBJECTS)}, chance=chance,
+        ))
 
 
 _register()

@@ -25,8 +25,12 @@ recorded with `add_source(source, {task name: variant})`, its mixtures with
 Each task's pipeline: a `seqio.FunctionDataSource` (the split's indices,
 permuted when shuffling, mapped to raw examples) -> `render_preprocessor`
 -> `seqio.preprocessors.tokenize` -> `seqio.preprocessors.append_eos_after_trim`.
-Every task's postprocess_fn extracts the final answer (`postprocess`), and
-its metric is exact match (`t5.evaluation.metrics.accuracy`).
+Every task's postprocess_fn extracts the final answer (`postprocess`, or the
+source's own `postprocess_fn`), and its metric is exact match
+(`t5.evaluation.metrics.accuracy`) unless the source names its `metric_fns`.
+
+Held-out benchmarks are also recorded as suites (`add_suite`): named lists of
+tasks with what `flan-jax eval --suite` reports (see flan_jax/evaluation.py).
 Rendering and example generation are Python, run by `tf.numpy_function`.
 One consequence: let a dataset iterator go (end its function, or `del` it)
 before the process exits. TensorFlow destroys iterators still alive at
@@ -50,6 +54,8 @@ import seqio
 import t5.evaluation.metrics
 import tensorflow as tf
 
+from flan_jax import evaluation
+from flan_jax.errors import UserError
 from tasks import sources, templates
 
 TRAIN_MIXTURE = "builtin_train"
@@ -132,6 +138,7 @@ def _validation_questions(family: Family) -> frozenset[str]:
 _FAMILIES: dict[str, Family] = {}
 _SOURCES: dict[str, tuple[Source, dict[str, str]]] = {}  # By source name: (source, {task name: variant}).
 _MIXTURES: dict[str, list[tuple[str, MixtureRate]]] = {}
+_SUITES: dict[str, evaluation.Suite] = {}
 
 
 def add_family(family: Family) -> Family:
@@ -193,6 +200,22 @@ def add_mixture(name: str, tasks: Sequence[tuple[str, MixtureRate]]) -> None:
     _MIXTURES[name] = list(tasks)
 
 
+def add_suite(suite: evaluation.Suite) -> None:
+    """Records a held-out benchmark for `flan-jax eval --suite` (its tasks must be registered too)."""
+    _SUITES[suite.name] = suite
+
+
+def suites() -> dict[str, evaluation.Suite]:
+    """Every recorded suite, by name."""
+    return dict(_SUITES)
+
+
+def get_suite(name: str) -> evaluation.Suite:
+    if name not in _SUITES:
+        raise UserError(f"unknown suite {name!r}; known: {', '.join(sorted(_SUITES)) or 'none'}")
+    return _SUITES[name]
+
+
 def task_name(family_name: str, variant: str) -> str:
     return f"{TASK_PREFIX}{family_name}_{variant}"
 
@@ -223,6 +246,11 @@ def postprocess(output: str | bytes, example: Mapping[str, Any] | None = None, i
 # SeqIO plumbing: a source of raw examples, then render -> tokenize -> EOS.
 
 
+# These functions have no Python control flow on tensors, so AutoGraph has nothing
+# to convert; skipping it makes building a task's dataset several times faster.
+_plain_tf = tf.autograph.experimental.do_not_convert
+
+
 def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *, source: Source) -> tf.data.Dataset:
     """The raw examples of one split, plus their `split` and `index`.
 
@@ -232,21 +260,17 @@ def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *, sou
     is built, with its own message, not later inside TensorFlow.
     """
     size = source.split_size(split)
-    has_options = source.spec.multiple_choice
 
     def lookup(index: np.int64) -> list[Any]:
         ex = source.example(split, int(index))
-        fields = [ex["question"], ex["answer"], ex["rationale"]]
-        if has_options:
-            fields.append(np.array(ex["options"], dtype=object))
-        return fields
+        options = np.array([o.encode() for o in ex.get("options") or ()], dtype=np.bytes_).reshape(-1)
+        return [ex["question"], ex["answer"], ex["rationale"], options]
 
+    @_plain_tf
     def to_features(index: tf.Tensor) -> dict[str, tf.Tensor]:
-        tout = [tf.string] * (4 if has_options else 3)
-        values = tf.numpy_function(lookup, [index], tout, stateful=False)
-        names = ["question", "answer", "rationale", "options"]
+        values = tf.numpy_function(lookup, [index], [tf.string] * 4, stateful=False)
         features = {"split": tf.constant(split), "index": index}
-        for name, value in zip(names, values):
+        for name, value in zip(["question", "answer", "rationale", "options"], values):
             value.set_shape([None] if name == "options" else [])
             features[name] = value
         return features
@@ -273,12 +297,20 @@ def render_preprocessor(
     task: str,
     seed: int = RENDER_SEED,
 ) -> tf.data.Dataset:
-    """Maps raw examples to {"inputs", "targets", "answer"} strings.
+    """Maps raw examples to {"inputs", "targets", "answer", "options", "prompt_tokens", "input_tokens"}.
 
     With a sequence length, few-shot prompts drop exemplars until they fit in
     `sequence_length["inputs"]` tokens, counting the EOS that is appended
     later. What is dropped or will be truncated is counted in
-    `sources.stats(task)` (see tasks/sources.py), never silently.
+    `sources.stats(task)` (see tasks/sources.py), never silently, and each
+    example carries what evaluation reports:
+
+      options        the target of each option (`templates.option_targets`),
+                     for rank classification; empty when there is none
+      prompt_tokens  tokens (EOS included) of the prompt with every exemplar
+      input_tokens   tokens (EOS included) of the prompt as rendered, before
+                     SeqIO trims it to the sequence length
+    Both counts are 0 without a sequence length.
     """
     limits: dict[str, int] = {}
     length_fns: dict[str, Callable[[str], int]] = {}
@@ -288,37 +320,51 @@ def render_preprocessor(
                 limits[feature] = sequence_length[feature] - 1
                 length_fns[feature] = _token_counter(output_features[feature])
     task_stats = sources.stats(task)
+    count_tokens = length_fns.get("inputs")
 
     def py_render(split: bytes, index: np.int64, question: bytes, answer: bytes, rationale: bytes,
-                  *options: Any) -> list[Any]:
+                  options: np.ndarray) -> list[Any]:
         example = {"question": question.decode(), "answer": answer.decode(), "rationale": rationale.decode()}
-        if options:
-            example["options"] = [o.decode() for o in options[0]]
-        rendered = render_example(source, split.decode(), int(index), example, variant, seed=seed,
-                                  max_input_length=limits.get("inputs"), length_fn=length_fns.get("inputs", len))
+        if len(options):
+            example["options"] = [o.decode() for o in options]
+        split_name, index = split.decode(), int(index)
+        rendered = render_example(source, split_name, index, example, variant, seed=seed,
+                                  max_input_length=limits.get("inputs"), length_fn=count_tokens or len)
         if rendered is None:
             task_stats.count("dropped_no_fit")
-            return [b"", b"", False]
+            return [b"", b"", np.zeros([0], np.bytes_), 0, 0, False]
         task_stats.count("rendered")
         for feature, limit in limits.items():
             if length_fns[feature](rendered[feature]) > limit:
                 task_stats.count(f"{feature}_truncated")
-        return [rendered["inputs"].encode(), rendered["targets"].encode(), True]
+        prompt_tokens = input_tokens = 0
+        if count_tokens:
+            full = render_example(source, split_name, index, example, variant, seed=seed)
+            prompt_tokens, input_tokens = count_tokens(full["inputs"]) + 1, count_tokens(rendered["inputs"]) + 1
+        candidates = templates.option_targets(
+            source.spec, example, variant, templates.pick_template(source.spec.name, split_name, index, seed,
+                                                                   len(source.spec.templates)))
+        return [rendered["inputs"].encode(), rendered["targets"].encode(),
+                np.array([c.encode() for c in candidates], dtype=np.bytes_).reshape(-1),
+                prompt_tokens, input_tokens, True]
 
+    @_plain_tf
     def fn(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        args = [ex["split"], ex["index"], ex["question"], ex["answer"], ex["rationale"]]
-        if "options" in ex:
-            args.append(ex["options"])
-        inputs, targets, keep = tf.numpy_function(py_render, args, [tf.string, tf.string, tf.bool], stateful=False)
-        inputs.set_shape([])
-        targets.set_shape([])
-        keep.set_shape([])
-        return {"inputs": inputs, "targets": targets, "answer": ex["answer"], "keep": keep}
+        args = [ex["split"], ex["index"], ex["question"], ex["answer"], ex["rationale"], ex["options"]]
+        types = [tf.string, tf.string, tf.string, tf.int64, tf.int64, tf.bool]
+        inputs, targets, candidates, prompt_tokens, input_tokens, keep = tf.numpy_function(
+            py_render, args, types, stateful=False)
+        for value, shape in zip((inputs, targets, candidates, prompt_tokens, input_tokens, keep),
+                                ([], [], [None], [], [], [])):
+            value.set_shape(shape)
+        return {"inputs": inputs, "targets": targets, "answer": ex["answer"], "options": candidates,
+                "prompt_tokens": prompt_tokens, "input_tokens": input_tokens, "keep": keep}
 
+    @_plain_tf
     def drop_flag(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         return {k: v for k, v in ex.items() if k != "keep"}
 
-    return dataset.map(fn).filter(lambda ex: ex["keep"]).map(drop_flag)
+    return dataset.map(fn).filter(_plain_tf(lambda ex: ex["keep"])).map(drop_flag)
 
 
 def _register_tasks(source: Source, tasks: Mapping[str, str], vocabulary: seqio.Vocabulary) -> None:
@@ -347,8 +393,8 @@ def _register_tasks(source: Source, tasks: Mapping[str, str], vocabulary: seqio.
                 seqio.preprocessors.append_eos_after_trim,
             ],
             output_features=output_features,
-            postprocess_fn=postprocess,
-            metric_fns=[t5.evaluation.metrics.accuracy],
+            postprocess_fn=getattr(source, "postprocess_fn", None) or postprocess,
+            metric_fns=list(getattr(source, "metric_fns", None) or [t5.evaluation.metrics.accuracy]),
             # The source already permutes the whole split; a small buffer keeps
             # a mixture of many tasks from rendering thousands of examples
             # before its first batch.

@@ -328,6 +328,11 @@ class LoadedSource:
         query (`templates.pick_exemplars`); True takes the first ones in file
         order, as evaluation benchmarks do. Either way, exemplars that ask
         the query's question (`templates.same_question`) are left out.
+      postprocess_fn: the SeqIO postprocess_fn of its tasks (what evaluation
+        compares); default `registry.postprocess`, the answer after "So the
+        answer is".
+      metric_fns: SeqIO metric functions, (targets, predictions) -> {name:
+        value}; default exact-match accuracy.
     """
 
     def __init__(
@@ -340,8 +345,12 @@ class LoadedSource:
         *,
         exemplar_split: str = "train",
         fixed_exemplars: bool = False,
+        postprocess_fn: Callable[..., Any] | None = None,
+        metric_fns: Sequence[Callable[..., Mapping[str, Any]]] | None = None,
     ) -> None:
         self.name = name
+        self.postprocess_fn = postprocess_fn
+        self.metric_fns = metric_fns
         self.spec = spec
         self.splits = tuple(splits)
         self.exemplar_split = exemplar_split

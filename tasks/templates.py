@@ -269,6 +269,19 @@ def render(
     return {"inputs": spec.prefix + query_input, "targets": query_target}
 
 
+def option_targets(spec: TaskSpec, example: Mapping[str, Any], variant: str, template_index: int) -> list[str]:
+    """The target each of the example's options would have, for rank classification.
+
+    Empty when there is nothing to rank: the example has no options, or the
+    variant is chain-of-thought (its target is a rationale, not an option).
+    """
+    _, kind = _parse_variant(spec, variant)
+    if kind == "cot" or not example.get("options"):
+        return []
+    template = spec.templates[template_index]
+    return [template.target.format(**{**example, "answer": option}) for option in example["options"]]
+
+
 def extract_answer(text: str | bytes) -> str:
     """The final answer in a model output or target.
 

@@ -1,0 +1,250 @@
+"""Held-out evaluation: answer extraction, scoring, rank classification, suites and `flan-jax eval --suite`.
+
+Tests marked `needs_data` read ../shared/data (FLAN_JAX_DATA_DIR).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tasks  # noqa: F401  (registers everything)
+from flan_jax import evaluation, formats, inference
+from flan_jax.model import T5Config, Transformer
+from tasks import bbh, gsm8k, mmlu, registry, vocab
+
+DATA = Path(os.environ.get("FLAN_JAX_DATA_DIR", "/nonexistent"))
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no data directory at {DATA}")
+LENGTHS = {"inputs": 2048, "targets": 512}  # Room for every prompt of the built-in vocabulary's slices.
+SUITES = ("bbh_direct", "bbh_cot", "mmlu_direct", "mmlu_cot", "gsm8k_cot")
+
+
+def _suite_examples(limit: int, lengths=LENGTHS) -> dict[str, list[evaluation.TaskExamples]]:
+    return {
+        name: [evaluation.load_task_examples(t, "test", lengths, limit) for t in registry.get_suite(name).tasks]
+        for name in SUITES
+    }
+
+
+def _fake_generate(examples: list[evaluation.TaskExamples], answer_of) -> dict[str, evaluation.TaskResult]:
+    """Evaluates with a fake model that 'generates' `answer_of(task, example index)`."""
+    answers: dict[bytes, list[int]] = {}
+    for task in examples:
+        for i, ex in enumerate(task.features):
+            answer = task.vocabulary.encode(answer_of(task, i)) + [1]
+            # The fake tells examples apart by their prompt; a repeated prompt (MMLU has a few) must agree.
+            assert answers.setdefault(ex["inputs"].tobytes(), answer) == answer, task.name
+            answers[ex["inputs"].tobytes()] = answer
+
+    def decode(inputs: np.ndarray, max_decode_length: int) -> np.ndarray:
+        rows = [answers[row[row > 0].tobytes()] for row in inputs if row.any()]
+        out = np.zeros((len(inputs), max(len(r) for r in rows)), np.int32)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = r
+        return out
+
+    return evaluation.evaluate_tasks(examples, evaluation.ModelFns(decode, score=None), max_decode_length=8,
+                                     show_progress=False)
+
+
+@needs_data
+def test_gold_targets_score_100_and_a_constant_answer_its_frequency():
+    for suite, examples in _suite_examples(limit=12).items():
+        gold = _fake_generate(examples, lambda task, i: task.texts("targets")[i])
+        assert all(r.metrics["accuracy"] == 100.0 for r in gold.values()), (suite, gold)
+
+        for task in examples:
+            postprocess = task.task.postprocess_fn
+            answers = [postprocess(t, is_target=True) for t in task.texts("targets")]
+            constant, count = collections.Counter(answers).most_common(1)[0]
+            phrased = f"Let's think it over. So the answer is {constant}." if "cot" in suite else constant
+            result = _fake_generate([task], lambda t, i: phrased)[task.name]
+            assert result.metrics["accuracy"] == pytest.approx(100.0 * count / len(answers)), (task.name, constant)
+
+
+@needs_data
+def test_bbh_cot_exemplars_extract_to_their_published_answers():
+    for name in bbh.TASKS:
+        text = (DATA / "bbh" / "cot-prompts" / f"{name}.txt").read_text()
+        _, exemplars, _ = bbh.parse_prompt(text)
+        targets = {ex["target"] for ex in json.loads((DATA / "bbh" / "bbh" / f"{name}.json").read_text())["examples"]}
+        # The exemplar's reply as the file writes it, from "Let's think step by step." to the period.
+        reply_start = text.index("A: Let's think step by step.")
+        assert exemplars and text[reply_start:].count("So the answer is") >= len(exemplars)
+        for exemplar in exemplars:
+            reply = f"Let's think step by step. {exemplar['rationale']} So the answer is {exemplar['answer']}."
+            assert registry.postprocess(reply) == exemplar["answer"], name
+            if len(targets) <= 20:  # A closed set of answers: the exemplars answer in the same phrasing.
+                assert exemplar["answer"] in targets, (name, exemplar["answer"])
+
+
+@needs_data
+def test_rendered_bbh_cot_prompt_is_the_file_then_the_query():
+    for name in ("date_understanding", "sports_understanding", "word_sorting"):
+        file_text = (DATA / "bbh" / "cot-prompts" / f"{name}.txt").read_text()
+        query = json.loads((DATA / "bbh" / "bbh" / f"{name}.json").read_text())["examples"][0]["input"]
+        (example,) = evaluation.load_task_examples(f"bbh_{name}_cot", "test", LENGTHS, 1).features
+        expected = file_text.split("\n", 2)[2].strip() + f"\n\nQ: {query}\nA: Let's think step by step."
+        assert example["inputs_pretokenized"] == expected.encode()
+
+
+def test_answer_extraction_and_chance():
+    assert gsm8k.final_number("So the answer is $1,234.50.") == "1234.5"
+    assert gsm8k.final_number("He pays 3 + 4 = 7 dollars. The answer is 7 dollars.") == "7"
+    assert gsm8k.final_number("Total: 12 apples and 30 pears, 42.") == "42"
+    assert gsm8k.final_number("So the answer is -3.") == "-3"
+    assert gsm8k.final_number("no idea") == "no idea"
+    row = {"question": "Q?", "answer": "It is 2*3=<<2*3=6>>6.\nSo 6+1=<<6+1=7>>7\n#### 1,007"}
+    assert gsm8k.parse_row(row) == {"question": "Q?", "answer": "1007", "rationale": "It is 2*3=6. So 6+1=7"}
+    assert [mmlu.answer_letter(x) for x in ("B", "(C)", "D. 42", "So the answer is (A).", "The answer is B", "x")] == [
+        "B", "C", "D", "A", "B", "x"]
+    options = "Options:\n(A) red\n(B) blue\n(C) green"
+    prompt = f"Q: old\n{options}\n(D) extra\nA: (A)\n\nQ: new\n{options}\nA:"
+    assert bbh.chance(prompt, "(B)") == pytest.approx(1 / 3)
+    assert bbh.chance("Q: x\nA:", "So the answer is valid.") == 0.5
+    assert bbh.chance("Q: 2 + 2 =\nA:", "4") == 0.0
+    assert evaluation.normalize(50.0, 25.0) == pytest.approx(100 / 3)
+
+
+def _tiny_model(vocab_size: int) -> tuple[Transformer, dict]:
+    config = T5Config(vocab_size=vocab_size, emb_dim=32, num_heads=2, head_dim=16, num_encoder_layers=2,
+                      num_decoder_layers=2, mlp_dim=64, dropout_rate=0.0)
+    module = Transformer(config)
+    tokens = jnp.ones((1, 8), jnp.int32)
+    params = module.init(jax.random.key(1), tokens, tokens, tokens, enable_dropout=False)["params"]
+    return module, params
+
+
+@needs_data
+def test_rank_classification_picks_the_option_transformers_scores_highest():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from flan_jax.formats import hf
+
+    config = T5Config(vocab_size=vocab.get_default_vocabulary().vocab_size, emb_dim=32, num_heads=2, head_dim=16,
+                      num_encoder_layers=2, num_decoder_layers=2, mlp_dim=64, dropout_rate=0.0)
+    torch.manual_seed(0)
+    hf_model = transformers.T5ForConditionalGeneration(
+        transformers.T5Config(**{**hf.config_to_hf(config), "architectures": None})).eval()
+    # transformers 5.x ties lm_head to `shared` even with tie_word_embeddings=False.
+    hf_model.lm_head.weight = torch.nn.Parameter(torch.randn(config.vocab_size, config.emb_dim) * 0.5)
+    params = hf.params_from_hf_state_dict({k: v.numpy() for k, v in hf_model.state_dict().items()}, config)
+
+    lengths = {"inputs": 512, "targets": 8}
+    examples = [evaluation.load_task_examples(f"mmlu_{s}", "test", lengths, 6)
+                for s in ("anatomy", "virology", "marketing")]
+    fns = inference.ModelRunner(Transformer(config)).fns(params)
+    results = evaluation.evaluate_tasks(examples, fns, method="rank", target_length=8, show_progress=False)
+    chosen = []
+    for task in examples:
+        assert results[task.name].method == "rank"
+        for i, ex in enumerate(task.features):
+            options = task.options(i)
+            assert options == list(mmlu.LETTERS)
+            targets = [task.vocabulary.encode(o) + [1] for o in options]
+            padded = np.array([t + [0] * (max(map(len, targets)) - len(t)) for t in targets], np.int64)
+            with torch.no_grad():
+                logits = hf_model(input_ids=torch.tensor(ex["inputs"][None].astype(np.int64)).repeat(4, 1),
+                                  decoder_input_ids=torch.tensor(np.pad(padded[:, :-1], ((0, 0), (1, 0))))).logits
+            token_loglik = torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(padded)[..., None])[..., 0]
+            loglik = (token_loglik * torch.tensor(padded > 0)).sum(1)
+            ours = fns.score(np.repeat(ex["inputs"][None], 4, 0), padded.astype(np.int32))
+            np.testing.assert_allclose(ours, loglik.numpy(), rtol=1e-4, atol=1e-4)
+            chosen.append(options[int(np.argmax(loglik.numpy()))])
+    answers = [mmlu.answer_letter(t) for task in examples for t in task.texts("targets")]
+    expected = 100.0 * np.mean([c == a for c, a in zip(chosen, answers)])
+    assert np.mean([r.metrics["accuracy"] for r in results.values()]) == pytest.approx(expected)
+
+
+@needs_data
+def test_training_evaluation_ranks_multiple_choice_tasks_and_generates_the_rest(flan_cot_data):
+    ranked, generated = "flan_cot_qasc_zs_opt", "flan_cot_qasc_zs_cot"
+    registry.add_mixture("test_rank_mixture", [(ranked, 1.0), (generated, 1.0)])
+    registry.register_seqio()
+    evaluator = evaluation.Evaluator(
+        evaluation.EvalConfig("test_rank_mixture", num_examples=5, batch_size=4, method="rank"),
+        {"inputs": 256, "targets": 64},
+    )
+    (task,) = [t for t in evaluator.examples if t.name == ranked]
+    gold = {(ex["inputs"].tobytes(), tuple(task.vocabulary.encode(t) + [1]))
+            for ex, t in zip(task.features, task.texts("targets"))}
+
+    def score(inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:  # The gold option scores highest.
+        return np.array([0.0 if (i[i > 0].tobytes(), tuple(t[t > 0])) in gold else -1.0 for i, t in zip(inputs, targets)])
+
+    def decode(inputs: np.ndarray, max_decode_length: int) -> np.ndarray:
+        return np.ones((len(inputs), 2), np.int32)  # An empty answer.
+
+    metrics = evaluator.evaluate(evaluation.ModelFns(decode, score), step=0)
+    assert metrics[f"eval/{ranked}/accuracy"] == 100.0
+    assert metrics[f"eval/{generated}/accuracy"] == 0.0
+    assert metrics["eval/average_accuracy"] == 50.0
+
+
+@needs_data
+def test_over_length_prompts_are_counted_not_hidden():
+    whole = evaluation.load_task_examples("bbh_date_understanding_cot", "test", LENGTHS, 4)
+    assert whole.over_length == whole.truncated == 0
+    short = evaluation.load_task_examples("bbh_date_understanding_cot", "test", {"inputs": 400, "targets": 64}, 4)
+    assert short.over_length == 4  # Three exemplars do not fit in 400 tokens...
+    assert all(len(ex["inputs"]) <= 400 for ex in short.features)  # ...so some were dropped.
+    assert all(ex["prompt_tokens"] > 400 for ex in short.features)
+    tiny = evaluation.load_task_examples("bbh_date_understanding_cot", "test", {"inputs": 32, "targets": 64}, 4)
+    assert tiny.truncated == 4  # Even the query alone is cut.
+
+
+@needs_data
+def test_eval_suites_end_to_end_on_a_tiny_random_model(tmp_path, capsys):
+    from flan_jax import cli
+
+    module, params = _tiny_model(vocab.get_default_vocabulary().vocab_size)
+    run = formats.save_flan_jax(str(tmp_path / "run"), module.config, params, vocab.default_vocabulary_path(), 3)
+    output = tmp_path / "results.json"
+    cli.main(["eval", f"--checkpoint={run}", f"--suite={','.join(SUITES)}", "--limit=10", "--input_length=256",
+              "--target_length=4", "--method=rank", f"--output={output}"])
+    printed = capsys.readouterr().out
+    results = json.loads(output.read_text())
+    assert results["step"] == 3 and results["format"] == "flan_jax"
+    for name in SUITES:
+        report = results["suites"][name]
+        assert report["num_tasks"] == len(registry.get_suite(name).tasks)
+        assert all(row["num_examples"] == 10 for row in report["tasks"].values())
+        assert report["num_examples"] == 10 * report["num_tasks"]
+        assert 0.0 <= report["score"] <= 100.0 and report["over_length"] > 0
+        assert report["methods"] == (["rank"] if name == "mmlu_direct" else ["generate"]), name
+        assert name in printed
+    assert results["suites"]["mmlu_direct"]["chance"] == 25.0
+    assert set(results["suites"]["mmlu_cot"]["categories"]) == {"STEM", "humanities", "social sciences", "other"}
+    assert 0.0 < results["suites"]["bbh_direct"]["chance"] < 50.0
+    normalized = [r["normalized"] for r in results["suites"].values()]
+    assert results["normalized_average"] == pytest.approx(np.mean(normalized))
+    assert list(Path(str(output)[: -len(".json")] + "_tb").iterdir()), "no TensorBoard event files"
+    assert "normalized average" in printed and "over-length" in printed
+
+    other = dict(results, normalized_average=12.5)
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    cli.main(["eval", "--compare", str(output), str(tmp_path / "other.json")])
+    table = capsys.readouterr().out
+    assert "results.json" in table and "other.json" in table and "12.50" in table
+    assert all(name in table for name in SUITES)
+
+
+def test_eval_flags_and_unknown_suite_are_one_line_errors(tmp_path, capsys):
+    from flan_jax import cli
+
+    for argv, expected in (
+        (["eval", "--suite=bbh_nope", "--checkpoint=x"], "unknown suite 'bbh_nope'"),
+        (["eval", "--suite=bbh_cot", "--limit=0"], "--limit"),
+        (["eval", "--compare", str(tmp_path / "missing.json"), str(tmp_path / "b.json")], "no such results file"),
+        (["eval", "--compare", str(tmp_path / "one.json")], "two or more"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert expected in str(exit_info.value), (argv, exit_info.value)
