@@ -393,14 +393,13 @@ def run_suites(
     method: str = "generate",
     batch_size: int = 32,
     limit: int | None = None,
-    max_decode_length: int | None = None,
     show_progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Evaluates each suite; returns {"suites": {name: report}, "normalized_average", "seconds", ...}.
 
-    lengths: {"inputs", "targets"}; "targets" caps option targets (rank) and, unless
-    `max_decode_length` is given, each suite's decode length.
+    lengths: {"inputs", "targets"}; "targets" caps option targets (rank) and each
+    suite's decode length.
     """
     check_method(method, "--method")
     reports, start = {}, time.perf_counter()
@@ -411,7 +410,7 @@ def run_suites(
         examples = [load_task_examples(name, suite.split, lengths, limit) for name in suite.tasks]
         results = evaluate_tasks(
             examples, fns, method=method, batch_size=batch_size,
-            max_decode_length=max_decode_length or min(suite.max_decode_length, lengths["targets"]),
+            max_decode_length=min(suite.max_decode_length, lengths["targets"]),
             target_length=lengths["targets"], description=suite.name, show_progress=show_progress,
         )
         reports[suite.name] = suite_report(suite, examples, results)
