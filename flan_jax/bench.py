@@ -112,10 +112,12 @@ def bench_data(
     repeats: int = 5,
     batches_per_repeat: int = 50,
     seed: int = 0,
+    packer: str | None = None,
 ) -> dict[str, float]:
     """Examples/s and tokens/s of the whole input pipeline (render, tokenize, pack, batch), and fill rates.
 
-    `mixture` defaults to `flan_cot` when it is registered, else `builtin_train`.
+    `mixture` defaults to `flan_cot` when it is registered, else `builtin_train`;
+    `packer` ("best_fit" or "seqio") to the one configured for training.
     The figures are medians over `repeats` timings of `batches_per_repeat`
     batches each, after the first batch and one untimed repeat (warm-up:
     building the pipeline, filling shuffle buffers and the packer).
@@ -129,8 +131,10 @@ def bench_data(
 
     if mixture is None:
         mixture = "flan_cot" if "flan_cot" in seqio.MixtureRegistry.names() else "builtin_train"
+    packer = data.configured_packing()[0] if packer is None else data.check_packer(packer, "packer")
     start = time.perf_counter()
-    batches = data.get_train_dataset(mixture, task_feature_lengths, batch_size, seed=seed).as_numpy_iterator()
+    batches = data.get_train_dataset(mixture, task_feature_lengths, batch_size, seed=seed,
+                                     packer=packer).as_numpy_iterator()
     try:
         next(batches)
         first_batch = time.perf_counter() - start
@@ -142,7 +146,7 @@ def bench_data(
     fills = [f for _, _, _, fs in runs for f in fs]
     fill = {key: float(np.mean([f[key] for f in fills])) for key in fills[0]}
     examples_per_row = sum(n for _, n, _, _ in runs) / (len(runs) * batches_per_repeat * batch_size)
-    print(f"data: {mixture}, lengths {dict(task_feature_lengths)}, batch {batch_size}, "
+    print(f"data: {mixture}, lengths {dict(task_feature_lengths)}, packer {packer}, batch {batch_size}, "
           f"median of {repeats} x {batches_per_repeat} batches, {os.cpu_count()} CPUs")
     print(f"first batch after {first_batch:.1f} s (pipeline start-up)")
     print(f"{examples_per_sec:10,.0f} examples/s  {tokens_per_sec:12,.0f} tokens/s  "

@@ -8,6 +8,7 @@
   flan-jax infer --checkpoint=PATH [--decode=greedy|beam|sample] [PROMPT ...]   (stdin if none)
   flan-jax convert SRC DST [--to=flan-jax|hf]
   flan-jax bench decode|data
+  flan-jax bench collection --dir=DIR [--generate_gb=2 --format=jsonl]
   flan-jax bench train --gin_file=models/flan_t5_base.gin [--batch_size=32 --lengths=1024,256 --compare_hf]
   flan-jax data list | show TASK_MIXTURE_OR_FAMILY [--variant=fs_cot] [-n 3] | stats TASK_OR_MIXTURE
 
@@ -311,7 +312,8 @@ def _cmd_data(args: argparse.Namespace) -> None:
         data_inspect.show(args.name, variant=args.variant, n=args.n, split=args.split)
     else:
         lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
-        data_inspect.stats(args.name, split=args.split, num_examples=args.num_examples, task_feature_lengths=lengths)
+        data_inspect.stats(args.name, split=args.split, num_examples=args.num_examples, task_feature_lengths=lengths,
+                           fill=args.fill, max_truncated=args.max_truncated)
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
@@ -320,7 +322,18 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     if args.what == "decode":
         bench.bench_decode(repeats=args.repeats, compare_hf=not args.no_hf)
     elif args.what == "data":
-        bench.bench_data(args.mixture, repeats=args.repeats)
+        from flan_jax import data
+
+        inputs, targets = _positive_ints("--lengths", args.lengths, "1024,256", count=2)
+        packers = [data.check_packer(p, "--packer") for p in args.packer.split(",")] if args.packer else [None]
+        for i, packer in enumerate(packers):  # One after the other, to compare them in the same run.
+            if i:
+                print()
+            bench.bench_data(args.mixture, {"inputs": inputs, "targets": targets}, repeats=args.repeats, packer=packer)
+    elif args.what == "collection":
+        from flan_jax import bench_collection
+
+        bench_collection.bench_collection(args.dir, generate_gb=args.generate_gb, file_format=args.format)
     else:
         from flan_jax import bench_train
 
@@ -355,6 +368,12 @@ def _check_flags(args: argparse.Namespace) -> None:
         _positive_ints("--lengths", args.lengths, "1024,256", count=2)
         if args.layers:
             _positive_ints("--layers", args.layers, "2,24")
+    elif args.command == "bench" and args.what == "data":
+        _positive_ints("--lengths", args.lengths, "1024,256", count=2)
+    elif args.command == "bench" and args.what == "collection":
+        if not args.dir:
+            raise UserError("bench collection: --dir is required (an export, or where to make one with --generate_gb)")
+        errors.require("--generate_gb", args.generate_gb, errors.Check("a number >= 0", lambda v: v >= 0))
     elif args.command == "eval":
         for flag in ("batch_size", "input_length", "target_length"):
             errors.require(f"--{flag}", getattr(args, flag), errors.POSITIVE_INT)
@@ -367,6 +386,9 @@ def _check_flags(args: argparse.Namespace) -> None:
     elif args.command == "data" and args.data_command == "stats":
         for flag in ("num_examples", "inputs_length", "targets_length"):
             errors.require(f"--{flag}", getattr(args, flag), errors.POSITIVE_INT)
+        if args.fill is not None:
+            errors.require("--fill", args.fill, errors.Check("a number in (0, 1]", lambda v: 0 < v <= 1))
+        errors.require("--max_truncated", args.max_truncated, errors.FRACTION)
 
 
 def _message(error: UserError) -> str:
@@ -415,10 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="step of a flan-jax run (default: best, else latest)")
     p.add_argument("--vocab", help="spiece.model to bundle, for sources that carry none")
     p = sub.add_parser("bench", help="benchmarks that print figures")
-    p.add_argument("what", choices=["decode", "data", "train"])
+    p.add_argument("what", choices=["decode", "data", "train", "collection"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch_size", type=int, default=32, help="train: global batch")
-    p.add_argument("--lengths", default="1024,256", help="train: inputs,targets lengths")
+    p.add_argument("--lengths", default="1024,256", help="train, data: inputs,targets lengths")
     p.add_argument("--steps", type=int, default=10, help="train: timed steps")
     p.add_argument("--num_microbatches", type=int, default=1, help="train: gradient accumulation")
     p.add_argument("--layers", help="train: comma-separated depths (encoder = decoder) to benchmark in turn, e.g. 2,24")
@@ -427,6 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile_dir", help="train: trace 3 steps there and print time per model part")
     p.add_argument("--no_hf", action="store_true", help="decode: skip the transformers comparison")
     p.add_argument("--mixture", help="data: task or mixture (default: flan_cot if registered, else builtin_train)")
+    p.add_argument("--packer", help="data: best_fit, seqio, or both comma-separated to compare them "
+                                    "(default: get_train_dataset.packer)")
+    p.add_argument("--dir", help="collection: a Flan Collection export (made there first with --generate_gb)")
+    p.add_argument("--generate_gb", type=float, default=0.0,
+                   help="collection: write a made-up export of this many GB to --dir if it does not exist")
+    p.add_argument("--format", choices=["jsonl", "jsonl.gz", "parquet"], default="jsonl",
+                   help="collection: the made-up export's file format")
     p = sub.add_parser("data", help="inspect registered tasks and mixtures")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     data_sub.add_parser("list", help="mixtures, task families and their variants")
@@ -441,6 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--num_examples", type=int, default=2000)
     q.add_argument("--inputs_length", type=int, default=1024)
     q.add_argument("--targets_length", type=int, default=256)
+    q.add_argument("--fill", type=float, help="also suggest lengths at which best-fit packing fills this share "
+                                              "of the rows' positions (inputs and targets together), e.g. 0.9")
+    q.add_argument("--max_truncated", type=float, default=0.01,
+                   help="with --fill: most share of examples a suggested length may cut (default 0.01)")
     return parser
 
 

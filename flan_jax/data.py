@@ -1,7 +1,9 @@
 """From a SeqIO task or mixture to packed, batched numpy arrays.
 
 The path is: registered Task/Mixture -> seqio.EncDecFeatureConverter (packing
-optional) -> fixed-size batches. Iteration is deterministic for a given seed,
+optional) -> fixed-size batches. Packing is best-fit by default (flan_jax/packing.py:
+denser rows than seqio's sequential packer); `get_train_dataset.packer = "seqio"`
+selects seqio's own. Iteration is deterministic for a given seed,
 so a run resumed at step N continues with batch N exactly.
 
 Resuming at batch N by skipping costs as long as producing N batches did:
@@ -42,6 +44,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from flan_jax import errors, packing
 from flan_jax.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -63,7 +66,33 @@ def get_mixture_or_task(name: str) -> seqio.Task | seqio.Mixture:
 INPUT_SHARDINGS = ("source", "global_batch")
 
 
-def feature_converter(pack: bool) -> seqio.EncDecFeatureConverter:
+PACKERS = ("best_fit", "seqio")
+DEFAULT_PACKER = "best_fit"
+
+
+def check_packer(packer: str, key: str = "get_train_dataset.packer") -> str:
+    """`packer` if it is one of PACKERS, else a UserError naming `key` and the accepted values."""
+    errors.require(key, packer, errors.one_of(*PACKERS))
+    return packer
+
+
+def configured_packing() -> tuple[str, int]:
+    """(packer, buffer size) as `get_train_dataset` is configured in gin, for code that packs outside training."""
+    bindings = gin.get_bindings(get_train_dataset)
+    return (check_packer(bindings.get("packer", DEFAULT_PACKER)),
+            bindings.get("pack_buffer_size", packing.DEFAULT_BUFFER_SIZE))
+
+
+def feature_converter(
+    pack: bool, packer: str | None = None, buffer_size: int | None = None
+) -> seqio.EncDecFeatureConverter:
+    """seqio's encoder-decoder converter; with `pack`, packing by `packer` ("best_fit": packing.py, over
+    blocks of `buffer_size` examples; "seqio": seqio's sequential packer). None: as get_train_dataset is
+    configured."""
+    configured, configured_size = configured_packing()
+    packer = configured if packer is None else check_packer(packer, "packer")
+    if pack and packer == "best_fit":
+        return packing.BestFitEncDecFeatureConverter(pack=True, buffer_size=buffer_size or configured_size)
     return seqio.EncDecFeatureConverter(pack=pack)
 
 
@@ -81,6 +110,8 @@ def get_train_dataset(
     shard_index: int = 0,
     num_shards: int = 1,
     input_sharding: str = "source",
+    packer: str = DEFAULT_PACKER,
+    pack_buffer_size: int = packing.DEFAULT_BUFFER_SIZE,
 ) -> tf.data.Dataset:
     """An endless, deterministic dataset of model-feature batches.
 
@@ -100,7 +131,14 @@ def get_train_dataset(
         "global_batch" builds global batches of `batch_size * num_shards`
         rows from all examples and keeps the `shard_index`-th block of
         `batch_size` consecutive rows of each.
+      packer: with `pack`, "best_fit" (flan_jax/packing.py: best-fit-decreasing
+        over blocks of `pack_buffer_size` examples; denser) or "seqio" (seqio's
+        sequential packer).
+      pack_buffer_size: examples packed together by "best_fit": more pack
+        denser, but take more memory and make saved input states larger.
     """
+    check_packer(packer)
+    errors.require("get_train_dataset.pack_buffer_size", pack_buffer_size, errors.POSITIVE_INT)
     if input_sharding not in INPUT_SHARDINGS:
         raise UserError(f"input_sharding={input_sharding!r}: expected one of {', '.join(map(repr, INPUT_SHARDINGS))}")
     if not 0 <= shard_index < num_shards:
@@ -110,7 +148,7 @@ def get_train_dataset(
     ds = seqio.get_dataset(
         mixture_or_task_name,
         task_feature_lengths=dict(task_feature_lengths),
-        feature_converter=feature_converter(pack),
+        feature_converter=feature_converter(pack, packer, pack_buffer_size),
         dataset_split=split,
         shuffle=shuffle,
         num_epochs=None,
@@ -156,12 +194,15 @@ class TrainIterator:
         **dataset_kwargs: Any,
     ) -> None:
         """`dataset_kwargs` go to `get_train_dataset` (split, seed, pack, shuffle, shard_index, num_shards,
-        input_sharding)."""
+        input_sharding, packer, pack_buffer_size)."""
         # What must match for a saved state to be restored into this pipeline.
+        packer, pack_buffer_size = configured_packing()  # Also when set in gin, not here.
         self._spec = {
             "mixture_or_task_name": mixture_or_task_name,
             "task_feature_lengths": dict(task_feature_lengths),
             "batch_size": batch_size,
+            "packer": packer,
+            "pack_buffer_size": pack_buffer_size,
             **dataset_kwargs,
         }
         process = dataset_kwargs.get("shard_index", 0) if process_index is None else process_index

@@ -19,7 +19,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from flan_jax import data
+from flan_jax import data, errors, packing
 from flan_jax.errors import UserError
 from tasks import mixing
 
@@ -89,6 +89,7 @@ def list_registered() -> dict[str, Any]:
             "variants": sorted({variant for _, variant in split if variant}),
             "entries": sorted(e for e in mixture.rate_per_task_name if e in seqio.MixtureRegistry.names()),
             "missing_collections": list(recipes[name].missing) if name in recipes else [],
+            "collections": _collections(name, recipes[name]) if name in recipes else {},
         }
     result = {"mixtures": mixtures, "families": dict(families), "other_tasks": other}
 
@@ -100,6 +101,8 @@ def list_registered() -> dict[str, Any]:
         if info["entries"]:
             line += f"; mixes {', '.join(info['entries'])}"
         print(line)
+        for c, about in info["collections"].items():
+            print(f"  {'':<24} {c:<7} {about['share']:6.1%}  {about['describe']}")
         if info["missing_collections"]:
             print(f"  {'':<24} recipe collections not here: {', '.join(info['missing_collections'])} "
                   "(shares renormalised over the others)")
@@ -116,6 +119,32 @@ def list_registered() -> dict[str, Any]:
             print(f"  {prefix} ({len(names)}):")
             print(_wrap(names))
     return result
+
+
+def _collections(name: str, recipe: mixing.RecipeMixture) -> dict[str, dict[str, Any]]:
+    """{collection: share, entry and what it reads} of a recipe mixture; an export's by template type."""
+    from tasks import collection
+
+    out = {}
+    for c, share in recipe.shares.items():
+        entry = f"{name}_{c}"
+        about: dict[str, Any] = {"share": share, "entry": entry}
+        provider = seqio.get_mixture_or_task(entry)
+        source = getattr(provider, "source", None)
+        if isinstance(source, collection.StreamSource):
+            by_template: dict[str, float] = collections.defaultdict(float)
+            for (_, template), s in source.shares().items():
+                by_template[template] += s
+            about.update(source="export", directory=source.index.directory, rows=source.index.rows,
+                         kinds=len(source.keep), template_shares=dict(sorted(by_template.items())))
+            about["describe"] = (f"export {source.index.directory}: {len(source.keep):,} tasks x template types, "
+                                 f"{source.index.rows:,} rows; " +
+                                 ", ".join(f"{t} {s:.0%}" for t, s in about["template_shares"].items()))
+        else:
+            tasks = _tasks_of(provider)
+            about.update(source="tasks", kinds=len(tasks), describe=f"{len(tasks)} registered tasks ({entry})")
+        out[c] = about
+    return out
 
 
 # --- show -------------------------------------------------------------------------------
@@ -205,7 +234,8 @@ def _percentiles(values: Sequence[int]) -> dict[str, int]:
 
 
 def _pack(examples: Sequence[Mapping[str, np.ndarray]], lengths: Mapping[str, int]) -> dict[str, np.ndarray]:
-    """Packs token sequences as training does (seqio's EncDecFeatureConverter); returns all rows stacked."""
+    """Packs token sequences as training does (the packer `get_train_dataset` is configured with); returns all
+    rows stacked."""
     signature = {k: tf.TensorSpec([None], tf.int32) for k in FEATURES}
     ds = tf.data.Dataset.from_generator(lambda: ({k: ex[k] for k in FEATURES} for ex in examples),
                                         output_signature=signature)
@@ -214,12 +244,78 @@ def _pack(examples: Sequence[Mapping[str, np.ndarray]], lengths: Mapping[str, in
     return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
 
 
+# Row lengths `suggest_lengths` tries: these inputs lengths, targets in multiples of TARGET_LENGTH_STEP.
+INPUT_LENGTH_CANDIDATES = (256, 512, 1024, 2048, 4096)
+TARGET_LENGTH_STEP = 64
+
+
+def suggest_lengths(
+    token_lengths: Mapping[str, Sequence[int]],
+    fill: float,
+    *,
+    max_truncated: float = 0.01,
+    input_lengths: Sequence[int] = INPUT_LENGTH_CANDIDATES,
+) -> dict[str, Any]:
+    """Row lengths at which best-fit packing of examples of these token lengths (EOS included) reaches `fill`.
+
+    The fill of a row is the share of its positions, inputs and targets
+    together, that hold tokens: padding is what it costs in memory and
+    compute. (Each feature alone rarely reaches 90%: rows fill up on one
+    feature, usually inputs, before the other.)
+
+    For each of `input_lengths`, target lengths in multiples of
+    TARGET_LENGTH_STEP are simulated (`packing.simulate`, lengths only) from
+    the shortest that cuts at most `max_truncated` of the examples (short
+    rows fill well by cutting examples, which is no gain) up to the first
+    that reaches `fill`, or until more target room saves no row (from there
+    on the fill only falls).
+
+    Returns {"fill", "max_truncated", "candidates": [{"inputs", "targets",
+    "fill": {"total", "inputs", "targets"}, "truncated": {feature: share}}]
+    (per inputs length the shortest targets reaching `fill`; shortest rows
+    first), "suggestion": the first candidate or None, "closest": the
+    best-filling length pair tried when none reaches `fill`}.
+    """
+    errors.require("fill", fill, errors.Check("a number in (0, 1]", lambda v: errors.POSITIVE_NUMBER.test(v) and v <= 1))
+    errors.require("max_truncated", max_truncated, errors.FRACTION)
+    lengths = {k: np.asarray(token_lengths[k], dtype=np.int64) for k in FEATURES}
+    longest_targets = int(lengths["targets"].max(initial=1))
+    tried, reaching = [], []
+    for inputs in input_lengths:
+        last_rows = None
+        for targets in range(TARGET_LENGTH_STEP, max(inputs, longest_targets) + TARGET_LENGTH_STEP, TARGET_LENGTH_STEP):
+            caps = {"inputs": inputs, "targets": targets}
+            truncated = {k: float(np.mean(lengths[k] > caps[k])) if len(lengths[k]) else 0.0 for k in FEATURES}
+            if max(truncated.values()) > max_truncated:
+                continue
+            sim = packing.simulate(lengths, caps)
+            total = sum(sim.fill[k] * caps[k] for k in FEATURES) / sum(caps.values())
+            tried.append({"inputs": inputs, "targets": targets, "fill": {"total": total, **sim.fill},
+                          "truncated": truncated})
+            if total >= fill:
+                reaching.append(tried[-1])
+                break
+            if last_rows is not None and sim.rows >= last_rows:
+                break
+            last_rows = sim.rows
+    reaching.sort(key=lambda c: (c["inputs"] + c["targets"], c["inputs"]))  # Shortest rows first.
+    return {
+        "fill": fill,
+        "max_truncated": max_truncated,
+        "candidates": reaching,
+        "suggestion": reaching[0] if reaching else None,
+        "closest": None if reaching or not tried else max(tried, key=lambda c: c["fill"]["total"]),
+    }
+
+
 def stats(
     name: str,
     split: str = "train",
     num_examples: int = 2000,
     task_feature_lengths: Mapping[str, int] = DEFAULT_LENGTHS,
     seed: int = 0,
+    fill: float | None = None,
+    max_truncated: float = 0.01,
 ) -> dict[str, Any]:
     """Prints and returns what `num_examples` examples of a task or mixture look like to training.
 
@@ -228,8 +324,13 @@ def stats(
     (shuffled). Reported: per-task and per-variant shares (configured and
     sampled); input and target lengths in tokens, EOS included, before
     truncation (p50/p90/p99/max) and how many exceed `task_feature_lengths`;
-    packing: the examples packed by seqio's EncDecFeatureConverter at those
-    lengths, and the share of non-padding tokens (fill rate) of the rows.
+    packing: the examples packed at those lengths as training packs them
+    (`get_train_dataset.packer`), and the share of non-padding tokens (fill
+    rate) of the rows. With `fill` (e.g. 0.9), also the row lengths at which
+    best-fit packing of the sample would fill that share of the rows
+    (`suggest_lengths`, under "fill_suggestion"), simulated on the token
+    lengths: few-shot prompts were fitted to `task_feature_lengths`, so at
+    other input lengths they would hold more or fewer exemplars.
     """
     _get(name)
     configured = {t: s for t, s in mixing.task_shares(name).items()
@@ -254,7 +355,7 @@ def stats(
         for k in FEATURES:
             token_lengths[k].append(_token_length(ex[f"{k}_pretokenized"], features[k]))
     rows = _pack(sample, task_feature_lengths)
-    fill = data.fill_rates(rows)
+    fill_rates = data.fill_rates(rows)
 
     sampled = {t: counts[t] / len(order) for t in configured}
     result = {
@@ -272,11 +373,37 @@ def stats(
         "packing": {
             "rows": len(rows["encoder_input_tokens"]),
             "examples_per_row": len(sample) / len(rows["encoder_input_tokens"]),
-            "fill_rate": {k: fill[f"fill_rate/{k}"] for k in FEATURES},
+            "packer": data.configured_packing()[0],
+            "fill_rate": {k: fill_rates[f"fill_rate/{k}"] for k in FEATURES},
         },
     }
+    if template_shares := _export_template_shares(configured, sampled, drawn):
+        result["export_template_shares"] = template_shares
+    if fill is not None:
+        result["fill_suggestion"] = suggest_lengths(token_lengths, fill, max_truncated=max_truncated)
     _print_stats(result)
     return result
+
+
+def _export_template_shares(configured: Mapping[str, float], sampled: Mapping[str, float],
+                            drawn: Mapping[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """{"<stream task>/<template type>": configured and sampled shares} for tasks streaming a Flan Collection
+    export (one task mixes a whole submixture, so its template types are shown here instead of as tasks)."""
+    from tasks import collection
+
+    out = {}
+    for task, share in configured.items():
+        source = seqio.get_mixture_or_task(task).source
+        if not isinstance(source, collection.StreamSource):
+            continue
+        expected: dict[str, float] = collections.defaultdict(float)
+        for (_, template), s in source.shares().items():
+            expected[template] += s
+        seen = collections.Counter(ex["template_type"].decode() for ex in drawn.get(task, []))
+        for template in sorted(expected):
+            fraction = seen[template] / max(sum(seen.values()), 1)
+            out[f"{task}/{template}"] = {"configured": share * expected[template], "sampled": sampled[task] * fraction}
+    return out
 
 
 def _print_stats(r: Mapping[str, Any]) -> None:
@@ -289,6 +416,10 @@ def _print_stats(r: Mapping[str, Any]) -> None:
     print(f"\n{'variant':<40} {'configured':>10} {'sampled':>9}")
     for variant, s in sorted(r["variant_shares"].items(), key=lambda kv: -kv[1]["configured"]):
         print(f"{str(variant or '(none)'):<40} {s['configured']:10.2%} {s['sampled']:9.2%}")
+    if r.get("export_template_shares"):
+        print(f"\n{'Flan Collection export: template type':<40} {'configured':>10} {'sampled':>9}")
+        for key, s in r["export_template_shares"].items():
+            print(f"{key:<40} {s['configured']:10.2%} {s['sampled']:9.2%}")
     print(f"\n{'tokens (EOS incl.)':<20}" + "".join(f"{p:>7}" for p in [*(f"p{q}" for q in PERCENTILES), "max"])
           + f"{'truncated':>12}")
     for k in FEATURES:
@@ -296,5 +427,26 @@ def _print_stats(r: Mapping[str, Any]) -> None:
         share = r["truncated"][k] / r["num_examples"]
         print(f"{k:<20}" + "".join(f"{v:7d}" for v in row.values()) + f"{r['truncated'][k]:6d} ({share:.1%})")
     p = r["packing"]
-    print(f"\npacked: {p['rows']} rows, {p['examples_per_row']:.2f} examples per row; fill rate "
+    print(f"\npacked ({p['packer']}): {p['rows']} rows, {p['examples_per_row']:.2f} examples per row; fill rate "
           f"inputs {p['fill_rate']['inputs']:.1%}, targets {p['fill_rate']['targets']:.1%}")
+    if "fill_suggestion" in r:
+        _print_fill_suggestion(r["fill_suggestion"])
+
+
+def _print_fill_suggestion(s: Mapping[str, Any]) -> None:
+    def describe(c: Mapping[str, Any]) -> str:
+        fill, cut = c["fill"], c["truncated"]
+        return (f"inputs {c['inputs']:5d}, targets {c['targets']:5d}: fill {fill['total']:.1%} "
+                f"(inputs {fill['inputs']:.1%}, targets {fill['targets']:.1%}); "
+                f"truncated inputs {cut['inputs']:.1%}, targets {cut['targets']:.1%}")
+
+    print(f"\nlengths at which best-fit packing fills >= {s['fill']:.0%} of the rows (inputs and targets together) "
+          f"and cuts <= {s['max_truncated']:.0%} of the examples; the shortest targets for each inputs length:")
+    for c in s["candidates"]:
+        print(f"  {describe(c)}")
+    if s["suggestion"]:
+        print(f"suggested: --inputs_length={s['suggestion']['inputs']} --targets_length={s['suggestion']['targets']}")
+    else:
+        print("  (none)")
+        if s["closest"]:
+            print(f"closest: {describe(s['closest'])}")

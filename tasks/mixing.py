@@ -121,21 +121,19 @@ def example_proportional(
 def add_mixture(name: str, entries: Mapping[str, registry.MixtureRate] | Sequence[tuple[str, registry.MixtureRate]]) -> None:
     """Registers a SeqIO mixture of tasks and/or mixtures with the given rates.
 
-    If every entry is registered already (e.g. in a notebook), the mixture is
-    registered now. Otherwise (in a tasks/ module, before `import tasks` has
-    registered anything) it is recorded in tasks/registry.py, whose
-    `register_seqio` registers it after the tasks it names. Add a nested
-    mixture before the mixtures that contain it.
+    It is recorded in tasks/registry.py, whose `register_seqio` registers
+    it after the tasks and mixtures it names (so files may add them in any
+    order); if every entry is registered already (e.g. in a notebook), it
+    is also registered now.
     """
     entries = list(entries.items()) if isinstance(entries, Mapping) else list(entries)
     if not entries:
         raise ValueError(f"mixture {name!r} has no entries")
+    registry.add_mixture(name, entries)  # Recorded either way, so `register_seqio` keeps the latest.
     known = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
     if all(entry in known for entry, _ in entries):
         seqio.MixtureRegistry.remove(name)
         seqio.MixtureRegistry.add(name, entries)
-    else:
-        registry.add_mixture(name, entries)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +171,7 @@ def add_recipe(
     collections: Mapping[str, Sequence[str]],
     recipe: Mapping[str, Collection] = FLAN_2022,
     *,
+    streams: Mapping[str, str] | None = None,
     variant_weights: Mapping[str, float] | None = None,
     split: str = "train",
     warn: bool = True,
@@ -183,6 +182,10 @@ def add_recipe(
       name: the mixture to register; collection `c` is registered as `{name}_{c}`.
       collections: {collection: its task names}; keys must be in `recipe`.
       recipe: {collection: Collection(rate, cap)}, e.g. FLAN_2022.
+      streams: {collection: task} for collections already mixed inside one
+        task (tasks/collection.py thins a submixture to the recipe's caps);
+        the task is taken at the collection's share as it is. A collection
+        in both arguments is taken from `streams`.
       variant_weights: passed to `example_proportional` for every collection.
       split: whose example counts set the rates.
       warn: log a warning when collections of the recipe are missing.
@@ -190,10 +193,13 @@ def add_recipe(
     Returns the share of `name` of each collection present (the recipe's
     rates renormalised to sum to 1) and the missing collections.
     """
-    unknown = sorted(set(collections) - set(recipe))
+    streams = dict(streams or {})
+    unknown = sorted((set(collections) | set(streams)) - set(recipe))
     if unknown:
         raise ValueError(f"collections {unknown} are not in the recipe; it has {sorted(recipe)}")
-    present = {c: list(tasks) for c, tasks in collections.items() if tasks}
+    present: dict[str, list[str] | str] = {c: list(tasks) for c, tasks in collections.items() if tasks}
+    present.update(streams)
+    present = {c: present[c] for c in recipe if c in present}
     if not present:
         raise ValueError(f"recipe {name!r}: none of its collections {sorted(recipe)} has a task")
     missing = tuple(c for c in recipe if c not in present)
@@ -202,12 +208,18 @@ def add_recipe(
                        name, ", ".join(missing), ", ".join(present))
     total = sum(recipe[c].rate for c in present)
     shares = {c: recipe[c].rate / total for c in present}
+    entries = {}
     for c, tasks in present.items():
+        if isinstance(tasks, str):
+            registry.remove_mixture(f"{name}_{c}")  # What an earlier call may have registered instead.
+            entries[tasks] = shares[c]
+            continue
         rates = example_proportional(tasks, recipe[c].cap, variant_weights=variant_weights, split=split)
         if not rates:
             raise ValueError(f"recipe {name!r}: variant_weights leave collection {c!r} no task")
         add_mixture(f"{name}_{c}", rates)
-    add_mixture(name, {f"{name}_{c}": share for c, share in shares.items()})
+        entries[f"{name}_{c}"] = shares[c]
+    add_mixture(name, entries)
     _RECIPES[name] = RecipeMixture(shares, missing)
     return _RECIPES[name]
 

@@ -21,6 +21,8 @@ disjoint even where a family's space of questions is small.
 Any other `Source` (e.g. a `sources.LoadedSource` reading real files) is
 recorded with `add_source(source, {task name: variant})`, its mixtures with
 `add_mixture`; `register_seqio` registers those too, with the same pipeline.
+Text already rendered (the Flan Collection export, tasks/collection.py) is
+a SeqIO data source recorded with `add_text_task`: tokenize -> EOS only.
 
 Each task's pipeline: a `seqio.FunctionDataSource` (the split's indices,
 permuted when shuffling, mapped to raw examples) -> `render_preprocessor`
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -57,6 +60,8 @@ import tensorflow as tf
 from flan_jax import evaluation
 from flan_jax.errors import UserError
 from tasks import sources, templates
+
+logger = logging.getLogger(__name__)
 
 TRAIN_MIXTURE = "builtin_train"
 HELDOUT_MIXTURE = "builtin_heldout"
@@ -139,6 +144,7 @@ _FAMILIES: dict[str, Family] = {}
 _SOURCES: dict[str, tuple[Source, dict[str, str]]] = {}  # By source name: (source, {task name: variant}).
 _MIXTURES: dict[str, list[tuple[str, MixtureRate]]] = {}
 _SUITES: dict[str, evaluation.Suite] = {}
+_TEXT_TASKS: dict[str, tuple[seqio.DataSource, int]] = {}  # By task name: (source, shuffle buffer).
 
 
 def add_family(family: Family) -> Family:
@@ -192,12 +198,35 @@ def get_source(name: str) -> Source:
 
 
 def add_mixture(name: str, tasks: Sequence[tuple[str, MixtureRate]]) -> None:
-    """Records a mixture of (task name, rate); `register_seqio` registers it.
+    """Records a mixture of (task name, rate); `register_seqio` registers it after the entries it names.
 
     A rate may be a function of the task, evaluated when a dataset is built
     (e.g. a file's row count, which is not known before the file is read).
     """
     _MIXTURES[name] = list(tasks)
+
+
+def add_text_task(name: str, source: seqio.DataSource, *, shuffle_buffer_size: int = 2_000) -> str:
+    """Records a task whose source yields rendered text {"inputs", "targets", ...}; returns its name.
+
+    Its pipeline is tokenize -> EOS (nothing to render), its metric exact
+    match. `register_seqio` registers it; the name replaces any earlier one.
+    """
+    seqio.TaskRegistry.remove(name)
+    _TEXT_TASKS[name] = (source, shuffle_buffer_size)
+    return name
+
+
+def remove_text_task(name: str) -> None:
+    """Forgets a task of `add_text_task` and unregisters it."""
+    _TEXT_TASKS.pop(name, None)
+    seqio.TaskRegistry.remove(name)
+
+
+def remove_mixture(name: str) -> None:
+    """Forgets a mixture of `add_mixture` and unregisters it."""
+    _MIXTURES.pop(name, None)
+    seqio.MixtureRegistry.remove(name)
 
 
 def add_suite(suite: evaluation.Suite) -> None:
@@ -434,5 +463,30 @@ def register_seqio(vocabulary: seqio.Vocabulary | None = None) -> None:
     _add_mixture(EVAL_MIXTURE, heldout + validation)
     for source, tasks in _SOURCES.values():
         _register_tasks(source, tasks, vocabulary)
-    for name, tasks in _MIXTURES.items():
-        _add_mixture(name, tasks)
+    text_features = {
+        "inputs": seqio.Feature(vocabulary, add_eos=True),
+        "targets": seqio.Feature(vocabulary, add_eos=True),
+    }
+    for name, (source, buffer_size) in _TEXT_TASKS.items():
+        seqio.TaskRegistry.remove(name)
+        seqio.TaskRegistry.add(
+            name, source=source, output_features=text_features,
+            preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+            metric_fns=[t5.evaluation.metrics.accuracy], shuffle_buffer_size=buffer_size,
+        )
+    # Nested mixtures after the mixtures they name, whatever order the files recorded them in.
+    pending = dict(_MIXTURES)
+    for name in pending:
+        seqio.MixtureRegistry.remove(name)
+    while pending:
+        known = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
+        ready = [name for name, tasks in pending.items() if all(entry in known for entry, _ in tasks)]
+        if not ready:  # They name tasks removed since (or never added): dropped, as seqio could not build them.
+            logger.warning("mixtures %s are not registered: they name %s, which are not registered",
+                           ", ".join(sorted(pending)),
+                           ", ".join(sorted({e for tasks in pending.values() for e, _ in tasks} - known)))
+            for name in pending:
+                del _MIXTURES[name]
+            break
+        for name in ready:
+            _add_mixture(name, pending.pop(name))

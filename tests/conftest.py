@@ -108,6 +108,7 @@ EXPECTED_SECONDS = {
     "tests/test_data_commands.py::test_stats_of_flan_cot": 25,
     "tests/test_formats.py::test_t5x_checkpoints_restore_onto_a_sharded_mesh": 25,
     "tests/test_data_commands.py::test_stats_of_builtin_train": 17,
+    "tests/test_packing.py::test_train_iterator_resumes_exactly_with_best_fit": 30,  # with its fixture: 2 pipelines
     "tests/test_cli.py::test_infer_on_missing_run_is_clear": 15,
     "tests/test_model.py::test_remat_and_dropout_under_scan": 15,
     "tests/test_data_commands.py::test_bench_data_runs": 12,
@@ -115,9 +116,14 @@ EXPECTED_SECONDS = {
     "tests/test_mixing.py::test_resume_by_skipping_continues_exactly": 12,
     "tests/test_mixing.py::test_resume_from_saved_position_continues_exactly": 9,
     "tests/test_multiprocess.py::test_global_batch_shards_concatenate_to_the_one_host_batch": 8,
+    "tests/test_packing.py::test_packed_logits_equal_unpacked": 6,
+    "tests/test_collection.py::test_flan2022_shares_follow_the_rates_caps_and_template_types": 25,
+    "tests/test_collection.py::test_iteration_is_deterministic_and_resumes_at_a_saved_position": 15,
+    "tests/test_collection.py::test_your_own_task_mixes_in_beside_the_collection": 9,
 }
 # Per file, for tests not listed above.
 FILE_DEFAULT_SECONDS = {
+    "tests/test_collection.py": 5,
     "tests/test_robustness.py": 40,  # subprocess training runs
     "tests/test_cli.py": 8,  # a subprocess each
     "tests/test_decoding.py": 8,

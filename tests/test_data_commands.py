@@ -72,9 +72,14 @@ def _check_stats(result: dict, num_examples: int) -> None:
         assert 0 < fill <= 1, feature
 
 def test_stats_of_builtin_train(capsys):
-    result = data_inspect.stats("builtin_train", num_examples=400, task_feature_lengths={"inputs": 256, "targets": 32})
+    result = data_inspect.stats("builtin_train", num_examples=400, task_feature_lengths={"inputs": 256, "targets": 32},
+                                fill=0.8)
     out = capsys.readouterr().out
     _check_stats(result, 400)
+    assert result["packing"]["packer"] == "best_fit"
+    suggestion = result["fill_suggestion"]["suggestion"]
+    assert suggestion["fill"]["total"] >= 0.8 and max(suggestion["truncated"].values()) <= 0.01
+    assert f"suggested: --inputs_length={suggestion['inputs']} --targets_length={suggestion['targets']}" in out
     shares = result["shares"]
     assert shares["builtin_dates_zs_cot"]["configured"] == pytest.approx(1 / 6 / 4)  # 6 families, 4 variants.
     assert result["truncated"]["targets"] > 0  # Many chains of thought are longer than 32 tokens.
