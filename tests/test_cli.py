@@ -171,8 +171,9 @@ def test_convert_infer_and_finetune_from_any_format(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Initialised from hf checkpoint" in result.stdout
     first_loss = json.loads((finetuned / "metrics.jsonl").read_text().splitlines()[0])["loss"]
-    # Starts where the source run ended, far below a fresh model's first loss.
-    assert first_loss < losses[0] - 1.0 and abs(first_loss - losses[-1]) < 1.5, (first_loss, losses)
+    # Starts from the trained weights: far below a fresh model's first loss (on the same first batch,
+    # which the source run trained on), and no worse than where the source run ended.
+    assert first_loss < losses[0] - 1.0 and first_loss < losses[-1] + 0.5, (first_loss, losses)
 
 
 def test_gin_vocabulary_binding_reregisters_tasks(tmp_path):
