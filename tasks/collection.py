@@ -3,7 +3,8 @@
 The FLAN repository (github.com/google-research/FLAN/tree/main/flan/v2,
 "Download") points to one dataset per submixture, rows of already rendered
 text. flan-jax reads that export from a directory (local or any file system
-TensorFlow knows, e.g. `gs://`) laid out as
+TensorFlow knows, e.g. `gs://`; or an http(s) URL with directory listings,
+mirrored to the cache directory on first use) laid out as
 
     ROOT/flan2021_submix_original/  *.jsonl | *.jsonl.gz | *.parquet (at any depth)
     ROOT/t0_submix_original/
@@ -50,6 +51,10 @@ import json
 import logging
 import os
 import re
+import shutil
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -264,8 +269,84 @@ def index_submixture(directory: str, *, progress: bool = True) -> SubmixIndex:
     return index
 
 
+# --- http(s) roots: mirrored to the cache directory once --------------------------------
+
+
+def _is_url(path: str) -> bool:
+    return path.startswith(("http://", "https://"))
+
+
+def _list_url(url: str, depth: int = 3) -> list[str] | None:
+    """The shard URLs under a directory URL, from its index pages (links); None if it is not there."""
+    url = url.rstrip("/") + "/"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            page = response.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return None
+        raise UserError(f"Flan Collection: cannot list {url}: {e}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise UserError(f"Flan Collection: cannot list {url}: {e}") from None
+    found = []
+    for href in dict.fromkeys(re.findall(r'href="([^"?#]+)"', page)):
+        child = urllib.parse.urljoin(url, href)
+        if not child.startswith(url) or child == url:
+            continue  # Parent directories, other sites, sorting links.
+        if child.endswith("/") and depth > 1:
+            found += _list_url(child, depth - 1) or []
+        elif _format(child):
+            found.append(child)
+    return sorted(found)
+
+
+def _mirror(root: str, directory: str, progress: bool) -> str | None:
+    """A local copy of the submixture `directory` of the export at URL `root`; None if it has none.
+
+    Downloaded once, file by file in 1 MB chunks (memory stays flat), under
+    the cache directory; files already there with the server's size are kept.
+    """
+    url = f"{root.rstrip('/')}/{directory}/"
+    files = _list_url(url)
+    if not files:
+        return None
+    from tqdm import tqdm
+
+    local = os.path.join(sources.cache_dir(), "collection_mirror", hashlib.sha256(root.encode()).hexdigest()[:16],
+                         directory)
+    for file_url in tqdm(files, desc=f"mirroring {directory}", unit="file", disable=not progress):
+        path = os.path.join(local, urllib.parse.unquote(file_url[len(url):]))
+        try:
+            with urllib.request.urlopen(file_url, timeout=60) as response:
+                size = response.headers.get("Content-Length")
+                if os.path.exists(path) and size is not None and os.path.getsize(path) == int(size):
+                    continue
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path + ".part", "wb") as f:
+                    shutil.copyfileobj(response, f, 1 << 20)
+        except (urllib.error.URLError, OSError) as e:
+            raise UserError(f"Flan Collection: cannot download {file_url}: {e}") from None
+        os.replace(path + ".part", path)
+    return local
+
+
 def find_submixtures(root: str, *, progress: bool = True) -> dict[str, SubmixIndex]:
-    """{recipe collection: index} of the submixtures present under `root`."""
+    """{recipe collection: index} of the submixtures present under `root`.
+
+    `root` is a directory TensorFlow reads (local, gs://, ...) or an http(s)
+    URL whose directories have index pages listing their files (as web
+    servers' directory listings do); such an export is mirrored to the cache
+    directory on first use and read from there.
+    """
+    if _is_url(root):
+        present = {}
+        for collection, (directory, _) in SUBMIXTURES.items():
+            if (local := _mirror(root, directory, progress)) is not None:
+                present[collection] = index_submixture(local, progress=progress)
+        if not present:
+            raise UserError(f"Flan Collection: {root} lists none of the submixture directories "
+                            f"{', '.join(d for d, _ in SUBMIXTURES.values())}")
+        return present
     if not tf.io.gfile.isdir(root):
         raise UserError(f"Flan Collection: {root} is not a directory (set {COLLECTION_DIR_ENV} to the export)")
     present = {}

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import collections
+import functools
+import http.server
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -147,6 +150,35 @@ def test_every_format_reads_each_row_once_and_shards_split_them(exports, fmt, tm
             parts = [_read_all(source, seqio.ShardInfo(i, num_shards)) for i in range(num_shards)]
             assert sorted(sum(parts, [])) == all_rows, num_shards
             assert all(parts), num_shards
+
+
+def test_an_http_export_is_listed_and_mirrored_once(exports, tmp_path, monkeypatch):
+    root, rows = exports["mixed"]
+    handler = functools.partial(_QuietHandler, directory=root)  # Directory listings link every file.
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("FLAN_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        indexes = collection.find_submixtures(url, progress=False)
+        assert {c: index.counts for c, index in indexes.items()} == COUNTS
+        assert all(index.directory.startswith(str(tmp_path / "cache")) for index in indexes.values())
+        for c in ("t0", "niv2"):  # gzip and Parquet
+            source = collection.StreamSource(indexes[c], {k: 1.0 for k in COUNTS[c]}, name=f"mt_url_{c}")
+            assert sorted(_read_all(source, None)) == sorted(row["inputs"].encode() for row in rows[c])
+        mirrored = {p: os.stat(p).st_mtime_ns for i in indexes.values() for p in (s.path for s in i.shards)}
+        again = collection.find_submixtures(url, progress=False)  # Kept, not downloaded again.
+        assert again == indexes
+        assert {p: os.stat(p).st_mtime_ns for p in mirrored} == mirrored
+        with pytest.raises(UserError, match="lists none of the submixture directories"):
+            collection.find_submixtures(url + "flan2021_submix_original/", progress=False)
+    finally:
+        server.shutdown()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
 
 
 def test_iteration_is_deterministic_and_resumes_at_a_saved_position(registered, tmp_path):
