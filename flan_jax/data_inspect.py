@@ -132,11 +132,8 @@ def _collections(name: str, recipe: mixing.RecipeMixture) -> dict[str, dict[str,
         provider = seqio.get_mixture_or_task(entry)
         source = getattr(provider, "source", None)
         if isinstance(source, collection.StreamSource):
-            by_template: dict[str, float] = collections.defaultdict(float)
-            for (_, template), s in source.shares().items():
-                by_template[template] += s
             about.update(source="export", directory=source.index.directory, rows=source.index.rows,
-                         kinds=len(source.keep), template_shares=dict(sorted(by_template.items())))
+                         kinds=len(source.keep), template_shares=source.template_shares())
             about["describe"] = (f"export {source.index.directory}: {len(source.keep):,} tasks x template types, "
                                  f"{source.index.rows:,} rows; " +
                                  ", ".join(f"{t} {s:.0%}" for t, s in about["template_shares"].items()))
@@ -396,11 +393,9 @@ def _export_template_shares(configured: Mapping[str, float], sampled: Mapping[st
         source = seqio.get_mixture_or_task(task).source
         if not isinstance(source, collection.StreamSource):
             continue
-        expected: dict[str, float] = collections.defaultdict(float)
-        for (_, template), s in source.shares().items():
-            expected[template] += s
+        expected = source.template_shares()
         seen = collections.Counter(ex["template_type"].decode() for ex in drawn.get(task, []))
-        for template in sorted(expected):
+        for template in expected:
             fraction = seen[template] / max(sum(seen.values()), 1)
             out[f"{task}/{template}"] = {"configured": share * expected[template], "sampled": sampled[task] * fraction}
     return out

@@ -338,25 +338,20 @@ def find_submixtures(root: str, *, progress: bool = True) -> dict[str, SubmixInd
     servers' directory listings do); such an export is mirrored to the cache
     directory on first use and read from there.
     """
-    if _is_url(root):
-        present = {}
-        for collection, (directory, _) in SUBMIXTURES.items():
-            if (local := _mirror(root, directory, progress)) is not None:
-                present[collection] = index_submixture(local, progress=progress)
-        if not present:
-            raise UserError(f"Flan Collection: {root} lists none of the submixture directories "
-                            f"{', '.join(d for d, _ in SUBMIXTURES.values())}")
-        return present
-    if not tf.io.gfile.isdir(root):
+    if not _is_url(root) and not tf.io.gfile.isdir(root):
         raise UserError(f"Flan Collection: {root} is not a directory (set {COLLECTION_DIR_ENV} to the export)")
     present = {}
     for collection, (directory, _) in SUBMIXTURES.items():
-        path = os.path.join(root, directory)
-        if tf.io.gfile.isdir(path):
-            present[collection] = index_submixture(path, progress=progress)
+        if _is_url(root):
+            local = _mirror(root, directory, progress)
+        else:
+            local = os.path.join(root, directory)
+            local = local if tf.io.gfile.isdir(local) else None
+        if local is not None:
+            present[collection] = index_submixture(local, progress=progress)
     if not present:
-        raise UserError(f"Flan Collection: {root} has none of the submixture directories "
-                        f"{', '.join(d for d, _ in SUBMIXTURES.values())}")
+        raise UserError(f"Flan Collection: {root} {'lists' if _is_url(root) else 'has'} none of the submixture "
+                        f"directories {', '.join(d for d, _ in SUBMIXTURES.values())}")
     return present
 
 
@@ -430,6 +425,13 @@ class StreamSource(seqio.DataSource):
         kept = {k: self.index.counts.get(k, 0) * p for k, p in self.keep.items()}
         total = sum(kept.values())
         return {k: n / total for k, n in kept.items() if n > 0}
+
+    def template_shares(self) -> dict[str, float]:
+        """`shares` summed by template type, in name order."""
+        out: Counter = Counter()
+        for (_, template), share in self.shares().items():
+            out[template] += share
+        return dict(sorted(out.items()))
 
     @property
     def supports_arbitrary_sharding(self) -> bool:
