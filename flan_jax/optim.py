@@ -7,6 +7,9 @@ stacked ones, to each layer on its own (vmapped over the leading 'layers'
 axis, as T5X's Adafactor does with its factor rules). A scanned model then
 trains exactly like the unrolled one, and its optimizer state converts
 between the two layouts like the parameters (`flan_jax.model.scan`).
+
+`with_t5x_statistics` puts a T5X checkpoint's Adafactor second moments and
+step into that state, so finetuning from T5X continues them as T5X does.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 import gin
 import jax
+import numpy as np
 import optax
 
 PyTree = Any
@@ -92,3 +96,64 @@ def adafactor(
         weight_decay_rate=weight_decay_rate,
         factored=factored,
     ))
+
+
+def with_t5x_statistics(state: PyTree, param_states: PyTree, step: int) -> PyTree:
+    """`state` (`per_parameter` Adafactor state, layers unrolled, numpy or jax leaves) with T5X's
+    second moments and step.
+
+    param_states: T5X's `state/param_states`, shaped like the params with
+    {'v_row', 'v_col', 'v'} at each leaf. Both optimizers factor a matrix
+    the same way (the smaller of its two largest dimensions is the row; on a
+    tie the first), keep size-1 placeholders for what they do not use, and
+    decay the moments by 1 - (step + 1)**-0.8: with `count` set to T5X's step,
+    the next update is the one T5X would make. The learning-rate schedule's
+    own count is left at 0 (a warmup, if any, starts with the finetune).
+    Momentum (`m`) is not carried over. A ValueError names the first
+    parameter whose statistics are missing or shaped differently (for example
+    another `min_dim_size_to_factor`).
+    """
+    params_state, treedef = jax.tree_util.tree_flatten_with_path(
+        state, is_leaf=lambda x: isinstance(x, tuple) and not hasattr(x, "_fields"))
+
+    def t5x_entry(path: tuple) -> dict:
+        node = param_states
+        for key in path:
+            name = getattr(key, "key", None)
+            if not isinstance(node, dict) or name not in node:
+                raise ValueError(f"{_name(path)}: no Adafactor statistics for this parameter in the T5X checkpoint")
+            node = node[name]
+        if not isinstance(node, dict) or not {"v_row", "v_col", "v"} <= set(node):
+            raise ValueError(f"{_name(path)}: the T5X checkpoint's Adafactor state has no v_row/v_col/v here")
+        return node
+
+    def fill(path: tuple, chain_state: tuple) -> tuple:
+        entry = t5x_entry(path)
+        found = False
+
+        def replace(s: Any) -> Any:
+            nonlocal found
+            if not isinstance(s, optax.FactoredState):
+                return s
+            found = True
+            fields = {}
+            for field in ("v_row", "v_col", "v"):
+                ours, theirs = getattr(s, field), np.asarray(entry[field], np.float32)
+                if np.shape(ours) != theirs.shape:
+                    raise ValueError(
+                        f"{_name(path)}: T5X's Adafactor {field} is {theirs.shape}, this optimizer's is "
+                        f"{np.shape(ours)} (is it factored alike? adafactor.min_dim_size_to_factor, .factored)"
+                    )
+                fields[field] = theirs
+            return s._replace(count=np.asarray(step, np.asarray(s.count).dtype), **fields)
+
+        new = tuple(replace(s) for s in chain_state)
+        if not found:
+            raise ValueError(f"{_name(path)}: the optimizer keeps no Adafactor second moments to put T5X's into")
+        return new
+
+    return jax.tree_util.tree_unflatten(treedef, [fill(path, s) for path, s in params_state])
+
+
+def _name(path: tuple) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")

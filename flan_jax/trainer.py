@@ -61,6 +61,11 @@ class TrainConfig:
     # Pretrained weights to start from (HF directory, T5X checkpoint or flan-jax
     # run); ignored once model_dir holds a checkpoint of its own.
     init_checkpoint: str | None = None
+    # A T5X init_checkpoint also brings its Adafactor second moments and step,
+    # so the moments decay from there as in T5X's own finetuning (which
+    # restores the whole train state); False starts them from zero, as
+    # checkpoints without optimizer state (HF) always do.
+    init_optimizer_state: bool = True
     # Also save the input pipeline's state with each checkpoint, so a resume
     # restores it in seconds instead of re-reading the consumed batches. Costs
     # tens of MB and seconds per save (see data.TrainIterator).
@@ -85,7 +90,7 @@ class TrainConfig:
             task_feature_lengths=errors.FEATURE_LENGTHS, batch_size=errors.POSITIVE_INT, seed=errors.NON_NEGATIVE_INT,
             log_every=errors.POSITIVE_INT, eval_every=errors.NON_NEGATIVE_INT, z_loss=errors.NON_NEGATIVE_NUMBER,
             label_smoothing=errors.FRACTION, loss_normalizing_factor=errors.optional(errors.POSITIVE_NUMBER),
-            init_checkpoint=errors.optional(errors.PATH), save_input_state=errors.BOOL,
+            init_checkpoint=errors.optional(errors.PATH), init_optimizer_state=errors.BOOL, save_input_state=errors.BOOL,
             num_microbatches=errors.POSITIVE_INT, input_sharding=errors.one_of(*data_lib.INPUT_SHARDINGS),
             on_nonfinite=errors.one_of("stop", "skip"),
         )
@@ -253,15 +258,36 @@ def _load_pretrained(
     tx: optax.GradientTransformation,
     partitioner: partitioning.Partitioner,
     init_params: PyTree,
+    init_optimizer_state: bool,
 ) -> tuple[PyTree, PyTree]:
-    """Params from a pretrained checkpoint (any format), placed on the mesh, plus a fresh optimizer state."""
+    """Params from a pretrained checkpoint (any format), placed on the mesh, plus the optimizer
+    state: T5X's Adafactor statistics when it has them and `init_optimizer_state`, else fresh."""
     # load_checkpoint checks every parameter's name and shape against model_config.
     loaded = formats.load_checkpoint(path, config=model_config, shardings=model.params_shardings)
     params = jax.tree.map(lambda x, ref: x.astype(ref.dtype), loaded.params, init_params)
+    t5x_state = formats.read_adafactor_state(path) if init_optimizer_state else None
     with partitioner.activate():
-        opt_state = jax.jit(tx.init, out_shardings=model.opt_state_shardings)(params)
-    print(f"Initialised from {loaded.format} checkpoint {path} (its step {loaded.step}).")
+        if t5x_state is None:
+            opt_state = jax.jit(tx.init, out_shardings=model.opt_state_shardings)(params)
+        else:
+            opt_state = jax.device_put(_t5x_opt_state(path, t5x_state, model_config, tx), model.opt_state_shardings)
+    print(f"Initialised from {loaded.format} checkpoint {path} (its step {loaded.step})"
+          + (f"; Adafactor statistics continue from its step {t5x_state[1]}." if t5x_state else "."))
     return params, opt_state
+
+
+def _t5x_opt_state(path: str, t5x_state: tuple[PyTree, int], model_config: T5Config,
+                   tx: optax.GradientTransformation) -> PyTree:
+    """`tx`'s state (on the host, in the model's layer layout) holding a T5X checkpoint's Adafactor statistics."""
+    param_states, step = t5x_state
+    unrolled = formats.abstract_params(dataclasses.replace(model_config, scan_layers=False))
+    fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(tx.init, unrolled))
+    try:
+        state = optim.with_t5x_statistics(fresh, param_states, step)
+    except ValueError as e:
+        raise UserError(f"{path}: cannot continue its Adafactor state: {e}; "
+                        "set TrainConfig.init_optimizer_state=False to start it afresh") from e
+    return scan.to_layout(state, model_config.scan_layers)
 
 
 def _restore_state(
@@ -387,7 +413,9 @@ def train(
         )
         print(f"Resumed from {checkpoint_dir} at step {start_step}.")
     elif config.init_checkpoint:
-        params, opt_state = _load_pretrained(config.init_checkpoint, model_config, model, tx, partitioner, params)
+        params, opt_state = _load_pretrained(
+            config.init_checkpoint, model_config, model, tx, partitioner, params, config.init_optimizer_state
+        )
     # The input position saved with the checkpoint: iteration is deterministic,
     # so skipping that many batches continues exactly.
     start_batch = restored_meta.get("data", {}).get("batches_consumed", start_step)

@@ -200,6 +200,16 @@ def load_checkpoint(
     return _load_flan_jax(path, config, shardings, step)
 
 
+def read_adafactor_state(path: str) -> tuple[PyTree, int] | None:
+    """A T5X checkpoint's Adafactor statistics and step (see `t5x.T5XCheckpoint.read_adafactor_state`);
+    None for formats that carry none to start a finetune from (HF) and T5X checkpoints without them."""
+    path = path if "://" in path else os.path.abspath(path)
+    fmt = detect_format(path)
+    if fmt not in ("t5x_legacy", "t5x_orbax"):
+        return None
+    return t5x.open_checkpoint(path, fmt).read_adafactor_state()
+
+
 def _place(params: PyTree, shardings: PyTree | None) -> PyTree:
     if shardings is None:
         return params

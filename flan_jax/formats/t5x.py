@@ -13,6 +13,10 @@ shape, the step), so shapes can be checked against a model before any array
 is read; `T5XCheckpoint.read` then reads the arrays straight into their
 shardings: with a sharded mesh each device reads only its own slice.
 Anything unreadable or corrupt is a UserError naming the file or array.
+
+`read_adafactor_state` reads T5X's Adafactor second moments from
+`state/param_states` (`v_row`, `v_col`, `v` per parameter), so a finetune
+can continue them as T5X's own finetuning does (see `flan_jax.optim`).
 """
 
 from __future__ import annotations
@@ -63,6 +67,15 @@ class T5XCheckpoint(abc.ABC):
     def read(self, shardings: PyTree | None = None) -> tuple[PyTree, int]:
         """(params, step): the params as numpy arrays, or onto `shardings` (a tree like `shapes`)."""
 
+    @abc.abstractmethod
+    def read_adafactor_state(self) -> tuple[PyTree, int] | None:
+        """(param_states, step) as numpy arrays, or None if the checkpoint holds no optimizer state.
+
+        param_states is shaped like the params, with {'v_row', 'v_col', 'v'} (the second
+        moments) at each leaf; momentum (`m`, parameter-sized where used) is not read. The
+        arrays are small (factored statistics) except `v` of unfactored parameters.
+        """
+
 
 def open_checkpoint(directory: str, layout: str) -> T5XCheckpoint:
     """Opens a checkpoint of `layout` ('t5x_legacy' or 't5x_orbax', see detect_layout)."""
@@ -93,6 +106,7 @@ class LegacyCheckpoint(T5XCheckpoint):
             raise UserError(f"{path}: optimizer/state/step is not an integer: {e}") from e
         self._arrays = self._open_tree(optimizer["target"], "target")
         self.shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, _numpy_dtype(a)), self._arrays)
+        self._param_states = opt_state.get("param_states") if isinstance(opt_state, dict) else None
 
     def _open_tree(self, node: Any, where: str) -> PyTree:
         """The tree with each spec opened (metadata only) and each inline value as a numpy array."""
@@ -127,7 +141,13 @@ class LegacyCheckpoint(T5XCheckpoint):
             return jax.tree_util.tree_map_with_path(lambda path, a: self._read(path, a, None), self._arrays), self._step
         return jax.tree_util.tree_map_with_path(self._read, self._arrays, shardings), self._step
 
-    def _read(self, path: Any, array: Any, sharding: jax.sharding.Sharding | None) -> Any:
+    def read_adafactor_state(self) -> tuple[PyTree, int] | None:
+        if not isinstance(self._param_states, dict):
+            return None
+        arrays = self._open_tree(_second_moments(self._param_states), "state/param_states")
+        return jax.tree_util.tree_map_with_path(lambda path, a: self._read(path, a, None, "state/param_states"), arrays), self._step
+
+    def _read(self, path: Any, array: Any, sharding: jax.sharding.Sharding | None, root: str = "target") -> Any:
         try:
             if not isinstance(array, ts.TensorStore):
                 return array if sharding is None else jax.device_put(array, sharding)
@@ -135,8 +155,15 @@ class LegacyCheckpoint(T5XCheckpoint):
                 return np.asarray(array.read().result())
             return jax.make_array_from_callback(array.shape, sharding, lambda idx: np.asarray(array[idx].read().result()))
         except ValueError as e:  # tensorstore: a truncated or corrupt chunk
-            where = "target/" + jax.tree_util.keystr(path, simple=True, separator="/")
+            where = f"{root}/" + jax.tree_util.keystr(path, simple=True, separator="/")
             raise UserError(f"{self.directory}: cannot read array {where}: {_reason(e)}") from e
+
+
+def _second_moments(param_states: Any) -> Any:
+    """T5X's param_states without the momentum entries (`m`)."""
+    if not isinstance(param_states, Mapping) or _is_tensorstore_spec(param_states):
+        return param_states
+    return {key: _second_moments(sub) for key, sub in param_states.items() if key != "m"}
 
 
 def _is_tensorstore_spec(node: Any) -> bool:
@@ -173,6 +200,8 @@ class OrbaxCheckpoint(T5XCheckpoint):
         self.shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree["target"])
         state = tree.get("state")
         self._has_step = isinstance(state, Mapping) and "step" in state
+        param_states = state.get("param_states") if isinstance(state, Mapping) else None
+        self._param_states = param_states if isinstance(param_states, Mapping) else None
 
     def read(self, shardings: PyTree | None = None) -> tuple[PyTree, int]:
         one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -181,9 +210,28 @@ class OrbaxCheckpoint(T5XCheckpoint):
         item = {"target": jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), self.shapes, shardings)}
         if self._has_step:
             item["state"] = {"step": jax.ShapeDtypeStruct((), np.int32, sharding=one_device)}
+        restored = self._restore(item)
+        return restored["target"], self._step_of(restored)
+
+    def read_adafactor_state(self) -> tuple[PyTree, int] | None:
+        if self._param_states is None:
+            return None
+        one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        state = {"param_states": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
+                                              _second_moments(self._param_states))}
+        if self._has_step:
+            state["step"] = jax.ShapeDtypeStruct((), np.int32, sharding=one_device)
+        restored = self._restore({"state": state})
+        return jax.tree.map(np.asarray, restored["state"]["param_states"]), self._step_of(restored)
+
+    def _step_of(self, restored: dict) -> int:
+        return int(restored["state"]["step"]) if self._has_step else 0
+
+    def _restore(self, item: PyTree) -> PyTree:
+        """The parts of `state/` that `item` names (ShapeDtypeStructs with shardings)."""
         try:
             with ckpt_lib.quiet_leftover_coroutines():
-                restored = ocp.PyTreeCheckpointer().restore(
+                return ocp.PyTreeCheckpointer().restore(
                     self._item_dir,
                     args=ocp.args.PyTreeRestore(
                         item=item,
@@ -198,4 +246,3 @@ class OrbaxCheckpoint(T5XCheckpoint):
             if not isinstance(e.__cause__, (OSError, ValueError)):
                 raise
             raise UserError(f"{self._item_dir}: cannot read the arrays: {_reason(e.__cause__)}") from e
-        return restored["target"], int(restored["state"]["step"]) if self._has_step else 0
