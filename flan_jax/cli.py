@@ -6,6 +6,7 @@
                  [--limit=N --method=generate|rank --output=FILE --batch_size=32]
   flan-jax eval  --compare A.json B.json [...]
   flan-jax infer --checkpoint=PATH [--decode=greedy|beam|sample] [PROMPT ...]   (stdin if none)
+                 [--input_file=prompts.jsonl --output=predictions.jsonl --batch_size=32]
   flan-jax convert SRC DST [--to=flan-jax|hf]
   flan-jax bench decode|data
   flan-jax bench collection --dir=DIR [--generate_gb=2 --format=jsonl]
@@ -265,23 +266,40 @@ def _eval_suites(args: argparse.Namespace) -> None:
 
 
 def _cmd_infer(args: argparse.Namespace) -> None:
+    import tqdm
+
     from flan_jax import inference
 
-    prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not prompts:
-        raise SystemExit("flan-jax: error: no prompt given (pass it as an argument or on stdin)")
+    if args.input_file:
+        if args.prompts:
+            raise UserError("give prompts as arguments or in --input_file, not both")
+        records = inference.read_prompts(args.input_file)
+    else:
+        lines = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        records = [{"inputs": line} for line in lines]
+    if not records:
+        raise SystemExit("flan-jax: error: no prompt given (pass it as an argument, on stdin or with --input_file)")
+    if args.output and os.path.exists(args.output):
+        raise UserError(f"{args.output} exists; refusing to overwrite it")
     model = inference.load_model(args.checkpoint, step=args.step, vocab_path=args.vocab)
     options = {}
     if args.decode == "beam":
         options = {"num_beams": args.num_beams, "alpha": args.alpha}
     elif args.decode == "sample":
         options = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
-    answers = inference.generate(
-        model, prompts, method=args.decode, max_decode_length=args.max_decode_length,
-        max_input_length=args.max_input_length, seed=args.seed, **options,
-    )
-    for prompt, answer in zip(prompts, answers):
-        print(f"> {prompt}\n{answer}\n")
+    with tqdm.tqdm(total=len(records), unit="prompt", desc=f"{args.decode} decoding", dynamic_ncols=True,
+                   disable=len(records) <= args.batch_size) as bar:
+        answers = inference.generate(
+            model, [r["inputs"] for r in records], method=args.decode, max_decode_length=args.max_decode_length,
+            max_input_length=args.max_input_length, batch_size=args.batch_size, seed=args.seed, progress=bar.update,
+            **options,
+        )
+    if args.output:
+        inference.write_predictions(args.output, records, answers)
+        print(f"{len(answers)} predictions -> {args.output}")
+        return
+    for record, answer in zip(records, answers):
+        print(f"> {record['inputs']}\n{answer}\n")
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
@@ -381,6 +399,9 @@ def _check_flags(args: argparse.Namespace) -> None:
             errors.require("--limit", args.limit, errors.POSITIVE_INT)
         if args.compare and len(args.compare) < 2:
             raise UserError("--compare takes two or more results files")
+    elif args.command == "infer":
+        for flag in ("batch_size", "max_decode_length", "max_input_length"):
+            errors.require(f"--{flag}", getattr(args, flag), errors.POSITIVE_INT)
     elif args.command == "data" and args.data_command == "show" and args.n is not None:
         errors.require("-n", args.n, errors.POSITIVE_INT)
     elif args.command == "data" and args.data_command == "stats":
@@ -429,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max_decode_length", type=int, default=128)
     p.add_argument("--max_input_length", type=int, default=512)
+    p.add_argument("--batch_size", type=int, default=32, help="prompts per batch (grouped by length)")
+    p.add_argument("--input_file", help="prompts from a file: .jsonl (objects with \"inputs\") or text, one per line")
+    p.add_argument("--output", help="write JSON Lines (each input record plus \"prediction\") here instead of printing")
     p.add_argument("prompts", nargs="*", help="prompts; read one per line from stdin if none")
     p = sub.add_parser("convert", help="convert a checkpoint between formats")
     p.add_argument("src", help=checkpoint_help)

@@ -160,7 +160,7 @@ def bucket(length: int, limit: int) -> int:
     return min(limit, max(MIN_BUCKET, 1 << max(0, length - 1).bit_length()))
 
 
-def _stack(rows: Sequence[np.ndarray], batch_size: int, limit: int) -> np.ndarray:
+def pad_rows(rows: Sequence[np.ndarray], batch_size: int, limit: int) -> np.ndarray:
     """Zero-pads rows into [batch_size, bucketed length]; missing rows are all padding."""
     out = np.zeros((batch_size, bucket(max(len(r) for r in rows), limit)), np.int32)
     for i, row in enumerate(rows):
@@ -168,7 +168,7 @@ def _stack(rows: Sequence[np.ndarray], batch_size: int, limit: int) -> np.ndarra
     return out
 
 
-def _by_length(rows: Sequence[np.ndarray], batch_size: int) -> Iterator[list[int]]:
+def batches_by_length(rows: Sequence[np.ndarray], batch_size: int) -> Iterator[list[int]]:
     """Row indices in batches of similar length, longest first (a memory error shows at once)."""
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     for start in range(0, len(order), batch_size):
@@ -183,8 +183,8 @@ def _generate(
     inputs = [examples[t].features[i]["inputs"] for t, i in rows]
     limit = max(t.input_length for t in examples) if examples else 0
     predictions: list[list[str]] = [[""] * len(task.features) for task in examples]
-    for batch in _by_length(inputs, batch_size):
-        tokens = fns.decode(_stack([inputs[j] for j in batch], batch_size, limit), max_decode_length)
+    for batch in batches_by_length(inputs, batch_size):
+        tokens = fns.decode(pad_rows([inputs[j] for j in batch], batch_size, limit), max_decode_length)
         for j, output in zip(batch, np.asarray(tokens)):
             t, i = rows[j]
             predictions[t][i] = examples[t].vocabulary.decode(output.tolist())
@@ -206,9 +206,9 @@ def _rank(
                 targets.append(np.asarray(vocab.encode(option) + [vocab.eos_id], np.int32))
     limit = max(t.input_length for t in examples) if examples else 0
     scores: dict[tuple[int, int], list[float]] = {}
-    for batch in _by_length(inputs, batch_size):
-        loglik = fns.score(_stack([inputs[j] for j in batch], batch_size, limit),
-                           _stack([targets[j] for j in batch], batch_size, target_length))
+    for batch in batches_by_length(inputs, batch_size):
+        loglik = fns.score(pad_rows([inputs[j] for j in batch], batch_size, limit),
+                           pad_rows([targets[j] for j in batch], batch_size, target_length))
         for j, value in zip(batch, np.asarray(loglik)):
             t, i, k = rows[j]
             scores.setdefault((t, i), [-math.inf] * len(examples[t].options(i)))[k] = float(value)

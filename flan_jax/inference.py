@@ -1,9 +1,11 @@
-"""Load a model from any checkpoint format and answer prompts."""
+"""Load a model from any checkpoint format and answer prompts: a few, or files of them in batches."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,17 +42,6 @@ def load_model(path: str, *, step: int | None = None, vocab_path: str | None = N
     return LoadedModel(Transformer(ckpt.config), ckpt.params, vocab, ckpt.step, ckpt.format)
 
 
-def encode_prompts(vocab: seqio.Vocabulary, prompts: Sequence[str], max_input_length: int) -> np.ndarray:
-    """Tokenizes prompts (+ EOS) into one zero-padded [batch, length] array."""
-    ids = [vocab.encode(p)[: max_input_length - 1] + [vocab.eos_id] for p in prompts]
-    # Round the length up to a multiple of 32 so nearby lengths share one compilation.
-    length = min(max_input_length, -(-max(len(x) for x in ids) // 32) * 32)
-    out = np.zeros((len(ids), length), np.int32)
-    for i, x in enumerate(ids):
-        out[i, : len(x)] = x
-    return out
-
-
 def decode_fn(module: Transformer, method: str, max_decode_length: int, **options: Any) -> Callable[..., jax.Array]:
     """A jit-compiled (params, inputs[, rng]) -> tokens [batch, length] for one decoding method."""
     if method == "greedy":
@@ -73,15 +64,79 @@ def generate(
     method: str = "greedy",
     max_decode_length: int = 128,
     max_input_length: int = 512,
+    batch_size: int = 32,
     seed: int = 0,
+    progress: Callable[[int], Any] | None = None,
     **options: Any,
 ) -> list[str]:
-    """Answers to a batch of prompts (options: num_beams, alpha, temperature, top_k, top_p)."""
-    inputs = jnp.asarray(encode_prompts(model.vocabulary, prompts, max_input_length))
+    """Answers to prompts, in their order (options: num_beams, alpha, temperature, top_k, top_p).
+
+    Prompts (truncated to `max_input_length` tokens with EOS) go in batches of
+    similar length, longest first, each padded to `batch_size` rows (fewer if
+    there are fewer prompts) and a power-of-two length, so a long file
+    compiles a few shapes only. Greedy and beam answers do not depend on the
+    batching; sampling draws batch i's randomness from (seed, i).
+    `progress(n)` is called after each batch with its number of prompts.
+    """
+    if not prompts:
+        return []
+    vocab = model.vocabulary
+    rows = [np.asarray(vocab.encode(p)[: max_input_length - 1] + [vocab.eos_id], np.int32) for p in prompts]
+    rows_per_batch = min(batch_size, len(rows))
     fn = decode_fn(model.module, method, max_decode_length, **options)
-    args = (model.params, inputs) + ((jax.random.key(seed),) if method == "sample" else ())
-    tokens = np.asarray(fn(*args))
-    return [model.vocabulary.decode(row.tolist()) for row in tokens]
+    answers = [""] * len(rows)
+    for index, batch in enumerate(evaluation.batches_by_length(rows, rows_per_batch)):
+        inputs = jnp.asarray(evaluation.pad_rows([rows[i] for i in batch], rows_per_batch, max_input_length))
+        args = (model.params, inputs)
+        if method == "sample":
+            args += (jax.random.fold_in(jax.random.key(seed), index),)
+        for i, tokens in zip(batch, np.asarray(fn(*args))):
+            answers[i] = vocab.decode(tokens.tolist())
+        if progress:
+            progress(len(batch))
+    return answers
+
+
+def read_prompts(path: str) -> list[dict[str, Any]]:
+    """Records with an `inputs` prompt from a file: JSON Lines (`.jsonl`: one object per line
+    with a string `inputs`, other fields kept) or text (one prompt per line). Blank lines are
+    skipped; a bad line is a UserError naming the file and line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = list(enumerate(f, 1))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read prompts from {path}: {e}") from e
+    records = []
+    for number, line in lines:
+        if not line.strip():
+            continue
+        if not path.endswith(".jsonl"):
+            records.append({"inputs": line.rstrip("\n")})
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{number}: not JSON ({e.msg})") from e
+        if not isinstance(record, dict) or not isinstance(record.get("inputs"), str):
+            raise UserError(f"{path}:{number}: expected an object with a string \"inputs\"")
+        records.append(record)
+    if not records:
+        raise UserError(f"{path} holds no prompts")
+    return records
+
+
+def write_predictions(path: str, records: Sequence[dict[str, Any]], predictions: Sequence[str]) -> None:
+    """One JSON object per line: each record with its `prediction`, in input order. Written to a
+    temporary file and renamed, so an interrupted run leaves no partial file; an existing file is
+    never replaced."""
+    if os.path.exists(path):
+        raise UserError(f"{path} exists; refusing to overwrite it")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = f"{path}.partial"
+    with open(partial, "w", encoding="utf-8") as f:
+        for record, prediction in zip(records, predictions, strict=True):
+            f.write(json.dumps({**record, "prediction": prediction}, ensure_ascii=False) + "\n")
+    os.replace(partial, path)
 
 
 class ModelRunner:

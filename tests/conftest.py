@@ -132,6 +132,7 @@ FILE_DEFAULT_SECONDS = {
     "tests/test_t5x_fixture_logits.py": 3,
     "tests/test_checkpoint_errors.py": 2,
     "tests/test_t5x_optimizer_state.py": 5,
+    "tests/test_inference.py": 12,
 }
 
 
