@@ -181,10 +181,14 @@ class Checkpointer:
             f"the earlier steps {self.all_steps()} are intact"
         )
 
+    def has_opt_state(self, step: int) -> bool:
+        """Whether `step` holds an optimizer state (converted checkpoints hold params only)."""
+        return self._item_metadata(step).get("opt_state") is not None
+
     def restore(self, step: int, abstract_params: PyTree, abstract_opt_state: PyTree) -> tuple[PyTree, PyTree, dict]:
         """Restores a full training state onto the shardings of the abstract trees."""
         saved = self._item_metadata(step)
-        if "opt_state" not in saved or saved["opt_state"] is None:
+        if saved.get("opt_state") is None:
             raise UserError(
                 f"step {step} in {self.directory} holds no optimizer state (a converted checkpoint?); "
                 "start from it with TrainConfig.init_checkpoint instead"

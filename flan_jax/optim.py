@@ -9,7 +9,8 @@ trains exactly like the unrolled one, and its optimizer state converts
 between the two layouts like the parameters (`flan_jax.model.scan`).
 
 `with_t5x_statistics` puts a T5X checkpoint's Adafactor second moments and
-step into that state, so finetuning from T5X continues them as T5X does.
+step into that state, so finetuning from T5X continues them as T5X does;
+`restart_schedule` lets a finetune continue a flan-jax run's state likewise.
 """
 
 from __future__ import annotations
@@ -153,6 +154,13 @@ def with_t5x_statistics(state: PyTree, param_states: PyTree, step: int) -> PyTre
         return new
 
     return jax.tree_util.tree_unflatten(treedef, [fill(path, s) for path, s in params_state])
+
+
+def restart_schedule(state: PyTree) -> PyTree:
+    """`state` with each learning-rate schedule's count at 0 (a warmup starts again); the
+    second moments and their decay's count are kept."""
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    return jax.tree.map(lambda s: s._replace(count=s.count * 0) if is_schedule(s) else s, state, is_leaf=is_schedule)
 
 
 def _name(path: tuple) -> str:

@@ -61,10 +61,11 @@ class TrainConfig:
     # Pretrained weights to start from (HF directory, T5X checkpoint or flan-jax
     # run); ignored once model_dir holds a checkpoint of its own.
     init_checkpoint: str | None = None
-    # A T5X init_checkpoint also brings its Adafactor second moments and step,
-    # so the moments decay from there as in T5X's own finetuning (which
-    # restores the whole train state); False starts them from zero, as
-    # checkpoints without optimizer state (HF) always do.
+    # Continue init_checkpoint's optimizer state where it has one, as T5X's
+    # finetuning does (it restores the whole train state): a T5X checkpoint's
+    # Adafactor second moments and step, a flan-jax run's optimizer state. The
+    # learning-rate schedule and the step count start at 0. False starts the
+    # optimizer afresh, as checkpoints without its state (HF, converted) do.
     init_optimizer_state: bool = True
     # Also save the input pipeline's state with each checkpoint, so a resume
     # restores it in seconds instead of re-reading the consumed batches. Costs
@@ -258,22 +259,47 @@ def _load_pretrained(
     tx: optax.GradientTransformation,
     partitioner: partitioning.Partitioner,
     init_params: PyTree,
+    init_opt_state: PyTree,
     init_optimizer_state: bool,
 ) -> tuple[PyTree, PyTree]:
     """Params from a pretrained checkpoint (any format), placed on the mesh, plus the optimizer
-    state: T5X's Adafactor statistics when it has them and `init_optimizer_state`, else fresh."""
+    state: the checkpoint's when it has one and `init_optimizer_state`, else fresh."""
     # load_checkpoint checks every parameter's name and shape against model_config.
     loaded = formats.load_checkpoint(path, config=model_config, shardings=model.params_shardings)
     params = jax.tree.map(lambda x, ref: x.astype(ref.dtype), loaded.params, init_params)
-    t5x_state = formats.read_adafactor_state(path) if init_optimizer_state else None
-    with partitioner.activate():
-        if t5x_state is None:
-            opt_state = jax.jit(tx.init, out_shardings=model.opt_state_shardings)(params)
-        else:
+    opt_state, continued = None, ""
+    if init_optimizer_state and loaded.format == "flan_jax":
+        opt_state = _flan_jax_opt_state(path, loaded.step, model, params, init_opt_state, partitioner)
+        continued = "its optimizer state continues"
+    elif init_optimizer_state and loaded.format.startswith("t5x"):
+        t5x_state = formats.read_adafactor_state(path)
+        if t5x_state is not None:
             opt_state = jax.device_put(_t5x_opt_state(path, t5x_state, model_config, tx), model.opt_state_shardings)
+            continued = f"Adafactor statistics continue from its step {t5x_state[1]}"
+    if opt_state is None:
+        continued = ""
+        with partitioner.activate():
+            opt_state = jax.jit(tx.init, out_shardings=model.opt_state_shardings)(params)
     print(f"Initialised from {loaded.format} checkpoint {path} (its step {loaded.step})"
-          + (f"; Adafactor statistics continue from its step {t5x_state[1]}." if t5x_state else "."))
+          + (f"; {continued}." if continued else "."))
     return params, opt_state
+
+
+def _flan_jax_opt_state(path: str, step: int, model: step_lib.Model, params: PyTree, init_opt_state: PyTree,
+                        partitioner: partitioning.Partitioner) -> PyTree | None:
+    """A flan-jax run's optimizer state at `step`, its schedules restarted; None if it holds none."""
+    checkpoint_dir, _, _ = formats.flan_jax_location(path)
+    checkpointer = ckpt_lib.open_for_reading(checkpoint_dir)
+    try:
+        if not checkpointer.has_opt_state(step):
+            return None
+        try:
+            _, opt_state, _ = _restore_state(checkpointer, step, model, params, init_opt_state, partitioner)
+        except UserError as e:
+            raise UserError(f"{e}; set TrainConfig.init_optimizer_state=False to start the optimizer afresh") from e
+    finally:
+        checkpointer.close()
+    return jax.device_put(optim.restart_schedule(opt_state), model.opt_state_shardings)
 
 
 def _t5x_opt_state(path: str, t5x_state: tuple[PyTree, int], model_config: T5Config,
@@ -414,7 +440,7 @@ def train(
         print(f"Resumed from {checkpoint_dir} at step {start_step}.")
     elif config.init_checkpoint:
         params, opt_state = _load_pretrained(
-            config.init_checkpoint, model_config, model, tx, partitioner, params, config.init_optimizer_state
+            config.init_checkpoint, model_config, model, tx, partitioner, params, opt_state, config.init_optimizer_state
         )
     # The input position saved with the checkpoint: iteration is deterministic,
     # so skipping that many batches continues exactly.

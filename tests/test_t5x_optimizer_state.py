@@ -1,4 +1,5 @@
-"""Finetuning from a T5X checkpoint continues its Adafactor second moments and step, as T5X does.
+"""Finetuning continues the init checkpoint's optimizer state, as T5X's finetuning does: a T5X
+checkpoint's Adafactor second moments and step, a flan-jax run's optimizer state.
 
 The reference below is Adafactor as the paper (Shazeer & Stern, 2018) and
 T5X's defaults define it, written out in numpy with T5X's conventions: a
@@ -13,18 +14,23 @@ import dataclasses
 import os
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import numpy as np
+import optax
 import pytest
 import tensorstore as ts
 
+from flan_jax import checkpoints as ckpt_lib
 from flan_jax import formats, optim, partitioning, trainer
 from flan_jax import step as step_lib
 from flan_jax.errors import UserError
-from flan_jax.model import Transformer
+from flan_jax.model import T5Config, Transformer, scan
 
 FIXTURE = Path(os.environ.get("FLAN_JAX_FIXTURES_DIR", Path(__file__).resolve().parents[2] / "shared" / "fixtures")) / "t5x"
 LAYOUTS = ("legacy_tensorstore_msgpack", "default_orbax")
+CONFIG = T5Config(vocab_size=256, emb_dim=32, num_heads=2, head_dim=16, num_encoder_layers=2, num_decoder_layers=2,
+                  mlp_dim=64, mlp_activations=("gelu", "linear"), dropout_rate=0.0, logits_via_embedding=False)
 
 
 def reference_update(param, grad, stats, step, lr=1e-3):
@@ -91,7 +97,8 @@ def test_mismatched_statistics_are_named():
 def _init_from(path, config, tx, init_optimizer_state=True):
     model, params, opt_state = step_lib.initialize(
         Transformer(config), tx, partitioning.Partitioner(), {"inputs": 16, "targets": 8}, seed=0)
-    return trainer._load_pretrained(path, config, model, tx, partitioning.Partitioner(), params, init_optimizer_state)
+    return trainer._load_pretrained(
+        path, config, model, tx, partitioning.Partitioner(), params, opt_state, init_optimizer_state)
 
 
 def _zarr(layout_dir: Path, name: str) -> np.ndarray:
@@ -141,3 +148,41 @@ def test_differently_factored_optimizer_is_refused():
     with pytest.raises(UserError, match=r"cannot continue its Adafactor state: .*v_row is \(1,\), this optimizer's is "
                                         r"\(\d+,\).*TrainConfig.init_optimizer_state=False"):
         _init_from(str(legacy), config, optim.adafactor(min_dim_size_to_factor=16))
+
+
+def test_finetune_from_a_flan_jax_run_continues_its_optimizer_state(tmp_path):
+    """A run's saved Adafactor state comes back (scanned or not, whatever the run used) with the
+    learning-rate schedule restarted; a converted checkpoint (params only) starts afresh."""
+    config = dataclasses.replace(CONFIG, scan_layers=True)
+    tx = optim.adafactor(warmup_steps=10)
+    params = jax.tree.map(np.asarray, nn.unbox(Transformer(config).init(
+        jax.random.key(0), *[np.ones((1, 4), np.int32)] * 3)["params"]))
+    rng = np.random.default_rng(0)
+    state = tx.init(params)
+    for _ in range(3):  # three updates: non-zero moments, counts at 3
+        grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+        _, state = tx.update(grads, state, params)
+    run = tmp_path / "run"
+    saver = ckpt_lib.Checkpointer(str(run / "checkpoints"), ckpt_lib.CheckpointConfig(best_metric=None))
+    saver.save(3, params, state, {"step": 3, "model_config": dataclasses.asdict(config), "vocabulary": None})
+    saver.wait()
+    saver.close()
+    saved = jax.tree.map(np.asarray, state)
+    for scan_layers in (True, False):
+        _, opt_state = _init_from(str(run), dataclasses.replace(config, scan_layers=scan_layers), tx)
+        opt_state = jax.tree.map(np.asarray, opt_state)
+        chains = lambda tree: jax.tree.leaves(tree, is_leaf=lambda x: type(x) is tuple)  # noqa: E731
+        pairs = list(zip(chains(scan.to_layout(saved, scan_layers)), chains(opt_state), strict=True))
+        assert len(pairs) == (29 if scan_layers else 52)
+        for want_chain, got_chain in pairs:
+            for want, got in zip(want_chain, got_chain, strict=True):
+                if isinstance(want, optax.ScaleByScheduleState):
+                    assert not got.count.any() and want.count.all()
+                else:
+                    jax.tree.map(np.testing.assert_array_equal, got, want)
+            assert (want_chain[0].count == 3).all() and want_chain[0].v.any()
+    with pytest.raises(UserError, match=r"optimizer state entry .*TrainConfig.init_optimizer_state=False"):
+        _init_from(str(run), config, optim.adafactor(min_dim_size_to_factor=16))  # factors what the run did not
+    converted = formats.save_flan_jax(str(tmp_path / "converted"), config, params, None, 3)
+    _, fresh = _init_from(converted, config, tx)
+    assert all(not np.asarray(x).any() for x in jax.tree.leaves(fresh))

@@ -109,7 +109,7 @@ def check_params(params: PyTree, config: T5Config, source: str) -> None:
     ckpt_lib.check_fits(params, abstract_params(config), source, "parameter")
 
 
-def _flan_jax_location(path: str, step: int | None) -> tuple[str, int | None, str]:
+def flan_jax_location(path: str, step: int | None = None) -> tuple[str, int | None, str]:
     """(checkpoints dir, step or None for "best, else newest readable", run dir) of a run or step directory."""
     if os.path.isdir(os.path.join(path, "params")):  # a step directory
         name = os.path.basename(os.path.normpath(path))
@@ -120,7 +120,7 @@ def _flan_jax_location(path: str, step: int | None) -> tuple[str, int | None, st
 
 
 def _load_flan_jax(path: str, config: T5Config | None, shardings: PyTree | None, step: int | None) -> LoadedCheckpoint:
-    checkpoint_dir, step, run_dir = _flan_jax_location(path, step)
+    checkpoint_dir, step, run_dir = flan_jax_location(path, step)
     ckpt = ckpt_lib.open_for_reading(checkpoint_dir)
 
     def read(step: int) -> tuple[T5Config, PyTree, dict]:
