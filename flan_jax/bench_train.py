@@ -7,6 +7,10 @@ transformers' T5 training step on the same shapes and device. Needs only
 jax, flax, optax and gin (no TensorFlow, SeqIO or t5): the model comes from
 gin (`--gin_file=models/flan_t5_base.gin`), the optimizer is the trainer's
 Adafactor and the mesh the gin-bound `Partitioner`.
+
+`compile_only` compiles the step on parameter shapes alone (nothing is
+allocated) and reports what one device would hold: a plan for a model or
+mesh this machine cannot run (with fake CPU devices, `--devices=N`).
 """
 
 from __future__ import annotations
@@ -222,6 +226,67 @@ def bench_hf(config: T5Config, batch_size: int, lengths: Mapping[str, int], *, s
     )
 
 
+@dataclasses.dataclass
+class CompiledPlan:
+    """What one device holds for the compiled step (bytes), and XLA's memory estimate for it."""
+
+    name: str
+    compile_seconds: float
+    devices: int
+    params_bytes: int
+    opt_state_bytes: int
+    batch_bytes: int
+    xla_temp_bytes: int | None
+    xla_peak_bytes: int | None
+    backend: str
+
+    def lines(self) -> list[str]:
+        gib = lambda n: f"{n / 2**30:.2f} GiB" if n is not None else "n/a"  # noqa: E731
+        return [
+            f"  compile          {self.compile_seconds:8.1f} s   "
+            f"({self.devices} device{'s' if self.devices > 1 else ''}; nothing allocated)",
+            f"  per device       parameters {gib(self.params_bytes)}, optimizer state {gib(self.opt_state_bytes)}, "
+            f"batch {gib(self.batch_bytes)}",
+            f"  XLA estimate     temporaries {gib(self.xla_temp_bytes)}, peak {gib(self.xla_peak_bytes)} "
+            + ("(compiled for CPU, which keeps far more temporaries than GPUs and TPUs; the per-device "
+               "figures above are exact)" if self.backend == "cpu" else f"(compiled for {self.backend})"),
+        ]
+
+
+def per_device_bytes(tree: Any) -> int:
+    """Bytes of one device's shard of every array in a tree of sharded ShapeDtypeStructs (the largest shard)."""
+    return sum(
+        int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+    )
+
+
+def plan_flan_jax(
+    config: T5Config, batch_size: int, lengths: Mapping[str, int], *, num_microbatches: int = 1, name: str = "flan-jax"
+) -> CompiledPlan:
+    """Compiles the training step for the gin-bound mesh on abstract parameters and reports its memory."""
+    partitioner = partitioning.Partitioner()
+    tx = optim.adafactor()
+    model, params, opt_state = step_lib.abstract_state(Transformer(config), tx, partitioner, lengths)
+    with partitioner.activate():
+        sharding = partitioner.batch_sharding()
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+                 for k, v in synthetic_batch(batch_size, lengths, config.vocab_size).items()}
+        train_step = step_lib.make_train_step(model, tx, partitioner, num_microbatches=num_microbatches)
+        start = time.perf_counter()
+        compiled = train_step.lower(params, opt_state, batch, jax.random.key(0), jnp.asarray(0, jnp.int32)).compile()
+        compile_seconds = time.perf_counter() - start
+    analysis = compiled.memory_analysis()
+    temp = peak = None
+    if analysis is not None:
+        temp = int(analysis.temp_size_in_bytes)
+        peak = int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+                   - analysis.alias_size_in_bytes)
+    return CompiledPlan(
+        name, compile_seconds, len(jax.devices()), per_device_bytes(params), per_device_bytes(opt_state),
+        per_device_bytes(batch), temp, peak, jax.devices()[0].platform,
+    )
+
+
 def describe(config: T5Config) -> str:
     return (
         f"d_model {config.emb_dim}, {config.num_encoder_layers}+{config.num_decoder_layers} layers, "
@@ -242,21 +307,33 @@ def bench_train(
     compare_hf: bool = False,
     json_out: str | None = None,
     profile_dir: str | None = None,
-) -> list[Result]:
-    """Benchmarks the gin-configured model (or each depth in `layers`) and prints the figures."""
+    compile_only: bool = False,
+) -> list[Result] | list[CompiledPlan]:
+    """Benchmarks the gin-configured model (or each depth in `layers`) and prints the figures;
+    with `compile_only`, compiles each and prints what one device holds instead."""
     config = config or T5Config()
     device = jax.devices()[0]
-    peak, peak_source = flops.system_peak_flops(config.dtype)
     print(f"device: {len(jax.devices())} x {device.device_kind} ({device.platform}); jax {jax.__version__}")
-    print(f"peak for MFU: {peak / 1e12:.1f} TFLOP/s ({peak_source})")
+    if not compile_only:
+        peak, peak_source = flops.system_peak_flops(config.dtype)
+        print(f"peak for MFU: {peak / 1e12:.1f} TFLOP/s ({peak_source})")
     print(f"batch {batch_size} x ({lengths['inputs']} inputs + {lengths['targets']} targets), packed; "
-          f"microbatches {num_microbatches}; median step of {steps}")
+          f"microbatches {num_microbatches}" + ("" if compile_only else f"; median step of {steps}"))
     configs = [("flan-jax", config)]
     if layers:
         configs = [
             (f"flan-jax, {n}+{n} layers", dataclasses.replace(config, num_encoder_layers=n, num_decoder_layers=n))
             for n in layers
         ]
+    if compile_only:
+        plans = []
+        for name, cfg in configs:
+            print(f"\n{name}: {describe(cfg)}", flush=True)
+            plan = plan_flan_jax(cfg, batch_size, lengths, num_microbatches=num_microbatches, name=name)
+            print("\n".join(plan.lines()), flush=True)
+            plans.append(plan)
+        _write_json(json_out, plans)
+        return plans
     hf_result = None
     if compare_hf:
         # First, and then handed back to the device: torch's caching allocator
@@ -280,7 +357,11 @@ def bench_train(
         print("\n".join(line for line in hf_result.lines() if "compile" not in line))
         print(f"\nflan-jax / transformers tokens/s: {results[-1].tokens_per_sec / hf_result.tokens_per_sec:.2f}x")
         results.append(hf_result)
-    if json_out:
-        with open(json_out, "w") as f:
-            json.dump([dataclasses.asdict(r) for r in results], f, indent=2)
+    _write_json(json_out, results)
     return results
+
+
+def _write_json(path: str | None, results: Sequence[Any]) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in results], f, indent=2)

@@ -11,6 +11,7 @@
   flan-jax bench decode|data
   flan-jax bench collection --dir=DIR [--generate_gb=2 --format=jsonl]
   flan-jax bench train --gin_file=models/flan_t5_base.gin [--batch_size=32 --lengths=1024,256 --compare_hf]
+                       [--compile_only --devices=8]   (plan: compile on shapes alone, per-device memory)
   flan-jax data list | show TASK_MIXTURE_OR_FAMILY [--variant=fs_cot] [-n 3] | stats TASK_OR_MIXTURE
 
 `--gin_file` is searched relative to the working directory, then the gin
@@ -361,6 +362,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         bench_train.bench_train(
             batch_size=args.batch_size, lengths=lengths, steps=args.steps, num_microbatches=args.num_microbatches,
             layers=layers, compare_hf=args.compare_hf, json_out=args.json_out, profile_dir=args.profile_dir,
+            compile_only=args.compile_only,
         )
 
 
@@ -386,6 +388,10 @@ def _check_flags(args: argparse.Namespace) -> None:
         _positive_ints("--lengths", args.lengths, "1024,256", count=2)
         if args.layers:
             _positive_ints("--layers", args.layers, "2,24")
+        if args.devices is not None:
+            errors.require("--devices", args.devices, errors.POSITIVE_INT)
+        if args.compile_only and (args.compare_hf or args.profile_dir):
+            raise UserError("--compile_only runs no step: it takes neither --compare_hf nor --profile_dir")
     elif args.command == "bench" and args.what == "data":
         _positive_ints("--lengths", args.lengths, "1024,256", count=2)
     elif args.command == "bench" and args.what == "collection":
@@ -471,6 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare_hf", action="store_true", help="train: also time transformers' T5 step")
     p.add_argument("--json_out", help="train: also write the figures to this JSON file")
     p.add_argument("--profile_dir", help="train: trace 3 steps there and print time per model part")
+    p.add_argument("--compile_only", action="store_true",
+                   help="train: compile on parameter shapes alone (nothing allocated) and print what one device holds")
+    p.add_argument("--devices", type=int, help="train: run on this many fake CPU devices (e.g. with --compile_only, "
+                                               "to plan a mesh this machine lacks)")
     p.add_argument("--no_hf", action="store_true", help="decode: skip the transformers comparison")
     p.add_argument("--mixture", help="data: task or mixture (default: flan_cot if registered, else builtin_train)")
     p.add_argument("--packer", help="data: best_fit, seqio, or both comma-separated to compare them "
@@ -501,6 +511,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fake_cpu_devices(count: int) -> None:
+    """`bench train --devices=N`: N CPU devices (before JAX starts), to compile for a mesh this machine lacks."""
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", count)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     files, bindings, rest = _split_gin_args(argv)
@@ -514,6 +532,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             # Allocate on demand: the peak-memory figure is then the step's own, and
             # --compare_hf's torch can use the memory JAX does not.
             os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+            if args.devices:
+                _fake_cpu_devices(args.devices)
         if with_data:
             _quiet_backends()
         parse_gin(files, bindings, with_data=with_data)

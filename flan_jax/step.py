@@ -48,6 +48,31 @@ def dummy_batch(lengths: Mapping[str, int], batch_size: int = 1) -> dict[str, jn
     return {"encoder_input_tokens": enc, "decoder_input_tokens": dec, "decoder_target_tokens": dec}
 
 
+def abstract_state(
+    module: Transformer,
+    tx: optax.GradientTransformation,
+    partitioner: partitioning.Partitioner,
+    lengths: Mapping[str, int],
+) -> tuple[Model, PyTree, PyTree]:
+    """The model's shardings and the shapes of its params and optimizer state
+    (ShapeDtypeStructs carrying their shardings); nothing is allocated, so a
+    step can be compiled for any model size (see `bench train --compile_only`)."""
+    boxed = jax.eval_shape(_init_fn(module, lengths), jax.random.key(0))
+    params_shardings = partitioner.params_shardings(boxed)
+    abstract_params = nn.unbox(boxed)
+    abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
+    opt_state_shardings = partitioner.state_shardings(params_shardings, abstract_params, abstract_opt_state)
+
+    def with_shardings(tree: PyTree, shardings: PyTree) -> PyTree:
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+    return (
+        Model(module, params_shardings, opt_state_shardings),
+        with_shardings(abstract_params, params_shardings),
+        with_shardings(abstract_opt_state, opt_state_shardings),
+    )
+
+
 def initialize(
     module: Transformer,
     tx: optax.GradientTransformation,
@@ -57,22 +82,21 @@ def initialize(
 ) -> tuple[Model, PyTree, PyTree]:
     """Initialises params and optimizer state directly into their shardings
     (no device ever holds a full copy unless the rules replicate it)."""
+    model, _, _ = abstract_state(module, tx, partitioner, lengths)
+    init = _init_fn(module, lengths)
+    with partitioner.activate():
+        params = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=model.params_shardings)(jax.random.key(seed))
+        opt_state = jax.jit(tx.init, out_shardings=model.opt_state_shardings)(params)
+    return model, params, opt_state
+
+
+def _init_fn(module: Transformer, lengths: Mapping[str, int]) -> Callable[[jax.Array], PyTree]:
+    """rng -> the module's boxed params (nn.Partitioned, carrying logical axis names)."""
 
     def init_params(rng: jax.Array) -> PyTree:
         return module.init(rng, **dummy_batch(lengths), enable_dropout=False)["params"]
 
-    boxed = jax.eval_shape(init_params, jax.random.key(seed))
-    params_shardings = partitioner.params_shardings(boxed)
-    abstract_params = nn.unbox(boxed)
-    opt_state_shardings = partitioner.state_shardings(
-        params_shardings, abstract_params, jax.eval_shape(tx.init, abstract_params)
-    )
-    with partitioner.activate():
-        params = jax.jit(lambda rng: nn.unbox(init_params(rng)), out_shardings=params_shardings)(
-            jax.random.key(seed)
-        )
-        opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings)(params)
-    return Model(module, params_shardings, opt_state_shardings), params, opt_state
+    return init_params
 
 
 def _split_microbatches(batch: Batch, num_microbatches: int, sharding: jax.sharding.Sharding) -> Batch:

@@ -103,6 +103,7 @@ EXPECTED_SECONDS = {
     "tests/test_evaluation.py::test_rank_classification_picks_the_option_transformers_scores_highest": 25,
     "tests/test_bench_train.py::test_bench_train_compares_with_transformers": 35,
     "tests/test_bench_train.py::test_bench_train_runs_without_the_data_stack_and_reports_figures": 30,
+    "tests/test_bench_train.py::test_compile_only_plans_xxl_on_an_fsdp_mesh_it_does_not_have": 25,
     "tests/test_model.py::test_fused_attention_matches_the_einsum_path": 30,
     "tests/test_mixing.py::test_same_seed_gives_the_same_batches": 40,
     "tests/test_data_commands.py::test_stats_of_flan_cot": 25,

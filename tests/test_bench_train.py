@@ -56,6 +56,34 @@ def test_bench_train_compares_with_transformers(tmp_path):
     assert "flan-jax / transformers tokens/s:" in out
 
 
+def test_compile_only_plans_xxl_on_an_fsdp_mesh_it_does_not_have(tmp_path):
+    """Flan-T5 XXL (11B parameters) on 8 fake devices, FSDP, remat: the step compiles from shapes
+    alone and each device holds an eighth of the parameters (the relative-position tables, tiny,
+    are replicated) and of their factored Adafactor statistics."""
+    from flan_jax import formats
+    from flan_jax.model import T5Config
+
+    args = [
+        "bench", "train", "--gin_file=models/flan_t5_xxl.gin", "--gin_file=partitioning/fsdp.gin",
+        "--gin.T5Config.remat_policy='full'", "--batch_size=64", "--compile_only", "--devices=8",
+        f"--json_out={tmp_path / 'plan.json'}",
+    ]
+    result = subprocess.run([sys.executable, "-c", BLOCKED_RUN, *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    [plan] = json.loads((tmp_path / "plan.json").read_text())
+    assert "nothing allocated" in result.stdout and "8 x cpu" in result.stdout
+    config = T5Config(vocab_size=32128, emb_dim=4096, num_heads=64, head_dim=64, num_encoder_layers=24,
+                      num_decoder_layers=24, mlp_dim=10240, mlp_activations=("gelu", "linear"),
+                      logits_via_embedding=False)
+    shapes = jax.tree_util.tree_leaves_with_path(formats.abstract_params(config))
+    replicated = sum(4 * x.size for path, x in shapes if "relpos_bias" in jax.tree_util.keystr(path))
+    total = sum(4 * x.size for _, x in shapes)
+    assert total > 44e9  # float32 parameters of an 11B model
+    assert plan["devices"] == 8 and plan["params_bytes"] == (total - replicated) // 8 + replicated
+    assert 0 < plan["opt_state_bytes"] < plan["params_bytes"] / 100
+    assert plan["compile_seconds"] > 0 and plan["xla_temp_bytes"] > 0
+
+
 @pytest.mark.parametrize("activations", [("gelu", "linear"), ("relu",)])
 def test_model_flops_match_what_xla_counts(activations):
     """The analytic count equals XLA's count of the forward pass's matmul FLOPs."""
