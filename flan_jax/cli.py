@@ -222,7 +222,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if args.method:
         eval_config = dataclasses.replace(eval_config, method=args.method)
     evaluator = evaluation.Evaluator(eval_config, config.task_feature_lengths)
-    metrics = evaluator.evaluate(inference.ModelRunner(model.module).fns(model.params), model.step,
+    metrics = evaluator.evaluate(inference.ModelRunner(model.module, model.partitioner).fns(model.params), model.step,
                                  show_progress=True)
     print(f"step {model.step}")
     for key, value in sorted(metrics.items()):
@@ -251,7 +251,7 @@ def _eval_suites(args: argparse.Namespace) -> None:
     tb_dir = args.tb_dir or os.path.splitext(output)[0] + "_tb"
     print(f"Evaluating {args.checkpoint} ({model.format}, step {model.step}) on {', '.join(s.name for s in suites)}")
     results = evaluation.run_suites(
-        suites, inference.ModelRunner(model.module).fns(model.params),
+        suites, inference.ModelRunner(model.module, model.partitioner).fns(model.params),
         lengths={"inputs": args.input_length, "targets": args.target_length}, method=args.method or "generate",
         batch_size=args.batch_size, limit=args.limit,
     )

@@ -17,6 +17,7 @@ import seqio
 
 from flan_jax import data as data_lib
 from flan_jax import decoding, evaluation, formats, partitioning
+from flan_jax import step as step_lib
 from flan_jax.errors import UserError
 from flan_jax.model import Transformer
 
@@ -24,22 +25,36 @@ from flan_jax.model import Transformer
 @dataclasses.dataclass
 class LoadedModel:
     module: Transformer
-    params: Any
+    params: Any  # on `partitioner`'s mesh
     vocabulary: seqio.Vocabulary
     step: int
     format: str
+    partitioner: partitioning.Partitioner = dataclasses.field(default_factory=partitioning.Partitioner)
 
 
-def load_model(path: str, *, step: int | None = None, vocab_path: str | None = None) -> LoadedModel:
-    """A model from a flan-jax run, a HF directory or a T5X checkpoint, plus its vocabulary."""
-    ckpt = formats.load_checkpoint(path, step=step)
+def load_model(
+    path: str,
+    *,
+    step: int | None = None,
+    vocab_path: str | None = None,
+    partitioner: partitioning.Partitioner | None = None,
+) -> LoadedModel:
+    """A model from a flan-jax run, a HF directory or a T5X checkpoint, plus its vocabulary.
+
+    The params are read onto the partitioner's mesh (default: the gin-bound
+    `Partitioner`), so with FSDP or tensor-parallel rules each device holds
+    only its share of a model too large for one.
+    """
+    partitioner = partitioner or partitioning.Partitioner()
+    ckpt = formats.load_checkpoint(
+        path, step=step, shardings=lambda config: step_lib.param_shardings(Transformer(config), partitioner))
     if vocab_path:
         vocab = seqio.SentencePieceVocabulary(vocab_path)
     elif ckpt.vocab_record:
         vocab = data_lib.load_vocabulary(ckpt.vocab_record, ckpt.vocab_dir)
     else:
         raise UserError(f"{path} ({ckpt.format}) carries no vocabulary; pass --vocab=PATH/TO/spiece.model")
-    return LoadedModel(Transformer(ckpt.config), ckpt.params, vocab, ckpt.step, ckpt.format)
+    return LoadedModel(Transformer(ckpt.config), ckpt.params, vocab, ckpt.step, ckpt.format, partitioner)
 
 
 def decode_fn(module: Transformer, method: str, max_decode_length: int, **options: Any) -> Callable[..., jax.Array]:
@@ -90,8 +105,10 @@ def generate(
         args = (model.params, inputs)
         if method == "sample":
             args += (jax.random.fold_in(jax.random.key(seed), index),)
-        for i, tokens in zip(batch, np.asarray(fn(*args))):
-            answers[i] = vocab.decode(tokens.tolist())
+        with model.partitioner.activate():
+            tokens = fetch(fn(*args))
+        for i, row in zip(batch, tokens):
+            answers[i] = vocab.decode(row.tolist())
         if progress:
             progress(len(batch))
     return answers
@@ -139,6 +156,13 @@ def write_predictions(path: str, records: Sequence[dict[str, Any]], predictions:
     os.replace(partial, path)
 
 
+def fetch(array: jax.Array) -> np.ndarray:
+    """The array on this host, gathered from every host's devices if need be."""
+    if not array.is_fully_addressable:  # Several hosts: each gathers every row.
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(jax.device_get(array))
+
+
 class ModelRunner:
     """Greedy decoding and sequence scoring of one module on one mesh, jit-compiled once per shape.
 
@@ -152,22 +176,17 @@ class ModelRunner:
         self._decoders: dict[int, Callable[..., jax.Array]] = {}
         self._score = jax.jit(functools.partial(decoding.sequence_log_likelihood, module))
 
-    def _fetch(self, array: jax.Array) -> np.ndarray:
-        if not array.is_fully_addressable:  # Several hosts: each gathers every row.
-            return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-        return np.asarray(jax.device_get(array))
-
     def decode(self, params: Any, inputs: np.ndarray, max_decode_length: int) -> np.ndarray:
         """Greedy tokens [b, max_decode_length] for inputs [b, l]."""
         if max_decode_length not in self._decoders:
             self._decoders[max_decode_length] = decode_fn(self.module, "greedy", max_decode_length)
         with self.partitioner.activate():
-            return self._fetch(self._decoders[max_decode_length](params, jnp.asarray(inputs)))
+            return fetch(self._decoders[max_decode_length](params, jnp.asarray(inputs)))
 
     def score(self, params: Any, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """log p(targets | inputs) [b] for inputs [b, l] and targets [b, t]."""
         with self.partitioner.activate():
-            return self._fetch(self._score(params, jnp.asarray(inputs), jnp.asarray(targets)))
+            return fetch(self._score(params, jnp.asarray(inputs), jnp.asarray(targets)))
 
     def fns(self, params: Any) -> evaluation.ModelFns:
         return evaluation.ModelFns(

@@ -48,6 +48,11 @@ def dummy_batch(lengths: Mapping[str, int], batch_size: int = 1) -> dict[str, jn
     return {"encoder_input_tokens": enc, "decoder_input_tokens": dec, "decoder_target_tokens": dec}
 
 
+def param_shardings(module: Transformer, partitioner: partitioning.Partitioner) -> PyTree:
+    """The shardings of the module's parameters under the partitioner's rules."""
+    return partitioner.params_shardings(jax.eval_shape(_init_fn(module, {"inputs": 1, "targets": 1}), jax.random.key(0)))
+
+
 def abstract_state(
     module: Transformer,
     tx: optax.GradientTransformation,

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import jax
@@ -14,7 +15,7 @@ import pytest
 
 from flan_jax import formats, inference
 from flan_jax.errors import UserError
-from flan_jax.model import T5Config, Transformer
+from flan_jax.model import T5Config, Transformer, scan
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = T5Config(vocab_size=1024, emb_dim=64, num_heads=4, head_dim=16, num_encoder_layers=2, num_decoder_layers=2,
@@ -100,3 +101,36 @@ def test_infer_command_writes_predictions_in_input_order(model, tmp_path):
     assert [json.loads(line) for line in output.read_text().splitlines()] == written
     bad = infer("--batch_size=0", "hello")
     assert bad.returncode != 0 and "--batch_size" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_models_too_large_for_one_device_load_sharded(model, tmp_path):
+    """On 8 fake CPU devices with the FSDP preset, `load_model` reads every parameter straight
+    onto its shard (an eighth of each kernel per device, layers scanned), and answers and
+    scores equal those of the same model on one device."""
+    import dataclasses
+
+    from tasks import vocab
+
+    checkpoint = formats.save_flan_jax(str(tmp_path / "run"), dataclasses.replace(CONFIG, scan_layers=True),
+                                       scan.stack_layers(model.params), vocab.default_vocabulary_path(), 0)
+    script = textwrap.dedent(f"""
+        import jax, numpy as np
+        jax.config.update("jax_num_cpu_devices", 8)
+        from flan_jax import inference, partitioning
+        prompts = {PROMPTS!r}
+        fsdp = partitioning.Partitioner(mesh_shape=(8, 1), logical_axis_rules=partitioning.FSDP_LOGICAL_AXIS_RULES)
+        sharded = inference.load_model("{checkpoint}", partitioner=fsdp)
+        single = inference.load_model("{checkpoint}", partitioner=partitioning.Partitioner(devices=jax.devices()[:1]))
+        wi = sharded.params["encoder"]["layers"]["mlp"]["wi_0"]["kernel"]  # [layers, embed, mlp]
+        assert len(wi.sharding.device_set) == 8 and wi.addressable_shards[0].data.shape == (2, 8, 128), wi.sharding
+        assert len(single.params["encoder"]["layers"]["mlp"]["wi_0"]["kernel"].sharding.device_set) == 1
+        answers = inference.generate(sharded, prompts, max_decode_length=12, batch_size=8)
+        assert answers == inference.generate(single, prompts, max_decode_length=12, batch_size=8), answers
+        inputs = np.ones((8, 16), np.int32); targets = np.full((8, 4), 5, np.int32)
+        scores = [inference.ModelRunner(m.module, m.partitioner).score(m.params, inputs, targets) for m in (sharded, single)]
+        np.testing.assert_allclose(scores[0], scores[1], rtol=1e-5)
+        print("OK", answers[:2])
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("OK")

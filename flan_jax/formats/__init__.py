@@ -23,6 +23,8 @@ from flan_jax.formats import hf, t5x
 from flan_jax.model import T5Config, scan
 
 PyTree = Any
+# A params-shaped tree of shardings, a function from the checkpoint's config to one, or None.
+Shardings = Any
 
 
 @dataclasses.dataclass
@@ -119,7 +121,7 @@ def flan_jax_location(path: str, step: int | None = None) -> tuple[str, int | No
     return os.path.join(path, "checkpoints"), step, path
 
 
-def _load_flan_jax(path: str, config: T5Config | None, shardings: PyTree | None, step: int | None) -> LoadedCheckpoint:
+def _load_flan_jax(path: str, config: T5Config | None, shardings: Shardings, step: int | None) -> LoadedCheckpoint:
     checkpoint_dir, step, run_dir = flan_jax_location(path, step)
     ckpt = ckpt_lib.open_for_reading(checkpoint_dir)
 
@@ -134,12 +136,15 @@ def _load_flan_jax(path: str, config: T5Config | None, shardings: PyTree | None,
         else:
             saved = saved_config(ckpt.meta(step))
             wanted = config or saved
+            placed = _resolve(shardings, wanted)
             # In the same layout orbax compares the saved shapes to the model's before it reads anything.
-            abstract = abstract_params(wanted, shardings) if saved.scan_layers == wanted.scan_layers else None
+            abstract = abstract_params(wanted, placed) if saved.scan_layers == wanted.scan_layers else None
             params, meta = ckpt.restore_params(step, abstract)
         params = scan.to_layout(params, wanted.scan_layers)
         check_params(params, wanted, f"{checkpoint_dir}/{step}")
-        return wanted, params if saved.scan_layers == wanted.scan_layers else _place(params, shardings), meta
+        if shardings is not None and saved.scan_layers != wanted.scan_layers:
+            params = _place(params, placed)
+        return wanted, params, meta
 
     try:
         if step is None:
@@ -160,10 +165,13 @@ def load_checkpoint(
     path: str,
     *,
     config: T5Config | None = None,
-    shardings: PyTree | None = None,
+    shardings: Shardings = None,
     step: int | None = None,
 ) -> LoadedCheckpoint:
     """Loads params (onto `shardings` when given) and the config from any supported format.
+
+    `shardings` is a tree like the params, or a function from the checkpoint's
+    config to one (for callers that learn the architecture from the checkpoint).
 
     `config` overrides the architecture read from the checkpoint (T5X stores
     none; we otherwise infer it from parameter shapes), and the params come
@@ -179,12 +187,13 @@ def load_checkpoint(
         params = scan.to_layout(params, config.scan_layers)
         check_params(params, config, path)
         vocab = {"type": "sentencepiece", "file": "spiece.model", "extra_ids": 0} if vocab_file else None
-        return LoadedCheckpoint(fmt, config, _place(params, shardings), vocab, path, 0)
+        return LoadedCheckpoint(fmt, config, _place(params, _resolve(shardings, config)), vocab, path, 0)
     if fmt in ("t5x_legacy", "t5x_orbax"):
         checkpoint = t5x.open_checkpoint(path, fmt)
         config = config or config_from_params(checkpoint.shapes, path)
         # Shapes are checked before any array is read: a corrupt shape could ask for any amount of memory.
         check_params(checkpoint.shapes, dataclasses.replace(config, scan_layers=False), path)
+        shardings = _resolve(shardings, config)
         if config.scan_layers:
             # T5X stores layers unrolled: read each layer onto its slice of the
             # stacked sharding, then stack on device.
@@ -208,6 +217,10 @@ def read_adafactor_state(path: str) -> tuple[PyTree, int] | None:
     if fmt not in ("t5x_legacy", "t5x_orbax"):
         return None
     return t5x.open_checkpoint(path, fmt).read_adafactor_state()
+
+
+def _resolve(shardings: Shardings, config: T5Config) -> PyTree | None:
+    return shardings(config) if callable(shardings) else shardings
 
 
 def _place(params: PyTree, shardings: PyTree | None) -> PyTree:
