@@ -103,7 +103,8 @@ def _init_from(path, config, tx, init_optimizer_state=True):
 
 def _zarr(layout_dir: Path, name: str) -> np.ndarray:
     """One array of the legacy layout read straight from its zarr directory."""
-    spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(layout_dir / name)}}
+    # tensorstore refuses paths with '..' (as FLAN_JAX_FIXTURES_DIR has under tests/run.sh).
+    spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": os.path.abspath(layout_dir / name)}}
     return np.asarray(ts.open(spec, read=True).result().read().result())
 
 
