@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import logging
 import os
 import sys
 import time
@@ -300,16 +301,47 @@ def check_fits(saved: PyTree, wanted: PyTree, where: str, what: str) -> None:
 def quiet_leftover_coroutines() -> Iterator[None]:
     """After a failed read, orbax's other pending array reads die with the event
     loop and Python prints each as "Exception ignored in <coroutine>"; the
-    failure itself is reported once, by the caller."""
+    failure itself is reported once, by the caller. Reads still in flight
+    fail later still ("Event loop is closed" in tensorstore's threads, "Task
+    exception was never retrieved" from asyncio), so from a failure on such
+    reports are dropped for the rest of the process; all other unraisable
+    exceptions and asyncio errors are still reported."""
     hook = sys.unraisablehook
     sys.unraisablehook = lambda unraisable: None
+    failed = False
     try:
         yield
     except BaseException:
+        failed = True
         gc.collect()  # Collect the dead coroutines while their reports are dropped.
         raise
     finally:
-        sys.unraisablehook = hook
+        sys.unraisablehook = _without_read_leftovers(hook) if failed else hook
+        if failed and not any(isinstance(f, _ReadLeftoverFilter) for f in logging.getLogger("asyncio").filters):
+            logging.getLogger("asyncio").addFilter(_ReadLeftoverFilter())
+
+
+_READ_LEFTOVERS = ("Event loop is closed", "Encountered error while reading array index")
+
+
+class _ReadLeftoverFilter(logging.Filter):
+    """Drops asyncio's reports of orbax read tasks that failed after the read was given up."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or not str(error).startswith(_READ_LEFTOVERS)
+
+
+def _without_read_leftovers(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    if getattr(hook, "drops_read_leftovers", False):
+        return hook
+
+    def filtered(unraisable: Any) -> None:
+        if not str(unraisable.exc_value).startswith(_READ_LEFTOVERS):
+            hook(unraisable)
+
+    filtered.drops_read_leftovers = True  # type: ignore[attr-defined]
+    return filtered
 
 
 def check_writable(directory: str) -> None:

@@ -46,8 +46,12 @@ def load_model(
     only its share of a model too large for one.
     """
     partitioner = partitioner or partitioning.Partitioner()
-    ckpt = formats.load_checkpoint(
-        path, step=step, shardings=lambda config: step_lib.param_shardings(Transformer(config), partitioner))
+    shardings = None
+    if partitioner.mesh.size > 1:
+        # On one device, orbax's plain read: its sharded read of a corrupt step leaves tensorstore
+        # callbacks printing "Event loop is closed" tracebacks after the step has been set aside.
+        shardings = lambda config: step_lib.param_shardings(Transformer(config), partitioner)  # noqa: E731
+    ckpt = formats.load_checkpoint(path, step=step, shardings=shardings)
     if vocab_path:
         vocab = seqio.SentencePieceVocabulary(vocab_path)
     elif ckpt.vocab_record:
