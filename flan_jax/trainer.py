@@ -267,21 +267,18 @@ def _load_pretrained(
     # load_checkpoint checks every parameter's name and shape against model_config.
     loaded = formats.load_checkpoint(path, config=model_config, shardings=model.params_shardings)
     params = jax.tree.map(lambda x, ref: x.astype(ref.dtype), loaded.params, init_params)
-    opt_state, continued = None, ""
+    # Fresh (`init_opt_state`, already initialised on the mesh) unless the checkpoint's continues.
+    opt_state, continued = init_opt_state, ""
     if init_optimizer_state and loaded.format == "flan_jax":
-        opt_state = _flan_jax_opt_state(path, loaded.step, model, params, init_opt_state, partitioner)
-        continued = "its optimizer state continues"
+        restored = _flan_jax_opt_state(path, loaded.step, model, params, init_opt_state, partitioner)
+        if restored is not None:
+            opt_state, continued = restored, "; its optimizer state continues"
     elif init_optimizer_state and loaded.format.startswith("t5x"):
         t5x_state = formats.read_adafactor_state(path)
         if t5x_state is not None:
             opt_state = jax.device_put(_t5x_opt_state(path, t5x_state, model_config, tx), model.opt_state_shardings)
-            continued = f"Adafactor statistics continue from its step {t5x_state[1]}"
-    if opt_state is None:
-        continued = ""
-        with partitioner.activate():
-            opt_state = jax.jit(tx.init, out_shardings=model.opt_state_shardings)(params)
-    print(f"Initialised from {loaded.format} checkpoint {path} (its step {loaded.step})"
-          + (f"; {continued}." if continued else "."))
+            continued = f"; Adafactor statistics continue from its step {t5x_state[1]}"
+    print(f"Initialised from {loaded.format} checkpoint {path} (its step {loaded.step}){continued}.")
     return params, opt_state
 
 
