@@ -48,5 +48,5 @@ setup(
             "safetensors>=0.4",
         ],
     },
-    entry_points={"console_scripts": ["flan-jax=flan_jax.cli:main"]},
+    entry_points={"console_scripts": ["flan-jax=flan_jax.cli:run"]},
 )

@@ -36,7 +36,7 @@ def _part(op_name: str, hlo_name: str) -> str:
         part = "layer norms"
     if not stack and not part:
         for scope in ("optimizer", "loss"):  # named scopes in flan_jax.step
-            if f"/{scope}/" in op_name:
+            if f"/{scope}/" in op_name or f"({scope})" in op_name:  # 'jvp(loss)/...' too
                 return f"{scope} ({'backward' if backward else 'forward'})" if scope == "loss" else scope
         if any(k in hlo_name for k in ("all-gather", "all-reduce", "reduce-scatter", "collective")):
             return "collectives"

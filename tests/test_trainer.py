@@ -131,6 +131,20 @@ def test_cross_entropy_matches_numpy():
     expected = -(np.take_along_axis(log_probs, targets[..., None], -1)[..., 0] * weights).sum() / weights.sum()
     np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
     assert float(metrics["num_tokens"]) == 3.0
+    assert float(metrics["correct"]) == ((logits.argmax(-1) == targets) * weights).sum()
+
+
+def test_correct_counts_the_tokens_whose_target_is_the_top_logit():
+    from flan_jax.losses import cross_entropy_loss
+
+    logits = np.random.default_rng(2).normal(size=(4, 50, 7)).astype(np.float32)
+    targets = np.random.default_rng(3).integers(0, 7, (4, 50))
+    targets[:, :20] = logits[:, :20].argmax(-1)  # some hits for sure
+    weights = np.ones_like(targets, np.float32)
+    weights[0] = 0  # not counted
+    _, metrics = cross_entropy_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights))
+    want = ((logits.argmax(-1) == targets) * weights).sum()
+    assert want >= 60 and float(metrics["correct"]) == want
 
 
 @pytest.mark.parametrize("saved_scanned", [True, False], ids=["saved_scanned", "saved_unrolled"])
