@@ -358,3 +358,18 @@ def test_remat_and_dropout_under_scan():
     for policy in ("full", "dots"):
         for a, b in zip(jax.tree.leaves(grads(policy)), jax.tree.leaves(reference)):
             np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max() + 1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 5, 8, 13])
+def test_broadcast_over_batch_sums_its_gradient_over_the_batch(batch):
+    """The shared attention bias's gradient (summed by halving, not XLA's
+    reduce) equals the plain broadcast's, odd batch sizes included."""
+    from flan_jax.model.layers import broadcast_over_batch
+
+    rng = np.random.default_rng(batch)
+    bias = jnp.asarray(rng.normal(size=(1, 2, 3, 4)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(batch, 2, 3, 4)), jnp.float32)
+    ours = jax.grad(lambda b: (jnp.sin(broadcast_over_batch(b, batch)) * weights).sum())(bias)
+    plain = jax.grad(lambda b: (jnp.sin(jnp.broadcast_to(b, weights.shape)) * weights).sum())(bias)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(plain), rtol=1e-5, atol=1e-6)
+    assert broadcast_over_batch(bias, batch).shape == weights.shape
