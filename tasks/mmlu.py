@@ -28,17 +28,30 @@ library renders it (fs_noopt, the header as prefix), so exemplars are
 dropped from the end while the prompt is too long.
 
 Chain of thought: tasks `mmlu_{subject}_cot`, the same splits, mixture
-`mmlu_cot`. The query is FLAN's CoT layout,
+`mmlu_cot`. With `mmlu-cot.json` (the Flan-T5 paper's 5-shot CoT prompts) the
+input is the subject's prompt as published, then the query in its layout:
+
+  The following are multiple choice questions (with answers) about {subject}.
+
+  Q: {question}
+  (A) {A} (B) {B} (C) {C} (D) {D}
+  A: Let's think step by step. {rationale} The answer is (X).
+
+  ... the other exemplars ...
 
   Q: {question}
   (A) {A} (B) {B} (C) {C} (D) {D}
   A: Let's think step by step.
 
-after the subject's prompt from mmlu-cot.json (its five exemplars with
-rationales) and a blank line. Without that file the query follows the header
-alone (zero-shot chain of thought, which Flan-T5 was also trained on), and a
-warning says so. The target is "So the answer is (X)."; predictions and
-targets are reduced to the letter (`answer_letter`).
+The prompt is parsed into its header and exemplars (`parse_cot_prompt`) and
+rendered by the template library (fs_cot, the header as prefix, answer
+phrase "The answer is"), which reproduces the file byte for byte and, when a
+prompt is too long, drops whole exemplars from the end; the query is only
+cut when it alone is too long. Both are counted (`over_length`,
+`truncated`). Without the file the query follows the header alone (zero-shot
+chain of thought, which Flan-T5 was also trained on), and a warning says so.
+The target is "The answer is (X)."; predictions and targets are reduced to
+the letter (`answer_letter`, which also reads "So the answer is (X).").
 
 Rows that cannot be used (not six columns, an empty question, an answer that
 is not A-D) are skipped and counted in `sources.stats("mmlu_<subject>")`.
@@ -60,7 +73,7 @@ import re
 from flan_jax import evaluation
 from flan_jax.errors import UserError
 from tasks import registry, sources
-from tasks.templates import TaskSpec, Template
+from tasks.templates import COT_TRIGGER, TaskSpec, Template
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +83,7 @@ PUBLISHED_AT = "https://github.com/hendrycks/test (data.tar: dev/, val/, test/)"
 COT_PROMPTS_FILE = "mmlu-cot.json"
 COT_PROMPTS_AT = "https://github.com/jasonwei20/flan-2/blob/main/mmlu-cot.json (FLAN's MMLU CoT prompts)"
 NUM_SHOTS = 5
+COT_ANSWER_PHRASE = "The answer is"  # mmlu-cot.json's exemplars end "The answer is (X)."
 LETTERS = ("A", "B", "C", "D")
 SPLIT_DIRS = {"dev": "dev", "validation": "val", "test": "test"}
 SUBJECTS = (
@@ -175,39 +189,71 @@ def source(subject: str) -> sources.LoadedSource:
     )
 
 
-def cot_spec(subject: str, prompt: str | None) -> TaskSpec:
-    """zs_cot after the published 5-shot prompt (or, without one, after the header alone)."""
-    header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}."
-    return TaskSpec(f"mmlu_{subject}_cot", [Template("Q: {question}\nA:")], cot_separator=" ",
-                    prefix=(prompt.strip() if prompt else header) + "\n\n")
+_COT_ANSWER = re.compile(r" The answer is (\([A-Z]\))\.$")
+
+
+def parse_cot_prompt(text: str, path: str = "<prompt>") -> tuple[str, list[sources.Example]]:
+    """Splits one subject's mmlu-cot.json prompt into (header, exemplars).
+
+    Each exemplar has question (with its "(A) .. (D) .." line), rationale and
+    answer ("(X)"), so that rendering it as fs_cot gives the text back exactly.
+    """
+    header, *blocks = text.strip().split("\n\nQ: ")
+    exemplars = []
+    for block in blocks:
+        question, marker, reply = block.partition(f"\nA: {COT_TRIGGER} ")
+        answer = _COT_ANSWER.search(reply)
+        if not marker or not answer:
+            raise sources.MalformedRow(f"{path}: exemplar {question[:40]!r} is not laid out as "
+                                       f"'Q: ...\\nA: {COT_TRIGGER} ... The answer is (X).'")
+        exemplars.append({"question": question, "rationale": reply[:answer.start()], "answer": answer.group(1)})
+    if not exemplars:
+        raise sources.MalformedRow(f"{path}: no 'Q: ... A: ...' exemplar after the header")
+    return header, exemplars
+
+
+def cot_spec(subject: str, header: str | None = None) -> TaskSpec:
+    """fs_cot after the published prompt's header (or, without one, the standard header)."""
+    header = header or f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}."
+    return TaskSpec(f"mmlu_{subject}_cot", [Template("Q: {question}\nA:")], num_shots=NUM_SHOTS, prefix=header + "\n\n",
+                    shot_joiner=" ", cot_separator=" ", answer_phrase=COT_ANSWER_PHRASE)
 
 
 class CotSource(sources.LoadedSource):
-    """One subject in FLAN's chain-of-thought layout; its prompt comes from mmlu-cot.json when present."""
+    """One subject in FLAN's chain-of-thought layout; its exemplars come from mmlu-cot.json when present."""
 
     def __init__(self, subject: str) -> None:
-        super().__init__(f"mmlu_{subject}_cot", cot_spec(subject, None), ("validation", "test"),
-                         locate=_location, read=self._read_files, postprocess_fn=answer_letter)
+        super().__init__(f"mmlu_{subject}_cot", cot_spec(subject), ("validation", "test"), locate=_location,
+                         read=self._read_files, exemplar_split="prompt", fixed_exemplars=True,
+                         postprocess_fn=answer_letter)
         self.subject = subject
 
     def _read_files(self, location: str, stats: sources.SourceStats) -> dict[str, list[sources.Example]]:
-        self.spec = cot_spec(self.subject, _cot_prompts(location).get(self.subject))
+        path, prompt = _cot_prompts(location)
+        exemplars: list[sources.Example] = []
+        if prompt is not None and self.subject in prompt:
+            try:
+                header, exemplars = parse_cot_prompt(prompt[self.subject], f"{path}[{self.subject!r}]")
+            except sources.MalformedRow as e:
+                # Without its prompt the subject cannot be evaluated as published: stop.
+                raise UserError(f"{self.name}: unusable prompt: {e}") from None
+            self.spec = cot_spec(self.subject, header)
         splits = read(self.subject, location, stats)
-        return {split: [as_cot(ex) for ex in examples] for split, examples in splits.items()}
+        return {**{split: [as_cot(ex) for ex in examples] for split, examples in splits.items()}, "prompt": exemplars}
 
 
-_PROMPTS_CACHE: dict[str, dict[str, str]] = {}
+_PROMPTS_CACHE: dict[str, tuple[str, dict[str, str] | None]] = {}
 
 
-def _cot_prompts(location: str) -> dict[str, str]:
-    """{subject: prompt} from `location/mmlu-cot.json`, or {} (with a warning) when it is not there."""
+def _cot_prompts(location: str) -> tuple[str, dict[str, str] | None]:
+    """(path, {subject: prompt}) of `location/mmlu-cot.json`; None (with a warning) when it is not there."""
     if location not in _PROMPTS_CACHE:
         try:
             path, data = sources.read_data_file("mmlu_cot", location, COT_PROMPTS_FILE, "")
         except sources.MissingDataError:
             logger.warning("mmlu_cot: no %s in %s, so chain of thought is zero-shot. For FLAN's 5-shot CoT "
                            "prompts get it from %s.", COT_PROMPTS_FILE, location, COT_PROMPTS_AT)
-            _PROMPTS_CACHE[location] = {}
+            _PROMPTS_CACHE[location] = (os.path.join(location, COT_PROMPTS_FILE), None)
         else:
             try:
                 prompts = json.loads(data)
@@ -215,7 +261,7 @@ def _cot_prompts(location: str) -> dict[str, str]:
                     raise ValueError("expected a JSON object of {subject: prompt text}")
             except ValueError as e:
                 raise UserError(f"mmlu_cot: {path} is not FLAN's mmlu-cot.json: {e}") from None
-            _PROMPTS_CACHE[location] = prompts
+            _PROMPTS_CACHE[location] = (path, prompts)
     return _PROMPTS_CACHE[location]
 
 
@@ -233,7 +279,7 @@ def _register() -> None:
     direct, cot = [], []
     for subject in SUBJECTS:
         direct += registry.add_source(source(subject), {f"mmlu_{subject}": "fs_noopt"})
-        cot += registry.add_source(CotSource(subject), {f"mmlu_{subject}_cot": "zs_cot"})
+        cot += registry.add_source(CotSource(subject), {f"mmlu_{subject}_cot": "fs_cot"})
     registry.add_mixture(MIXTURE, [(name, 1.0) for name in direct])
     registry.add_mixture(COT_MIXTURE, [(name, 1.0) for name in cot])
     for name, tasks, decode_length, description in (

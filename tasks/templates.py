@@ -25,8 +25,9 @@ Exact rendering, for a template `t`, a spec `spec` and an example `ex`:
   zs_opt     input  = base + options
              target = as zs_noopt
   zs_cot     input  = base [+ options if multiple choice] + spec.cot_separator + spec.cot_trigger
-             target = ex["rationale"] + " So the answer is " + ex["answer"] + "."
-                      (just "So the answer is ...", if the rationale is empty)
+             target = ex["rationale"] + " " + spec.answer_phrase + " " + ex["answer"] + "."
+                      (just the answer phrase and answer, if the rationale is empty;
+                      spec.answer_phrase defaults to "So the answer is")
   fs_X       input  = spec.shot_separator.join(
                           [e.input + spec.shot_joiner + e.target for e in exemplars] + [q.input])
              target = q.target
@@ -108,6 +109,7 @@ class TaskSpec:
     shot_joiner: str = SHOT_JOINER
     cot_separator: str = COT_SEPARATOR
     few_shot_fallback: str = "zero_shot"  # Or "drop"; see the module docstring.
+    answer_phrase: str = ANSWER_PHRASE  # Before a CoT target's answer (MMLU's published prompts: "The answer is").
 
     def __post_init__(self) -> None:
         if not self.templates:
@@ -190,9 +192,9 @@ def _options_block(example: Mapping[str, Any]) -> str:
     return OPTIONS_HEADER + OPTION_SEPARATOR.join(options)
 
 
-def cot_target(example: Mapping[str, Any]) -> str:
+def cot_target(example: Mapping[str, Any], answer_phrase: str = ANSWER_PHRASE) -> str:
     """The chain-of-thought target: rationale, then the answer in a fixed phrase."""
-    answer = f"{ANSWER_PHRASE} {example['answer']}."
+    answer = f"{answer_phrase} {example['answer']}."
     # Evaluation data has no rationale; its target only needs to carry the answer.
     return f"{example['rationale']} {answer}" if example["rationale"] else answer
 
@@ -211,7 +213,7 @@ def render_zero_shot(spec: TaskSpec, template: Template, example: Mapping[str, A
     if kind == "cot":
         if spec.multiple_choice:
             prompt += _options_block(example)
-        return prompt + spec.cot_separator + spec.cot_trigger, cot_target(example)
+        return prompt + spec.cot_separator + spec.cot_trigger, cot_target(example, spec.answer_phrase)
     raise ValueError(f"unknown variant kind {kind!r}")
 
 

@@ -95,6 +95,48 @@ def test_rendered_bbh_cot_prompt_is_the_file_then_the_query():
         assert example["inputs_pretokenized"] == expected.encode()
 
 
+@needs_data
+def test_rendered_mmlu_cot_prompt_is_the_published_prompt_then_the_query():
+    prompts = json.loads((DATA / "mmlu" / "mmlu-cot.json").read_text())
+    for subject in ("abstract_algebra", "high_school_us_history", "college_chemistry"):
+        row = next(iter(mmlu.sources.parse_file((DATA / "mmlu" / "test" / f"{subject}_test.csv").read_bytes(),
+                                                 "test.csv", "csv", mmlu.parse_row, mmlu.sources.SourceStats("t"))))
+        choices = " ".join(f"({letter}) {choice}" for letter, choice in zip(mmlu.LETTERS, row["choices"]))
+        query = f"Q: {row['stem']}\n{choices}\nA: Let's think step by step."
+        (example,) = evaluation.load_task_examples(f"mmlu_{subject}_cot", "test", {"inputs": 8192, "targets": 64},
+                                                   1).features
+        assert example["inputs_pretokenized"].decode() == prompts[subject].strip() + "\n\n" + query
+        assert example["targets_pretokenized"].decode() == f"The answer is ({row['answer']})."
+
+
+@needs_data
+def test_mmlu_cot_prompt_too_long_drops_exemplars_whole_and_keeps_the_query():
+    """At a short input length whole exemplars go from the end; the query is never cut unless alone too long."""
+    task = evaluation.load_task_examples("mmlu_abstract_algebra_cot", "test", {"inputs": 512, "targets": 64}, 30)
+    prompt = json.loads((DATA / "mmlu" / "mmlu-cot.json").read_text())["abstract_algebra"].strip()
+    _, exemplars = mmlu.parse_cot_prompt(prompt)
+    inputs = task.texts("inputs")
+    assert len(set(inputs)) == len(inputs)  # Different questions stay different inputs.
+    for text in inputs:
+        assert text.endswith("\nA: Let's think step by step.")
+        shots = text.count("\nA: Let's think step by step. ")
+        assert shots < len(exemplars)  # 512 tokens cannot hold all five.
+        # The exemplars kept are the first ones, whole.
+        assert all(f"Q: {e['question']}\nA: Let's think step by step. {e['rationale']}" in text
+                   for e in exemplars[:shots])
+    assert task.over_length == len(inputs)
+    assert task.truncated == sum(len(task.vocabulary.encode(t)) + 1 > 512 for t in inputs)
+
+
+def test_mmlu_cot_prompt_parse_errors_name_the_place():
+    with pytest.raises(mmlu.sources.MalformedRow, match="prompt.json"):
+        mmlu.parse_cot_prompt("Header.\n\nQ: 1+1?\nA: Let's think step by step. Two.", "prompt.json")
+    header, (exemplar,) = mmlu.parse_cot_prompt(
+        "\nHeader.\n\nQ: 1+1?\n(A) 2 (B) 3\nA: Let's think step by step. One and one.  The answer is (A).")
+    assert header == "Header." and exemplar == {"question": "1+1?\n(A) 2 (B) 3", "rationale": "One and one. ",
+                                                "answer": "(A)"}
+
+
 def test_answer_extraction_and_chance():
     assert gsm8k.final_number("So the answer is $1,234.50.") == "1234.5"
     assert gsm8k.final_number("He pays 3 + 4 = 7 dollars. The answer is 7 dollars.") == "7"
