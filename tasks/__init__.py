@@ -32,7 +32,8 @@ does it all, once per process:
 Calling it again does nothing, unless with another vocabulary or with
 `again=True` (after recording more, e.g. `registry.add_family` in a test or a
 notebook, or after a gin binding changed the default vocabulary), which
-registers the store with SeqIO again; the modules' `register()` run once.
+registers the store with SeqIO again; each module's `register()` runs once
+(`discover` runs those of modules added since).
 
 A task module (the pattern every module of tasks/ follows):
 
@@ -66,25 +67,26 @@ from tasks.mixing import HELDOUT_MIXTURE, TRAIN_MIXTURE, VALIDATION_MIXTURE
 
 add_family = registry.add_family
 
-_discovered = False  # Whether `discover` has run the modules' `register()`.
+_handled: set[str] = set()  # Modules whose `register()` has run (or which have none).
 
 
 def import_modules() -> list[ModuleType]:
-    """Imports every public module of the package in name order (their gin configurables too); records nothing."""
+    """Imports every public module of the package, in name order (so gin knows their configurables)."""
     names = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
     return [importlib.import_module(f"{__name__}.{name}") for name in names]
 
 
 def discover() -> list[str]:
-    """Imports every module of the package and runs its `register()`; returns the module names."""
-    global _discovered
+    """Imports every module of the package, runs each `register()` not run yet; returns the module names."""
     modules = import_modules()
     for module in modules:
+        if module.__name__ in _handled:
+            continue
         register_module = vars(module).get("register")
         # Only a module's own function: `from x import register` does not make it a task module.
         if callable(register_module) and register_module.__module__ == module.__name__:
             register_module()
-    _discovered = True
+        _handled.add(module.__name__)
     return [module.__name__.removeprefix(f"{__name__}.") for module in modules]
 
 
@@ -93,7 +95,7 @@ def register(vocabulary: seqio.Vocabulary | None = None, *, again: bool = False)
     current = seqio_tasks.registered_vocabulary()
     if current is not None and not again and (vocabulary is None or vocabulary == current):
         return
-    if not _discovered:
+    if not _handled:
         discover()
     seqio_tasks.register_seqio(vocab.get_default_vocabulary() if vocabulary is None else vocabulary)
 
