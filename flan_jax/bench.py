@@ -126,8 +126,10 @@ def bench_data(
     """
     import seqio
 
-    import tasks  # noqa: F401  (registers the SeqIO tasks and mixtures)
+    import tasks
     from flan_jax import data
+
+    tasks.register()  # Done already when run by the CLI.
 
     if mixture is None:
         mixture = "flan_cot" if "flan_cot" in seqio.MixtureRegistry.names() else "builtin_train"

@@ -171,7 +171,9 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str], *, with_data: bool 
     logging.getLogger().addFilter(_GinProbeFilter())
 
     if with_data:
-        import tasks  # (registers the SeqIO tasks and mixtures)
+        import tasks
+
+        tasks.import_modules()  # Their gin configurables (vocabulary, data directory); nothing registered yet.
         from flan_jax import trainer  # noqa: F401  (registers the configurables)
     else:
         from flan_jax import bench_train  # noqa: F401  (registers model, optimizer, partitioner)
@@ -186,10 +188,6 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str], *, with_data: bool 
         # gin's message, then where: "  In bindings string line 2", the line, "    ^".
         message, *where = [line.strip() for line in str(e).splitlines() if line.strip().strip("^")] or [repr(e)]
         raise UserError(f"bad gin config: {message}" + (f" ({': '.join(where)})" if where else "")) from None
-    if with_data:
-        # Tasks were registered on import, before gin; register them again so
-        # gin bindings that shape them (vocabulary, data directory) take effect.
-        tasks.registry.register_seqio()
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -235,9 +233,11 @@ def _eval_suites(args: argparse.Namespace) -> None:
 
     from clu import metric_writers
 
+    import tasks
     from flan_jax import evaluation, inference
     from tasks import registry
 
+    tasks.discover()  # The suites, recorded; registered below with the model's vocabulary.
     suites = [registry.get_suite(name.strip()) for name in args.suite.split(",") if name.strip()]
     if not args.checkpoint:
         raise UserError("--suite needs --checkpoint=PATH (a flan-jax run, a HF directory or a T5X checkpoint)")
@@ -245,7 +245,7 @@ def _eval_suites(args: argparse.Namespace) -> None:
     if model.vocabulary.vocab_size > model.module.config.vocab_size:
         raise UserError(f"the vocabulary has {model.vocabulary.vocab_size} ids but the model only "
                         f"{model.module.config.vocab_size}; pass the model's own with --vocab")
-    registry.register_seqio(model.vocabulary)  # The suites' prompts are tokenized as the model was trained.
+    tasks.register(model.vocabulary)  # The suites' prompts are tokenized as the model was trained.
     output = args.output or os.path.join(
         "eval_results", f"{Path(os.path.abspath(args.checkpoint)).name}-step{model.step}.json")
     tb_dir = args.tb_dir or os.path.splitext(output)[0] + "_tb"
@@ -591,6 +591,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if with_data:
             _quiet_backends()
         parse_gin(files, bindings, with_data=with_data)
+        if with_data and not (args.command == "eval" and args.suite):  # `eval --suite` uses the model's vocabulary.
+            import tasks
+
+            tasks.register()  # Once, after gin: its bindings (vocabulary, data directory) shape the tasks.
         commands[args.command](args)
     except UserError as e:
         raise SystemExit(f"flan-jax: error: {_message(e)}") from None

@@ -144,7 +144,8 @@ def _location() -> str:
     return os.path.join(sources.data_dir_or_raise("bbh", "the BIG-Bench Hard files", PUBLISHED_AT), "bbh")
 
 
-def _register() -> None:
+def register() -> None:
+    """Records the BBH sources, the mixtures and suites `bbh_direct` and `bbh_cot` (run by `tasks.register`)."""
     for mode in MODES:
         names = []
         for task in TASKS:
@@ -156,5 +157,3 @@ def _register() -> None:
             max_decode_length=256 if mode == "cot" else 128, chance=chance,
         ))
 
-
-_register()

@@ -56,7 +56,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -559,89 +559,3 @@ class StreamSource(seqio.DataSource):
         if num_shards > 1 and not by_unit:
             rows = rows.shard(num_shards, shard_index)
         return rows.map(_plain_tf(lambda row: {k: v for k, v in row.items() if k != "p"}))
-
-
-# --- writing (tests, benchmarks, conversions) -------------------------------------------
-
-EXPORT_FORMATS = ("jsonl", "jsonl.gz", "parquet")
-
-
-def write_shards(directory: str, rows: Iterable[Mapping[str, str]], file_format: str, *, num_shards: int = 1,
-                 row_group_size: int = 1000) -> list[str]:
-    """Writes rows round-robin into `num_shards` files in the export's schema ('jsonl', 'jsonl.gz' or 'parquet').
-
-    Streams: holds at most `row_group_size` rows per shard.
-    """
-    if file_format not in EXPORT_FORMATS:
-        raise ValueError(f"file_format={file_format!r}: expected one of {EXPORT_FORMATS}")
-    tf.io.gfile.makedirs(directory)
-    paths = [os.path.join(directory, f"train-{i:05d}-of-{num_shards:05d}.{file_format}") for i in range(num_shards)]
-    if file_format == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        schema = pa.schema([(k, pa.string()) for k in FIELDS])
-        writers = [pq.ParquetWriter(path, schema) for path in paths]
-        pending: list[list[Mapping[str, str]]] = [[] for _ in paths]
-
-        def flush(i: int) -> None:
-            if pending[i]:
-                writers[i].write_table(pa.table({k: [r[k] for r in pending[i]] for k in FIELDS}, schema=schema))
-                pending[i].clear()
-
-        for n, row in enumerate(rows):
-            pending[n % num_shards].append(row)
-            if len(pending[n % num_shards]) == row_group_size:
-                flush(n % num_shards)
-        for i, writer in enumerate(writers):
-            flush(i)
-            writer.close()
-        return paths
-    files = [tf.io.gfile.GFile(path, "wb") for path in paths]
-    streams = [gzip.GzipFile(fileobj=f, mode="wb") if file_format.endswith(".gz") else f for f in files]
-    for n, row in enumerate(rows):
-        streams[n % num_shards].write((json.dumps({k: row[k] for k in FIELDS}) + "\n").encode())
-    for stream, f in zip(streams, files):
-        stream.close()
-        f.close()
-    return paths
-
-
-def synthetic_rows(collection: str, counts: Mapping[Triple, int], *, words: int = 20, target_words: int = 0,
-                   seed: int = 0) -> Iterator[dict[str, str]]:
-    """Rows in the export's schema with the given (task, template type) counts, tasks interleaved at random.
-
-    Each row's `inputs` is unique and starts "<collection> <task> <template> #<i>:", then made-up
-    words: `words` of them, or with `target_words` a log-normal number of mean `words` (inputs) and
-    `target_words` (targets), skewed as real prompts and answers are.
-    """
-    rng = np.random.default_rng(seed)
-    kinds = list(counts)
-    order = np.repeat(np.arange(len(kinds)), [counts[k] for k in kinds])
-    rng.shuffle(order)
-    vocabulary = np.array([f"w{i}" for i in range(1000)])
-    seen = Counter()
-
-    def text(mean: int) -> str:
-        n = max(1, int(rng.lognormal(np.log(mean) - 0.32, 0.8))) if target_words else mean  # mean e^(mu+s^2/2)
-        return " ".join(vocabulary[rng.integers(0, 1000, n)])
-
-    for kind_index in order:
-        task, template = kinds[kind_index]
-        i = seen[kind_index]
-        seen[kind_index] += 1
-        yield {
-            "inputs": f"{collection} {task} {template} #{i}: " + text(words),
-            "targets": f"answer {i % 7}" + (" " + text(target_words) if target_words else ""),
-            "task_source": collection, "task_name": task, "template_type": template,
-        }
-
-
-def write_synthetic_export(root: str, counts: Mapping[str, Mapping[Triple, int]], formats: Mapping[str, str], *,
-                           num_shards: int = 2, row_group_size: int = 1000, words: int = 20,
-                           target_words: int = 0) -> None:
-    """A made-up export under `root`: {collection: {(task, template type): rows}}, each in its format."""
-    for c, per_kind in counts.items():
-        rows = synthetic_rows(c, per_kind, words=words, target_words=target_words)
-        write_shards(os.path.join(root, SUBMIXTURES[c][0]), rows, formats[c], num_shards=num_shards,
-                     row_group_size=row_group_size)

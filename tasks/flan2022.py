@@ -43,7 +43,8 @@ def register(root: str | None = None, recipe: Mapping[str, mixing.Collection] = 
     `template_weights` weigh a submixture's template types (default: equally);
     `shuffle_buffer_size` is each submixture stream's buffer, in examples.
 
-    Call `registry.register_seqio()` afterwards outside `import tasks`.
+    `tasks.register()` runs it with the defaults; called again later, follow
+    it with `tasks.register(again=True)` so that SeqIO sees the change.
     """
     for task in _registered:
         registry.remove_text_task(task)
@@ -63,13 +64,10 @@ def register(root: str | None = None, recipe: Mapping[str, mixing.Collection] = 
                                             shuffle_buffer_size=shuffle_buffer_size)
         _registered.append(streams[c])
         _submixtures[c] = index
-    # No warning at import (every command imports tasks); `data list` reports the gap.
+    # No warning (every command registers the tasks); `data list` reports the gap.
     return mixing.add_recipe(name, {"cot": FLAN_COT_TASKS}, recipe, streams=streams, warn=False)
 
 
 def submixtures() -> dict[str, collection.SubmixIndex]:
     """The export's submixtures in the mixture, by collection."""
     return dict(_submixtures)
-
-
-RECIPE = register()

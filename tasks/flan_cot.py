@@ -203,7 +203,8 @@ def _rate(source: sources.LoadedSource, num_variants: int, task: object) -> floa
     return source.split_size("train") / num_variants
 
 
-def _register() -> None:
+def register() -> None:
+    """Records the Flan CoT sources, every variant, and the mixture `flan_cot` (run by `tasks.register`)."""
     mixture = []
     for dataset in DATASETS:
         src = source(dataset)
@@ -213,5 +214,3 @@ def _register() -> None:
         mixture += [(name, functools.partial(_rate, src, len(variants))) for name in names]
     registry.add_mixture(MIXTURE, mixture)
 
-
-_register()

@@ -83,12 +83,11 @@ def _location() -> str:
     return os.path.join(sources.data_dir_or_raise(NAME, "the GSM8K test set", PUBLISHED_AT), "gsm8k")
 
 
-def _register() -> None:
+def register() -> None:
+    """Records the GSM8K test source and its suite (run by `tasks.register`)."""
     source = sources.LoadedSource(NAME, SPEC, SPLITS, locate=_location, read=read, exemplar_split="exemplars",
                                   fixed_exemplars=True, postprocess_fn=final_number)
     registry.add_source(source, {NAME: "fs_cot"})
     registry.add_suite(evaluation.Suite(NAME, (NAME,), f"GSM8K test, {NUM_SHOTS}-shot chain of thought",
                                         max_decode_length=256))
 
-
-_register()

@@ -21,6 +21,20 @@ rates (`seqio.Mixture.get_rate`). On top of it:
       (example-proportional, capped at the collection's cap) with share
       `rate(c)` of `{name}`. Collections with no tasks are left out and the
       remaining shares renormalised to sum to 1, with a warning.
+  family_mixtures(families)
+      the built-in mixtures over the generated families (tasks/family.py):
+
+        builtin_train          train split of every family not held out, all
+                               variants. Rates: equal per family, split evenly
+                               over its variants (so multiple-choice families,
+                               which have six variants instead of four, are
+                               not over-sampled).
+        builtin_validation_zs  the same families' zero-shot variants, for
+                               in-distribution evaluation on the validation split.
+        builtin_heldout        every variant of the held-out families, never
+                               trained on.
+        builtin_eval           held-out plus in-distribution zero-shot: what
+                               the smoke run evaluates.
 
 `tasks/flan2022.py` applies the recipe to the collections present here.
 A task named `{family}_{variant}` (e.g. `flan_cot_gsm8k_fs_cot`) belongs to
@@ -39,8 +53,14 @@ import seqio
 import tensorflow as tf
 
 from tasks import registry, templates
+from tasks.family import Family, task_name
 
 logger = logging.getLogger(__name__)
+
+TRAIN_MIXTURE = "builtin_train"
+HELDOUT_MIXTURE = "builtin_heldout"
+VALIDATION_MIXTURE = "builtin_validation_zs"
+EVAL_MIXTURE = "builtin_eval"
 
 VARIANTS = tuple(dict.fromkeys(templates.MC_VARIANTS + templates.NOOPT_VARIANTS + templates.OPT_VARIANTS))
 
@@ -121,7 +141,7 @@ def example_proportional(
 def add_mixture(name: str, entries: Mapping[str, registry.MixtureRate] | Sequence[tuple[str, registry.MixtureRate]]) -> None:
     """Registers a SeqIO mixture of tasks and/or mixtures with the given rates.
 
-    It is recorded in tasks/registry.py, whose `register_seqio` registers
+    It is recorded in tasks/registry.py, and tasks/seqio_tasks.py registers
     it after the tasks and mixtures it names (so files may add them in any
     order); if every entry is registered already (e.g. in a notebook), it
     is also registered now.
@@ -129,11 +149,26 @@ def add_mixture(name: str, entries: Mapping[str, registry.MixtureRate] | Sequenc
     entries = list(entries.items()) if isinstance(entries, Mapping) else list(entries)
     if not entries:
         raise ValueError(f"mixture {name!r} has no entries")
-    registry.add_mixture(name, entries)  # Recorded either way, so `register_seqio` keeps the latest.
+    registry.add_mixture(name, entries)  # Recorded either way, so re-registering keeps the latest.
     known = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
     if all(entry in known for entry, _ in entries):
         seqio.MixtureRegistry.remove(name)
         seqio.MixtureRegistry.add(name, entries)
+
+
+def family_mixtures(families: Iterable[Family]) -> dict[str, list[tuple[str, float]]]:
+    """The built-in mixtures over generated families (see the module docstring), by name."""
+    train, validation, heldout = [], [], []
+    for family in sorted(families, key=lambda f: f.name):
+        variants = family.spec.variants
+        names = [task_name(family.name, v) for v in variants]
+        if family.heldout:
+            heldout += [(n, 1.0) for n in names]
+        else:
+            train += [(n, 1.0 / len(variants)) for n in names]
+            validation += [(task_name(family.name, v), 1.0) for v in variants if v in templates.ZERO_SHOT_VARIANTS]
+    return {TRAIN_MIXTURE: train, VALIDATION_MIXTURE: validation, HELDOUT_MIXTURE: heldout,
+            EVAL_MIXTURE: heldout + validation}
 
 
 @dataclasses.dataclass(frozen=True)

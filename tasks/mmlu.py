@@ -275,7 +275,8 @@ def _location() -> str:
     return os.path.join(sources.data_dir_or_raise("mmlu", "the MMLU csv files", PUBLISHED_AT), "mmlu")
 
 
-def _register() -> None:
+def register() -> None:
+    """Records the MMLU sources, their mixtures and the suites mmlu_direct and mmlu_cot (run by `tasks.register`)."""
     direct, cot = [], []
     for subject in SUBJECTS:
         direct += registry.add_source(source(subject), {f"mmlu_{subject}": "fs_noopt"})
@@ -291,5 +292,3 @@ def _register() -> None:
             categories={task: CATEGORIES[subject] for task, subject in zip(tasks, SUBJECTS)}, chance=chance,
         ))
 
-
-_register()

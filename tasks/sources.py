@@ -4,7 +4,7 @@ The data directory holds one folder per source family (flan_cot/, bbh/,
 mmlu/; see tasks/flan_cot.py, tasks/bbh.py, tasks/mmlu.py). It is the gin
 binding `data_dir.path` if set, else the environment variable
 FLAN_JAX_DATA_DIR. Nothing is read when tasks are registered: a source reads
-its files when a dataset is first built, so `import tasks` works without
+its files when a dataset is first built, so `tasks.register()` works without
 any data, and a missing file raises `MissingDataError` (a `UserError`) then,
 naming the file, where it was looked for and where to get it.
 
@@ -14,7 +14,7 @@ not UTF-8, ...) are skipped, never fatal: each is counted in the source's
 `SourceStats`, and the file and line of the first few are logged and kept.
 
 `stats(name)` is also where the SeqIO pipeline counts what it does to
-examples (see `registry.render_preprocessor`), under the SeqIO task's name:
+examples (see `seqio_tasks.render_preprocessor`), under the SeqIO task's name:
 
   rendered           examples rendered (tf.data's read-ahead included)
   dropped_no_fit     few-shot examples dropped: no exemplar fit (few_shot_fallback="drop")

@@ -2,7 +2,7 @@
 
 A library, not a task: call `register_file_task` or `register_tfds_task`
 from your code, or from a module of your own in tasks/ (every module there
-is imported by `import tasks`, so its tasks exist wherever tasks do):
+is imported by `tasks.register()`, so its tasks exist wherever tasks do):
 
     from tasks.templates import TaskSpec, Template
     from tasks.user_files import register_file_task
@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flan_jax.errors import UserError
-from tasks import registry, sources
+from tasks import registry, seqio_tasks, sources
 from tasks.templates import TaskSpec, Template
 
 FieldRef = str | int  # A key or header name, or a column number.
@@ -101,7 +101,7 @@ def _spec_and_variants(name: str, field_map: Mapping[str, Any], spec: TaskSpec |
 
 def _register(source: sources.LoadedSource, name: str, variants: Sequence[str]) -> list[str]:
     names = registry.add_source(source, {f"{name}_{variant}": variant for variant in variants})
-    registry.register_seqio()
+    seqio_tasks.refresh()  # Visible at once when the tasks are registered already (a notebook).
     return names
 
 

@@ -11,7 +11,9 @@ The model is trained once, on every variant of every built-in family
 `byte_fallback` encodes any text), and cached as
 `$FLAN_JAX_CACHE_DIR/spm_<hash>.model` (default `~/.cache/flan_jax/`). The
 hash covers the corpus and the trainer options, so changing either trains a
-new model instead of reusing a stale one.
+new model instead of reusing a stale one. Nothing is trained on import:
+only `get_default_vocabulary()` (called by `tasks.register()` when no
+vocabulary is given) trains or loads it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import gin
 import seqio
 import sentencepiece as spm
 
-from tasks import builtin, registry, sources
+from tasks import builtin, sources
+from tasks.family import render_example
 
 EXAMPLES_PER_VARIANT = 40
 SPM_SEED = 0
@@ -62,7 +65,7 @@ def corpus() -> list[str]:
         for variant in family.spec.variants:
             for index in range(EXAMPLES_PER_VARIANT):
                 example = family.example("train", index)
-                rendered = registry.render_example(family, "train", index, example, variant)
+                rendered = render_example(family, "train", index, example, variant)
                 sentences += [rendered["inputs"], rendered["targets"]]
     return sentences
 
@@ -110,6 +113,6 @@ def get_default_vocabulary(sentencepiece_model: str | None = None, extra_ids: in
     By default the built-in SentencePiece model. To finetune a pretrained T5,
     bind the checkpoint's own model, e.g.
     `get_default_vocabulary.sentencepiece_model = '/ckpt/spiece.model'`; the
-    CLI re-registers the tasks after parsing gin, so the binding takes effect.
+    CLI registers the tasks after parsing gin, so the binding takes effect.
     """
     return seqio.SentencePieceVocabulary(sentencepiece_model or default_vocabulary_path(), extra_ids=extra_ids)

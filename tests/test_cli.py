@@ -190,13 +190,13 @@ def test_gin_vocabulary_binding_reregisters_tasks(tmp_path):
     shutil.copy(vocab.default_vocabulary_path(), model)
     gin.parse_config(f"get_default_vocabulary.sentencepiece_model = '{model}'")
     try:
-        tasks.registry.register_seqio()
+        tasks.register(again=True)
         for name in ("builtin_train", "flan_cot_gsm8k_zs_cot"):
             features = seqio.get_mixture_or_task(name).output_features
             assert features["targets"].vocabulary.sentencepiece_model_file == str(model)
     finally:
         gin.clear_config()
-        tasks.registry.register_seqio()
+        tasks.register(again=True)
     assert seqio.get_mixture_or_task("builtin_train").output_features["targets"].vocabulary.sentencepiece_model_file != str(model)
 
 

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import seqio
 
-import tasks  # noqa: F401  (registers the SeqIO tasks and mixtures)
-from flan_jax import data
+import tasks
+from flan_jax import bench_collection, data
 from flan_jax.errors import UserError
-from tasks import collection, flan2022, mixing, registry, sources, user_files
+from tasks import collection, flan2022, mixing, sources, user_files
+
+tasks.register()  # Every task module's tasks, registered with SeqIO (once per process).
 
 # Rows per (task, template type) of each submixture. Names as in the real export.
 COUNTS = {
@@ -36,8 +38,8 @@ FORMATS = ("jsonl", "jsonl.gz", "parquet")
 
 def write_export(root: str, formats: dict[str, str]) -> dict[str, list[dict]]:
     """The export of COUNTS under `root`; returns its rows by collection."""
-    collection.write_synthetic_export(root, COUNTS, formats, num_shards=2, row_group_size=16)
-    return {c: list(collection.synthetic_rows(c, per_kind)) for c, per_kind in COUNTS.items()}
+    bench_collection.write_synthetic_export(root, COUNTS, formats, num_shards=2, row_group_size=16)
+    return {c: list(bench_collection.synthetic_rows(c, per_kind)) for c, per_kind in COUNTS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +61,12 @@ def registered(exports):
     def register(which: str, **kwargs):
         root, rows = exports[which]
         flan2022.register(root, RECIPE, **kwargs)
-        registry.register_seqio()
+        tasks.register(again=True)
         return root, rows
 
     yield register
     flan2022.register()
-    registry.register_seqio()
+    tasks.register(again=True)
 
 
 def expected_shares() -> dict[tuple[str, str, str], float]:

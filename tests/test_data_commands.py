@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-import tasks  # noqa: F401  (registers the SeqIO tasks and mixtures)
+import tasks
 from flan_jax import bench, data_inspect
 from flan_jax.errors import UserError
 from tasks import mixing
+
+tasks.register()  # Every task module's tasks, registered with SeqIO (once per process).
 
 SMALL = {"inputs": 256, "targets": 64}
 

@@ -15,10 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import tasks  # noqa: F401  (registers everything)
+import tasks
 from flan_jax import evaluation, formats, inference
 from flan_jax.model import T5Config, Transformer
 from tasks import bbh, gsm8k, mmlu, registry, vocab
+
+tasks.register()  # Every task module's tasks, registered with SeqIO (once per process).
 
 DATA = Path(os.environ.get("FLAN_JAX_DATA_DIR", "/nonexistent"))
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no data directory at {DATA}")
@@ -209,7 +211,7 @@ def test_rank_classification_picks_the_option_transformers_scores_highest():
 def test_training_evaluation_ranks_multiple_choice_tasks_and_generates_the_rest(flan_cot_data):
     ranked, generated = "flan_cot_qasc_zs_opt", "flan_cot_qasc_zs_cot"
     registry.add_mixture("test_rank_mixture", [(ranked, 1.0), (generated, 1.0)])
-    registry.register_seqio()
+    tasks.register(again=True)
     evaluator = evaluation.Evaluator(
         evaluation.EvalConfig("test_rank_mixture", num_examples=5, batch_size=4, method="rank"),
         {"inputs": 256, "targets": 64},

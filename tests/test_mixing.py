@@ -18,9 +18,11 @@ import pytest
 import seqio
 import tensorflow as tf
 
-import tasks  # noqa: F401  (registers the SeqIO tasks and mixtures)
+import tasks
 from flan_jax import data
 from tasks import mixing
+
+tasks.register()  # Every task module's tasks, registered with SeqIO (once per process).
 
 # Made-up tasks: {family: (train examples, variants)}. Their examples are one
 # token, the family's index, so a mixture's output says where it came from.

@@ -236,8 +236,10 @@ def test_data_layout_follows_the_mesh():
 def test_global_batch_shards_concatenate_to_the_one_host_batch():
     import numpy as np
 
-    import tasks  # noqa: F401  (registers the tasks)
+    import tasks
     from flan_jax import data
+
+    tasks.register()
 
     def batches(**kwargs) -> list[dict]:
         ds = data.get_train_dataset("builtin_arithmetic_zs_cot", {"inputs": 64, "targets": 32}, seed=3, **kwargs)

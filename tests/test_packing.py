@@ -14,10 +14,12 @@ import pytest
 import seqio
 import tensorflow as tf
 
-import tasks  # noqa: F401  (registers builtin_train)
+import tasks
 from flan_jax import data, data_inspect, packing
 from flan_jax.errors import UserError
 from flan_jax.model import T5Config, Transformer
+
+tasks.register()  # Every task module's tasks, registered with SeqIO (once per process).
 
 LENGTHS = {"inputs": 64, "targets": 32}
 

@@ -232,9 +232,11 @@ def test_nonfinite_loss_stops_or_is_skipped(tmp_path, tiny_config, monkeypatch, 
 
     import jax
 
-    import tasks  # noqa: F401  (registers builtin_train)
+    import tasks
     from flan_jax import checkpoints as ckpt_lib
     from flan_jax import optim, trainer
+
+    tasks.register()
 
     _poison_step(monkeypatch, at_step=7)
     model_dir = tmp_path / "run"

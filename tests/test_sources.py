@@ -19,9 +19,11 @@ import gin
 import pytest
 import seqio
 
-import tasks  # noqa: F401  (registers everything)
+import tasks
 from flan_jax.errors import UserError
 from tasks import bbh, flan_cot, mmlu, registry, sources, templates, user_files
+
+tasks.register()  # Every task module's tasks, registered with SeqIO (once per process).
 
 DATA = Path(os.environ.get("FLAN_JAX_DATA_DIR", "/nonexistent"))
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no data directory at {DATA}")

@@ -18,6 +18,8 @@ import seqio
 import tasks
 from tasks import builtin, registry, templates, vocab
 
+tasks.register()  # Every task module's tasks, registered with SeqIO (once per process).
+
 FAMILY = builtin.NUMBER_COMPARISON
 SPLIT, INDEX = "validation", 2  # A fixed query: "Which number is smaller: 15 or 246?"
 
@@ -272,6 +274,7 @@ def test_importing_twice_is_fine():
     importlib.reload(tasks)
     importlib.reload(builtin)
     tasks.discover()
+    tasks.register(again=True)
     assert set(seqio.TaskRegistry.names()) == before
 
 
@@ -311,6 +314,7 @@ def test_a_new_file_in_the_package_adds_a_task(tmp_path, monkeypatch):
     monkeypatch.setattr(tasks, "__path__", [*tasks.__path__, str(tmp_path)])
     try:
         assert "last_letters" in tasks.discover()
+        tasks.register(again=True)
         name = tasks.task_name("last_letters", "zs_cot")
         assert name in {t.name for t in seqio.get_mixture_or_task(tasks.TRAIN_MIXTURE).tasks}
         (ex,) = _take(name, "validation", {"inputs": 128, "targets": 64}, 1)
@@ -319,5 +323,5 @@ def test_a_new_file_in_the_package_adds_a_task(tmp_path, monkeypatch):
     finally:
         registry.remove_family("last_letters")
         sys.modules.pop("tasks.last_letters", None)
-        registry.register_seqio()
+        tasks.register(again=True)
     assert tasks.task_name("last_letters", "zs_cot") not in seqio.TaskRegistry.names()
