@@ -24,11 +24,13 @@ than the input length (even after dropping exemplars) is never cut
 silently: every task reports how many prompts did not fit whole
 (`over_length`: exemplars were dropped) and how many were truncated.
 
-A `Suite` is a named list of tasks with what its report needs: categories
-and each example's random-guess accuracy. Its report holds per-task,
-per-category and macro-averaged scores, and the *normalized* score
-100 * (score - chance) / (100 - chance), averaged over tasks. The paper's
-"normalized average" is the mean of the suites' normalized scores.
+A `Suite` is a named list of tasks with what its report needs: categories,
+each example's random-guess accuracy, which tasks its score averages (MGSM:
+the translated languages, not English) and other named averages. Its report
+holds per-task, per-category and macro-averaged scores, and the *normalized*
+score 100 * (score - chance) / (100 - chance), averaged over tasks. A
+`CompositeSuite` runs several suites and averages their normalized scores:
+`flan_heldout` (tasks/heldout.py), the paper's "normalized average" of six.
 """
 
 from __future__ import annotations
