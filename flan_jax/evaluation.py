@@ -378,9 +378,11 @@ def expand_suites(suites: Sequence[Suite | CompositeSuite]) -> tuple[list[Suite]
     flat: dict[str, Suite] = {}
     composites: dict[str, list[str]] = {}
     for entry in suites:
-        members = list(entry.members()) if isinstance(entry, CompositeSuite) else [entry]
         if isinstance(entry, CompositeSuite):
+            members = list(entry.members())
             composites[entry.name] = [m.name for m in members]
+        else:
+            members = [entry]
         for suite in members:
             known = flat.setdefault(suite.name, suite)
             if known.split != suite.split:
@@ -528,9 +530,11 @@ def format_results(results: Mapping[str, Any]) -> str:
             lines.append(f"  {row_name:<22} {row['num_tasks']:>5} {'':>8} {row['score']:>7.2f} {'':>7} "
                          f"{row['normalized']:>10.2f}")
         for task, row in r["tasks"].items() if r.get("list_tasks") else ():
-            scored = "" if task in r.get("scored_tasks", r["tasks"]) else " (not in score)"
+            scored = "" if task in r.get("scored_tasks", r["tasks"]) else " *"
             lines.append(f"  {task + scored:<22} {'':>5} {row['num_examples']:>8} {row['score']:>7.2f} "
                          f"{row['chance']:>7.2f} {row['normalized']:>10.2f} {row['over_length']:>11} {row['truncated']:>9}")
+        if r.get("list_tasks") and len(r.get("scored_tasks", r["tasks"])) < len(r["tasks"]):
+            lines.append("  * listed beside the score, not in it")
         lines += [f"  note: {key}: {text}" for key, text in r.get("notes", {}).items()]
     lines.append("-" * len(header))
     for name, composite in results.get("composites", {}).items():
