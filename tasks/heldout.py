@@ -31,12 +31,10 @@ def members(mmlu_split: str) -> list[evaluation.Suite]:
     return [dataclasses.replace(s, split=mmlu_split) if s.name in MMLU_SUITES else s for s in suites]
 
 
-def _register() -> None:
+def register() -> None:
     for name, split in (("flan_heldout", "validation"), ("flan_heldout_mmlu_test", "test")):
         registry.add_suite(evaluation.CompositeSuite(
             name, f"the Flan-T5 paper's held-out benchmarks (MMLU on {split}), normalized average of six",
             members=lambda split=split: members(split),
         ))
 
-
-_register()

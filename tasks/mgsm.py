@@ -195,7 +195,7 @@ def location() -> str:
     return os.path.join(sources.data_dir_or_raise("mgsm", "the MGSM files", PUBLISHED_AT), "mgsm")
 
 
-def _register() -> None:
+def register() -> None:
     names = []
     for lang in LANGUAGES:
         names += registry.add_source(MgsmSource(lang), {f"mgsm_{lang}": "fs_noopt"})
@@ -206,5 +206,3 @@ def _register() -> None:
         averages={"all_languages": tuple(names), "en": ("mgsm_en",)}, list_tasks=True,
     ))
 
-
-_register()

@@ -163,7 +163,7 @@ def mixtures() -> dict[str, list[tuple[str, MixtureRate]]]:
 # --- suites -----------------------------------------------------------------------------
 
 
-def add_suite(suite: evaluation.Suite) -> None:
+def add_suite(suite: evaluation.Suite | evaluation.CompositeSuite) -> None:
     """Records a held-out benchmark for `flan-jax eval --suite` (its tasks must be recorded too)."""
     _SUITES[suite.name] = suite
 

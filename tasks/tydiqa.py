@@ -170,7 +170,7 @@ class TydiqaSource(sources.LoadedSource):
         return [text]
 
 
-def _register() -> None:
+def register() -> None:
     names = []
     for lang in sorted(LANGUAGES.values()):
         names += registry.add_source(TydiqaSource(lang), {f"tydiqa_{lang}": "fs_noopt"})
@@ -182,5 +182,3 @@ def _register() -> None:
         averages={"all_languages": tuple(names), "en": ("tydiqa_en",)}, notes=notes, list_tasks=True,
     ))
 
-
-_register()

@@ -17,11 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import tasks  # noqa: F401  (registers everything)
+import tasks
 from flan_jax import evaluation, formats
 from flan_jax.errors import UserError
 from flan_jax.model import T5Config, Transformer
 from tasks import heldout, mgsm, registry, sources, tydiqa, vocab
+
+tasks.register()  # Every task module's tasks, registered with SeqIO (once per process).
 
 DATA = Path(os.environ.get("FLAN_JAX_DATA_DIR", "/nonexistent"))
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no data directory at {DATA}")
