@@ -51,7 +51,7 @@ MixtureRate = float | Callable[[seqio.Task], float]
 _FAMILIES: dict[str, Family] = {}
 _SOURCES: dict[str, tuple[Source, dict[str, str]]] = {}  # By source name: (source, {task name: variant}).
 _MIXTURES: dict[str, list[tuple[str, MixtureRate]]] = {}
-_SUITES: dict[str, evaluation.Suite] = {}
+_SUITES: dict[str, evaluation.Suite | evaluation.CompositeSuite] = {}
 _TEXT_TASKS: dict[str, tuple[seqio.DataSource, int]] = {}  # By task name: (source, shuffle buffer).
 
 
@@ -168,12 +168,12 @@ def add_suite(suite: evaluation.Suite | evaluation.CompositeSuite) -> None:
     _SUITES[suite.name] = suite
 
 
-def suites() -> dict[str, evaluation.Suite]:
+def suites() -> dict[str, evaluation.Suite | evaluation.CompositeSuite]:
     """Every recorded suite, by name."""
     return dict(_SUITES)
 
 
-def get_suite(name: str) -> evaluation.Suite:
+def get_suite(name: str) -> evaluation.Suite | evaluation.CompositeSuite:
     if name not in _SUITES:
         raise UserError(f"unknown suite {name!r}; known: {', '.join(sorted(_SUITES)) or 'none'}")
     return _SUITES[name]
