@@ -227,6 +227,7 @@ class SourceStats:
     skipped: int = 0  # Rows that could not be used.
     problems: list[str] = dataclasses.field(default_factory=list)  # "file:line: why" of the first few skipped.
     counts: Counter = dataclasses.field(default_factory=Counter)  # Pipeline counts, by event name.
+    log_later: bool = False  # Whether `skip` leaves logging to `log_skipped` (a source read whole).
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
 
     def skip(self, where: str, reason: str) -> None:
@@ -236,10 +237,13 @@ class SourceStats:
             if len(self.problems) < MAX_REPORTED_PROBLEMS:
                 problem = f"{where}: {reason}"
                 self.problems.append(problem)
-                logger.warning("%s: skipped row %s", self.name, problem)
+                if not self.log_later:
+                    logger.warning("%s: skipped row %s", self.name, problem)
 
-    def log_summary(self) -> None:
-        """Logs how many rows were skipped when more were than `skip` logged one by one."""
+    def log_skipped(self) -> None:
+        """Logs the first few skipped rows, then (at INFO) how many were skipped in all."""
+        for problem in self.problems:
+            logger.warning("%s: skipped row %s", self.name, problem)
         if self.skipped > len(self.problems):
             logger.info("%s: skipped %d of %d rows (the first %d logged above)", self.name, self.skipped,
                         self.skipped + self.kept, len(self.problems))
@@ -449,10 +453,14 @@ class LoadedSource:
             if self._loaded is None or self._loaded[0] != location:
                 source_stats = stats(self.name)
                 source_stats.reset()
-                loaded = self._read(location, source_stats)
+                source_stats.log_later = True  # A source with no usable row says so in one line instead.
+                try:
+                    loaded = self._read(location, source_stats)
+                finally:
+                    source_stats.log_later = False
                 if not any(loaded.get(split) for split in self.splits):
                     raise NoExamplesError(no_examples_message(self.name, location, source_stats))
-                source_stats.log_summary()
+                source_stats.log_skipped()
                 self._loaded = (location, loaded)
             return self._loaded[1]
 

@@ -54,7 +54,7 @@ FORMATS = {".jsonl": "jsonl", ".tsv": "tsv", ".csv": "csv"}
 _ADVICE = "It was given to register_file_task; check the path."
 
 
-def field_value(row: sources.Row, ref: FieldRef) -> Any:
+def field_value(row: sources.Row, ref: FieldRef, field: str = "field") -> Any:
     """What `ref` names in `row`: a key, a column number, a dotted path or a function's result.
 
     A dotted path ("question.stem", "choices.0.text") is followed only when
@@ -64,8 +64,9 @@ def field_value(row: sources.Row, ref: FieldRef) -> Any:
     if callable(ref):
         try:
             return ref(row)
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
-            raise sources.MalformedRow(f"the function for a field raised {type(e).__name__}: {e}") from None
+        except Exception as e:  # Whatever the user's function raises, this row does not fit it.
+            raise sources.MalformedRow(f"field_map[{field!r}] raised {type(e).__name__}"
+                                       + (f": {e}" if str(e) else "")) from None
     try:
         return row[ref]  # A dict by key, a list by column number.
     except (KeyError, IndexError, TypeError):
@@ -90,7 +91,7 @@ def _step(found: Any, part: str, ref: str) -> Any:
 
 
 def _describe(field: str, ref: FieldRef) -> str:
-    return f"{field} (function)" if callable(ref) else repr(ref)
+    return f"field_map[{field!r}]" if callable(ref) else repr(ref)
 
 
 def as_text(found: Any, label: str, join: str = " ") -> str:
@@ -114,7 +115,7 @@ def map_fields(row: sources.Row, field_map: Mapping[str, FieldRef | Sequence[Fie
 
     def text(field: str) -> str:
         ref = field_map[field]
-        return as_text(field_value(row, ref), _describe(field, ref), join)
+        return as_text(field_value(row, ref, field), _describe(field, ref), join)
 
     example = {
         "question": text("question"),
@@ -125,9 +126,9 @@ def map_fields(row: sources.Row, field_map: Mapping[str, FieldRef | Sequence[Fie
     if multiple_choice:
         refs = field_map["options"]
         if isinstance(refs, (list, tuple)):  # One field per option.
-            options = [as_text(field_value(row, ref), _describe("options", ref), join) for ref in refs]
+            options = [as_text(field_value(row, ref, "options"), _describe("options", ref), join) for ref in refs]
         else:  # One field (or function) giving the list.
-            found = field_value(row, refs)
+            found = field_value(row, refs, "options")
             found = found.tolist() if hasattr(found, "tolist") else found  # TFDS gives numpy arrays.
             if not isinstance(found, list):
                 raise sources.MalformedRow(f"field {_describe('options', refs)} is not a list of options")
