@@ -2,9 +2,11 @@
 
 The FLAN repository (github.com/google-research/FLAN/tree/main/flan/v2,
 "Download") points to one dataset per submixture, rows of already rendered
-text. flan-jax reads that export from a directory (local or any file system
-TensorFlow knows, e.g. `gs://`; or an http(s) URL with directory listings,
-mirrored to the cache directory on first use) laid out as
+text. flan-jax reads that export from a directory (local or `gs://`, read by
+TensorFlow; any URL fsspec reads, e.g. `hf://datasets/OWNER` whose five
+dataset repositories are the submixtures; or an http(s) URL with directory
+listings, kept in fsspec's cache under the cache directory on first use)
+laid out as
 
     ROOT/flan2021_submix_original/  *.jsonl | *.jsonl.gz | *.parquet (at any depth)
     ROOT/t0_submix_original/
@@ -19,13 +21,17 @@ do, are read too). Submixtures that are absent are simply not there.
 Index. Mixing needs each task's example count, which no shard states, so the
 first use of a submixture makes one counting pass (Parquet: only the two
 name columns) and caches the result as `flan_jax_index.json` in its
-directory, or under the cache directory when that is read-only. The cache is
-keyed by the shards' names, sizes and modification times.
+directory, or under the cache directory when that is read-only or a URL
+fsspec reads. The cache is keyed by the shards' names, sizes and
+modification times (or versions).
 
-Reading (`StreamSource`). Nothing is loaded whole: units (a JSON Lines file,
-or one Parquet row group) are shuffled per epoch, a few are read at a time
-(`tf.data` interleave), and rows are parsed in batches. Memory is a few row
-groups and the shuffle buffers, whatever the size of the collection. Loader
+Reading (`StreamSource`). Nothing is loaded whole: units (a JSON Lines file
+TensorFlow reads line by line, a block of BLOCK_LINES lines of one fsspec
+reads, whose offsets the counting pass keeps, or one Parquet row group) are
+shuffled per epoch, a few are read at a time (`tf.data` interleave), and
+rows are parsed in batches. Memory is a few units and the shuffle buffers,
+whatever the size of the collection. (A block of a .jsonl.gz file through
+fsspec is found by decompressing from the file's start.) Loader
 hosts split the units between them when there are at least as many units as
 hosts, else every host reads everything and keeps every n-th row: either way
 each row is seen by exactly one host. Every step is a `tf.data` op or a pure

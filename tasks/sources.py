@@ -8,10 +8,18 @@ its files when a dataset is first built, so `import tasks` works without
 any data, and a missing file raises `MissingDataError` (a `UserError`) then,
 naming the file, where it was looked for and where to get it.
 
+Files. Local paths and gs:// are read by TensorFlow (`tf.io.gfile`); any
+other URL through fsspec (`filesystem`, `open_file`): s3://, hf://,
+memory://, http(s):// (fsspec's own, or without aiohttp its blocking one
+over `requests`), whatever fsspec's installed implementations know.
+
 A `LoadedSource` holds one source's examples in memory, split by split.
 Rows that cannot be used (wrong column count, empty answer, bytes that are
-not UTF-8, ...) are skipped, never fatal: each is counted in the source's
-`SourceStats`, and the file and line of the first few are logged and kept.
+not UTF-8, ...) are skipped: each is counted in the source's `SourceStats`,
+and the file and line of the first few are kept and logged once the source
+is read. A source none of whose rows can be used raises `NoExamplesError`
+(a `UserError`): one line with the file, the rows read and skipped and the
+first reasons, whichever command built the dataset.
 
 `stats(name)` is also where the SeqIO pipeline counts what it does to
 examples (see `registry.render_preprocessor`), under the SeqIO task's name:
