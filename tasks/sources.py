@@ -184,7 +184,7 @@ def file_version(path: str) -> list[Any]:
         return [int(stat.length), int(stat.mtime_nsec)]
     fs, inner = filesystem(path)
     info = fs.info(inner)
-    keys = ("mtime", "LastModified", "last_commit", "ETag", "etag", "created")
+    keys = ("mtime", "LastModified", "blob_id", "ETag", "etag", "created")  # Local, S3, the Hub, http, memory.
     return [int(info.get("size") or 0), str(next((info[k] for k in keys if info.get(k) is not None), ""))]
 
 
