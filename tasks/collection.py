@@ -497,26 +497,25 @@ class StreamSource(seqio.DataSource):
             where.append(f"{path.decode()}:{int(number) + 1}")
         return self._select(rows, where)
 
-    def _read_unit(self, path: bytes, part: np.int64) -> list[np.ndarray]:
-        """One unit read in Python: a Parquet row group, or a block of a JSON Lines file fsspec reads."""
+    def _read_block(self, path: bytes, part: np.int64) -> list[np.ndarray]:
+        """The 0-based line numbers and the lines of one block of a JSON Lines file fsspec reads."""
         name = path.decode()
-        if name.endswith(".parquet"):
-            return self._read_row_group(name, int(part))
         shard = next(s for s in self.index.shards if s.path == name)
         (start, first_line), (end, _) = shard.blocks[int(part)], shard.blocks[int(part) + 1]
         with _open(name) as f:
             f.seek(start)  # gzip: decompresses up to the block.
             lines = f.read(end - start).split(b"\n")
-        return self._parse_jsonl(path, np.arange(first_line - 1, first_line - 1 + len(lines)), lines)
+        return [np.arange(first_line - 1, first_line - 1 + len(lines), dtype=np.int64), np.array(lines, dtype=object)]
 
-    def _read_row_group(self, name: str, group: int) -> list[np.ndarray]:
+    def _read_row_group(self, path: bytes, group: np.int64) -> list[np.ndarray]:
+        name = path.decode()
         parquet = _parquet_file(name)
         names = parquet.schema_arrow.names
         columns = {k: _parquet_column(names, k) for k in ("inputs", "targets", "task_name", "template_type")}
-        table = parquet.read_row_group(group, columns=list(columns.values()))
+        table = parquet.read_row_group(int(group), columns=list(columns.values()))
         values = {k: table.column(c).to_pylist() for k, c in columns.items()}
         rows = [dict(zip(values, row)) for row in zip(*values.values())]
-        return self._select(rows, [f"{name}: row group {group}"] * len(rows))
+        return self._select(rows, [f"{name}: row group {int(group)}"] * len(rows))
 
     @staticmethod
     def _rows(parts: Sequence[tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -528,22 +527,32 @@ class StreamSource(seqio.DataSource):
     # Units yield batches of rows (a parse batch, a row group): per-row tf.data
     # ops cost several microseconds each, so rows stay batched until the end.
 
-    @_plain_tf
-    def _jsonl_unit(self, path: tf.Tensor, part: tf.Tensor) -> tf.data.Dataset:
-        del part
-        compression = tf.where(tf.strings.regex_full_match(path, r".*\.gz"), "GZIP", "")
-        lines = tf.data.TextLineDataset(path, compression_type=compression).enumerate().batch(PARSE_BATCH)
+    def _parsed(self, path: tf.Tensor, lines: tf.data.Dataset) -> tf.data.Dataset:
+        """(line number, line) pairs parsed into rows, PARSE_BATCH lines at a time."""
 
         @_plain_tf
         def parse(numbers: tf.Tensor, text: tf.Tensor) -> dict[str, tf.Tensor]:
             return self._rows(tf.numpy_function(self._parse_jsonl, [path, numbers, text], _TYPES, stateful=False))
 
-        return lines.map(parse)
+        return lines.batch(PARSE_BATCH).map(parse)
 
     @_plain_tf
-    def _python_unit(self, path: tf.Tensor, part: tf.Tensor) -> tf.data.Dataset:
+    def _jsonl_unit(self, path: tf.Tensor, part: tf.Tensor) -> tf.data.Dataset:
+        del part
+        compression = tf.where(tf.strings.regex_full_match(path, r".*\.gz"), "GZIP", "")
+        return self._parsed(path, tf.data.TextLineDataset(path, compression_type=compression).enumerate())
+
+    @_plain_tf
+    def _block_unit(self, path: tf.Tensor, part: tf.Tensor) -> tf.data.Dataset:
+        numbers, lines = tf.numpy_function(self._read_block, [path, part], [tf.int64, tf.string], stateful=False)
+        numbers.set_shape([None])
+        lines.set_shape([None])
+        return self._parsed(path, tf.data.Dataset.from_tensor_slices((numbers, lines)))
+
+    @_plain_tf
+    def _parquet_unit(self, path: tf.Tensor, part: tf.Tensor) -> tf.data.Dataset:
         return tf.data.Dataset.from_tensors(
-            self._rows(tf.numpy_function(self._read_unit, [path, part], _TYPES, stateful=False)))
+            self._rows(tf.numpy_function(self._read_row_group, [path, part], _TYPES, stateful=False)))
 
     @staticmethod
     @_plain_tf
@@ -566,11 +575,12 @@ class StreamSource(seqio.DataSource):
         by_unit = num_shards > 1 and len(units) >= num_shards
         if by_unit:
             units = units[shard_index::num_shards]
-        # TensorFlow reads its own file systems' JSON Lines files line by line; the rest is read in Python.
-        readers = {s.path: "lines" if s.format == "jsonl" and sources.is_native(s.path) else "python"
+        # TensorFlow reads its own file systems' JSON Lines files line by line, fsspec others' in blocks.
+        readers = {s.path: "parquet" if s.format == "parquet" else "lines" if sources.is_native(s.path) else "blocks"
                    for s in self.index.shards}
         streams, sizes = [], []
-        for reader, read in (("lines", self._jsonl_unit), ("python", self._python_unit)):
+        for reader, read in (("lines", self._jsonl_unit), ("blocks", self._block_unit),
+                             ("parquet", self._parquet_unit)):
             mine = [u for u in units if readers[u[0]] == reader]
             if not mine:
                 continue
