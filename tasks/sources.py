@@ -128,6 +128,12 @@ def is_http(path: str) -> bool:
     return path.startswith(("http://", "https://"))
 
 
+# fsspec's http(s) file system needs aiohttp; without it, fsspec's blocking one over `requests` serves.
+_HTTP_SYNC = importlib.util.find_spec("aiohttp") is None
+if _HTTP_SYNC:
+    fsspec_http_sync.register()
+
+
 def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """fsspec's file system for URL `path` (s3://, hf://, memory://, http(s)://, ...) and the path within it.
 
@@ -141,14 +147,8 @@ def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def _storage_options(path: str) -> dict[str, Any]:
-    # fsspec's sync HTTP (below) would otherwise hold a whole response in memory.
+    # fsspec's blocking HTTP would otherwise hold a whole response in memory.
     return {"stream": True} if is_http(path) and _HTTP_SYNC else {}
-
-
-# fsspec's http(s) file system needs aiohttp; without it, fsspec's blocking one over `requests` serves.
-_HTTP_SYNC = importlib.util.find_spec("aiohttp") is None
-if _HTTP_SYNC:
-    fsspec_http_sync.register()
 
 
 def open_file(path: str, mode: str = "rb") -> Any:
@@ -188,7 +188,7 @@ def file_version(path: str) -> list[Any]:
     return [int(info.get("size") or 0), str(next((info[k] for k in keys if info.get(k) is not None), ""))]
 
 
-def download_cache(path: str, subdirectory: str) -> fsspec.AbstractFileSystem:
+def _download_cache(path: str, subdirectory: str) -> fsspec.AbstractFileSystem:
     """fsspec's whole-file cache over http(s) `path`'s file system, kept under cache_dir()/`subdirectory`."""
     fs, _ = filesystem(path)
     return fsspec.implementations.cached.SimpleCacheFileSystem(
@@ -209,7 +209,7 @@ def read_data_file(source: str, location: str, relative_path: str, advice: str) 
     path = location + ("" if location.endswith("/") else "/") + relative_path
     try:
         if is_http(path):
-            with download_cache(path, "downloads").open(path, "rb") as f:
+            with _download_cache(path, "downloads").open(path, "rb") as f:
                 return path, f.read()
         with open_file(path) as f:
             return path, f.read()
