@@ -10,7 +10,9 @@ fake Hugging Face Hub registered under hf:// (tests have no network).
 from __future__ import annotations
 
 import functools
+import gzip
 import importlib
+import io
 import http.server
 import json
 import os
@@ -23,6 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import seqio
 from fsspec.implementations.memory import MemoryFileSystem
@@ -198,19 +202,45 @@ def _memory_fs() -> MemoryFileSystem:
     return fsspec.filesystem("memory")
 
 
+# A small export: {collection: (format, {(task, template type): rows})}.
+EXPORT = {
+    "flan": ("jsonl", {("glue/cola:2.0.0", "zs_opt"): 30, ("anli/r1:0.1.0", "fs_opt"): 9}),
+    "t0": ("jsonl.gz", {("quarel_logic_test", "zs_opt"): 25}),
+    "niv2": ("parquet", {("task020_mctaco", "zs_opt"): 10, ("task1151_swap_words", "fs_opt"): 7}),
+    "cot": ("jsonl", {("cot_gsm8k", "zs_opt"): 8}),
+    "dialog": ("parquet", {("qrecc", "fs_opt"): 6}),
+}
+COUNTS = {c: counts for c, (_, counts) in EXPORT.items()}
+
+
+def _export_rows(c: str) -> list[dict]:
+    return [{"inputs": f"{c} {task} {template} #{i}", "targets": f"a{i}", "task_source": c, "task_name": task,
+             "template_type": template} for (task, template), n in COUNTS[c].items() for i in range(n)]
+
+
+def _write_export(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """EXPORT under `root` of `fs`, two shards per submixture (Parquet: row groups of 4 rows)."""
+    for c, (fmt, _) in EXPORT.items():
+        rows = _export_rows(c)
+        for shard in range(2):
+            path, part = f"{root}/{collection.SUBMIXTURES[c][0]}/part-{shard}.{fmt}", rows[shard::2]
+            if fmt == "parquet":
+                buffer = io.BytesIO()
+                pq.write_table(pa.Table.from_pylist(part), buffer, row_group_size=4)
+                fs.pipe(path, buffer.getvalue())
+            else:
+                data = "".join(json.dumps(row) + "\n" for row in part).encode()
+                fs.pipe(path, gzip.compress(data) if fmt.endswith(".gz") else data)
+
+
 @pytest.fixture
 def memory_export(tmp_path, monkeypatch) -> Iterator[str]:
-    """The test_collection export (every format) copied to memory://export; small blocks, so files have several."""
-    from tests.test_collection import COUNTS, write_export
-
-    monkeypatch.setattr(collection, "BLOCK_LINES", 7)
+    """EXPORT at memory://export; small blocks, so JSON Lines files have several."""
+    monkeypatch.setattr(collection, "BLOCK_LINES", 4)
     monkeypatch.setenv("FLAN_JAX_CACHE_DIR", str(tmp_path / "cache"))
-    formats = dict(zip(COUNTS, ["jsonl", "jsonl.gz", "parquet", "jsonl", "parquet"]))
-    write_export(str(tmp_path / "export"), formats)
-    fs = _memory_fs()
-    fs.put(str(tmp_path / "export"), "/export", recursive=True)
+    _write_export(_memory_fs(), "/export")
     yield "memory://export"
-    fs.rm("/export", recursive=True)
+    _memory_fs().rm("/export", recursive=True)
 
 
 def _inputs(source: collection.StreamSource, shard_info: seqio.ShardInfo | None = None) -> list[bytes]:
@@ -218,13 +248,11 @@ def _inputs(source: collection.StreamSource, shard_info: seqio.ShardInfo | None 
 
 
 def test_the_collection_streams_from_memory_in_blocks_and_shards_split_them(memory_export):
-    from tests.test_collection import COUNTS
-
     indexes = collection.find_submixtures(memory_export, progress=False)
     assert {c: index.counts for c, index in indexes.items()} == COUNTS
     assert collection.index_submixture(indexes["flan"].directory) == indexes["flan"]  # Cached (in the cache directory).
-    for c in ("flan", "t0", "niv2"):  # JSON Lines, gzip (both in blocks of 7 lines), Parquet.
-        rows = sorted(r["inputs"].encode() for r in collection.synthetic_rows(c, COUNTS[c]))
+    for c in ("flan", "t0", "niv2"):  # JSON Lines, gzip (both in blocks of 4 lines), Parquet.
+        rows = sorted(row["inputs"].encode() for row in _export_rows(c))
         source = collection.StreamSource(indexes[c], {k: 1.0 for k in COUNTS[c]}, name=f"own_mem_{c}")
         assert len(indexes[c].units()) > 2
         assert sorted(_inputs(source)) == rows
@@ -283,13 +311,9 @@ def fake_hub() -> Iterator[_FakeHub]:
     importlib.import_module("fsspec.registry")._registry.pop("hf", None)
 
 
-def test_the_collection_and_user_files_from_a_fake_hub(memory_export, fake_hub, monkeypatch):
-    from tests.test_collection import COUNTS
-
-    memory = _memory_fs()
-    for directory, _ in collection.SUBMIXTURES.values():  # One dataset repository per submixture.
-        for path in memory.find(f"/export/{directory}"):
-            fake_hub.pipe(f"hf://datasets/someone/{path.removeprefix('/export/')}", memory.cat(path))
+def test_the_collection_and_user_files_from_a_fake_hub(fake_hub, monkeypatch, tmp_path):
+    monkeypatch.setenv("FLAN_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    _write_export(fake_hub, "hf://datasets/someone")  # One dataset repository per submixture.
     monkeypatch.setenv(collection.COLLECTION_DIR_ENV, "hf://datasets/someone")
     try:
         flan2022.register()
