@@ -161,7 +161,10 @@ def list_shards(directory: str) -> list[str]:
     """The shards under `directory` (any depth), sorted; a UserError if there are none."""
     if not sources.isdir(directory):
         raise UserError(f"Flan Collection: {directory} is not a directory")
-    found = [path for path in sources.find_files(directory) if _format(path)]
+    try:
+        found = [path for path in sources.find_files(directory) if _format(path)]
+    except OSError as e:  # A URL's store or server failing.
+        raise UserError(f"Flan Collection: cannot list {directory}: {e}") from None
     if not found:
         raise UserError(f"Flan Collection: no .jsonl, .jsonl.gz or .parquet files under {directory}")
     return sorted(found)
@@ -323,9 +326,10 @@ def _mirror(root: str, directory: str, progress: bool) -> str | None:
     """
     url = f"{root.rstrip('/')}/{directory}/"
     fs, _ = sources.filesystem(url)
-    if not fs.isdir(url):
-        return None
-    files = [f for f in fs.find(url, maxdepth=3) if _format(f)]
+    try:
+        files = [f for f in fs.find(url, maxdepth=3) if _format(f)] if fs.isdir(url) else []
+    except OSError as e:  # requests' errors too.
+        raise UserError(f"Flan Collection: cannot list {url}: {e}") from None
     if not files:
         return None
     from tqdm import tqdm
