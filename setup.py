@@ -37,8 +37,14 @@ setup(
         "numpy>=1.26",
         # tensorflow-datasets needs it to prepare datasets but does not declare it.
         "importlib_resources>=6",
+        # Data files and the Flan Collection at URLs (tasks/sources.py): http(s), memory, and more
+        # with their packages (s3fs for s3://, huggingface_hub for hf://).
+        "fsspec>=2024.2",
     ],
     extras_require={
+        # hf://datasets/OWNER/NAME/...: the Hugging Face Hub's file system.
+        "hf": ["huggingface_hub>=0.20"],
+        "s3": ["s3fs>=2024.2"],
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",

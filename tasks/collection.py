@@ -2,9 +2,11 @@
 
 The FLAN repository (github.com/google-research/FLAN/tree/main/flan/v2,
 "Download") points to one dataset per submixture, rows of already rendered
-text. flan-jax reads that export from a directory (local or any file system
-TensorFlow knows, e.g. `gs://`; or an http(s) URL with directory listings,
-mirrored to the cache directory on first use) laid out as
+text. flan-jax reads that export from a directory (local or `gs://`, read by
+TensorFlow; any URL fsspec reads, e.g. `hf://datasets/OWNER` whose five
+dataset repositories are the submixtures; or an http(s) URL with directory
+listings, kept in fsspec's cache under the cache directory on first use)
+laid out as
 
     ROOT/flan2021_submix_original/  *.jsonl | *.jsonl.gz | *.parquet (at any depth)
     ROOT/t0_submix_original/
@@ -19,13 +21,17 @@ do, are read too). Submixtures that are absent are simply not there.
 Index. Mixing needs each task's example count, which no shard states, so the
 first use of a submixture makes one counting pass (Parquet: only the two
 name columns) and caches the result as `flan_jax_index.json` in its
-directory, or under the cache directory when that is read-only. The cache is
-keyed by the shards' names, sizes and modification times.
+directory, or under the cache directory when that is read-only or a URL
+fsspec reads. The cache is keyed by the shards' names, sizes and
+modification times (or versions).
 
-Reading (`StreamSource`). Nothing is loaded whole: units (a JSON Lines file,
-or one Parquet row group) are shuffled per epoch, a few are read at a time
-(`tf.data` interleave), and rows are parsed in batches. Memory is a few row
-groups and the shuffle buffers, whatever the size of the collection. Loader
+Reading (`StreamSource`). Nothing is loaded whole: units (a JSON Lines file
+TensorFlow reads line by line, a block of BLOCK_LINES lines of one fsspec
+reads, whose offsets the counting pass keeps, or one Parquet row group) are
+shuffled per epoch, a few are read at a time (`tf.data` interleave), and
+rows are parsed in batches. Memory is a few units and the shuffle buffers,
+whatever the size of the collection. (A block of a .jsonl.gz file through
+fsspec is found by decompressing from the file's start.) Loader
 hosts split the units between them when there are at least as many units as
 hosts, else every host reads everything and keeps every n-th row: either way
 each row is seen by exactly one host. Every step is a `tf.data` op or a pure
@@ -43,6 +49,7 @@ read every shard once per task.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -51,16 +58,15 @@ import json
 import logging
 import os
 import re
-import shutil
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import seqio
+from fsspec.implementations.cache_mapper import AbstractCacheMapper
+from fsspec.implementations.cached import SimpleCacheFileSystem
 import tensorflow as tf
 
 from flan_jax.errors import UserError
@@ -79,10 +85,11 @@ SUBMIXTURES: dict[str, tuple[str, str]] = {
 FIELDS = ("inputs", "targets", "task_source", "task_name", "template_type")
 SUFFIXES = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".parquet": "parquet"}
 INDEX_FILE = "flan_jax_index.json"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 COLLECTION_DIR_ENV = "FLAN_JAX_COLLECTION_DIR"
 PARSE_BATCH = 256  # Rows parsed per Python call: amortises the call, bounds memory.
 CYCLE_LENGTH = 4  # Units read at a time; with Parquet, row groups held in memory.
+BLOCK_LINES = 4096  # Lines of a JSON Lines unit read through fsspec: rows held in memory per unit.
 
 Triple = tuple[str, str]  # (task_name, template_type) within one submixture.
 
@@ -92,7 +99,7 @@ def collection_dir() -> str | None:
     if path := os.environ.get(COLLECTION_DIR_ENV):
         return path
     data = sources.data_dir()
-    if data and tf.io.gfile.isdir(os.path.join(data, "flan_collection")):
+    if data and sources.isdir(os.path.join(data, "flan_collection")):
         return os.path.join(data, "flan_collection")
     return None
 
@@ -107,12 +114,17 @@ def task_name(prefix: str, task: str, template_type: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Shard:
-    """One file of a submixture: its path, format, rows, and (Parquet) rows per row group."""
+    """One file of a submixture: its path, format, rows, and (Parquet) rows per row group.
+
+    `blocks` (JSON Lines): the (byte offset, line number) where every
+    BLOCK_LINES-th line starts, then the end's; fsspec reads a block at a time.
+    """
 
     path: str
     format: str
     rows: int
     row_groups: tuple[int, ...] = ()
+    blocks: tuple[tuple[int, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,10 +140,16 @@ class SubmixIndex:
         return sum(s.rows for s in self.shards)
 
     def units(self) -> list[tuple[str, int]]:
-        """(path, part) read as one piece: a whole JSON Lines file (part -1) or one Parquet row group."""
+        """(path, part) read as one piece: a whole JSON Lines file TensorFlow reads (part -1), a block of
+        one that fsspec reads, or one Parquet row group."""
         out = []
         for shard in self.shards:
-            out += [(shard.path, g) for g in range(len(shard.row_groups))] if shard.format == "parquet" else [(shard.path, -1)]
+            if shard.format == "parquet":
+                out += [(shard.path, g) for g in range(len(shard.row_groups))]
+            elif sources.is_native(shard.path):
+                out.append((shard.path, -1))
+            else:
+                out += [(shard.path, b) for b in range(len(shard.blocks) - 1)]
         return out
 
 
@@ -141,39 +159,36 @@ def _format(path: str) -> str | None:
 
 def list_shards(directory: str) -> list[str]:
     """The shards under `directory` (any depth), sorted; a UserError if there are none."""
-    if not tf.io.gfile.isdir(directory):
+    if not sources.isdir(directory):
         raise UserError(f"Flan Collection: {directory} is not a directory")
-    found = []
-    for parent, _, files in tf.io.gfile.walk(directory):
-        found += [os.path.join(parent, f) for f in files if _format(f)]
+    try:
+        found = [path for path in sources.find_files(directory) if _format(path)]
+    except OSError as e:  # A URL's store or server failing.
+        raise UserError(f"Flan Collection: cannot list {directory}: {e}") from None
     if not found:
         raise UserError(f"Flan Collection: no .jsonl, .jsonl.gz or .parquet files under {directory}")
     return sorted(found)
 
 
 def _signature(paths: Sequence[str]) -> list[list[Any]]:
-    out = []
-    for path in paths:
-        stat = tf.io.gfile.stat(path)
-        out.append([path, int(stat.length), int(stat.mtime_nsec)])
-    return out
+    return [[path, *sources.file_version(path)] for path in paths]
 
 
 def _field(row: Mapping[str, Any], name: str) -> Any:
     return row[name] if name in row else row.get("_" + name)
 
 
-def _open(path: str) -> io.BufferedIOBase:
-    raw = tf.io.gfile.GFile(path, "rb")
-    return gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
+@contextlib.contextmanager
+def _open(path: str) -> Iterator[io.BufferedIOBase]:
+    with sources.open_file(path) as raw:
+        yield gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
 
 
 def _parquet_file(path: str):  # -> pyarrow.parquet.ParquetFile
-    import pyarrow as pa  # Only Parquet needs it.
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # Only Parquet needs it.
 
-    # Remote paths go through TensorFlow's file systems, as JSON Lines files do.
-    return pq.ParquetFile(path if "://" not in path else pa.PythonFile(tf.io.gfile.GFile(path, "rb"), mode="r"))
+    # Remote paths go through TensorFlow's or fsspec's file systems, as JSON Lines files do.
+    return pq.ParquetFile(path if "://" not in path else sources.open_file(path))
 
 
 def _parquet_column(names: Iterable[str], field: str) -> str:
@@ -202,9 +217,13 @@ def _count_shard(path: str) -> tuple[Shard, Counter]:
         except Exception as e:  # pyarrow raises many types for a bad file.
             raise UserError(f"Flan Collection: {path} is not a readable Parquet file: {e}") from None
         return Shard(path, "parquet", sum(groups), groups), counts
-    rows = 0
+    rows = offset = line_number = 0
+    blocks = []
     with _open(path) as f:
         for line_number, line in enumerate(f, 1):
+            if line_number % BLOCK_LINES == 1:
+                blocks.append((offset, line_number))
+            offset += len(line)
             if not line.strip():
                 continue
             rows += 1
@@ -213,12 +232,19 @@ def _count_shard(path: str) -> tuple[Shard, Counter]:
                 counts[(str(_field(row, "task_name")), str(_field(row, "template_type")))] += 1
             except (ValueError, AttributeError, TypeError):
                 counts[("", "")] += 1  # Counted as a row; skipped with its line number when read.
-    return Shard(path, "jsonl", rows), counts
+    blocks.append((offset, line_number + 1))
+    return Shard(path, "jsonl", rows, blocks=tuple(blocks)), counts
 
 
 def _cache_path(directory: str) -> str:
     digest = hashlib.sha256(directory.encode()).hexdigest()[:16]
     return os.path.join(sources.cache_dir(), "collection_index", f"{digest}.json")
+
+
+def _index_files(directory: str) -> list[str]:
+    """Where the index is cached: beside the shards, then the cache directory (only there for URLs
+    fsspec reads: their stores, the Hub's say, are not written to)."""
+    return ([os.path.join(directory, INDEX_FILE)] if sources.is_native(directory) else []) + [_cache_path(directory)]
 
 
 def _read_cached(path: str, signature: list) -> SubmixIndex | None:
@@ -229,7 +255,8 @@ def _read_cached(path: str, signature: list) -> SubmixIndex | None:
         return None
     if saved.get("version") != INDEX_VERSION or saved.get("signature") != signature:
         return None
-    shards = tuple(Shard(s["path"], s["format"], s["rows"], tuple(s["row_groups"])) for s in saved["shards"])
+    shards = tuple(Shard(s["path"], s["format"], s["rows"], tuple(s["row_groups"]), tuple(map(tuple, s["blocks"])))
+                   for s in saved["shards"])
     counts = {(task, template): n for task, template, n in saved["counts"]}
     return SubmixIndex(saved["directory"], shards, counts)
 
@@ -238,7 +265,7 @@ def index_submixture(directory: str, *, progress: bool = True) -> SubmixIndex:
     """The index of one submixture directory: read from its cache, else counted once and cached."""
     paths = list_shards(directory)
     signature = _signature(paths)
-    for cached in (os.path.join(directory, INDEX_FILE), _cache_path(directory)):
+    for cached in _index_files(directory):
         if (index := _read_cached(cached, signature)) is not None:
             return index
     from tqdm import tqdm
@@ -257,7 +284,7 @@ def index_submixture(directory: str, *, progress: bool = True) -> SubmixIndex:
         "shards": [dataclasses.asdict(s) for s in shards],
         "counts": sorted([task, template, n] for (task, template), n in counts.items()),
     }
-    for target in (os.path.join(directory, INDEX_FILE), _cache_path(directory)):
+    for target in _index_files(directory):
         try:
             tf.io.gfile.makedirs(os.path.dirname(target))
             with tf.io.gfile.GFile(target + ".tmp", "w") as f:
@@ -269,89 +296,83 @@ def index_submixture(directory: str, *, progress: bool = True) -> SubmixIndex:
     return index
 
 
-# --- http(s) roots: mirrored to the cache directory once --------------------------------
+# --- http(s) roots: kept in fsspec's cache --------------------------------------------
 
 
-def _is_url(path: str) -> bool:
-    return path.startswith(("http://", "https://"))
+class _RelativeNames(AbstractCacheMapper):
+    """Names a cached file by its path under `url`, so the cache has the server's layout."""
 
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
 
-def _list_url(url: str, depth: int = 3) -> list[str] | None:
-    """The shard URLs under a directory URL, from its index pages (links); None if it is not there."""
-    url = url.rstrip("/") + "/"
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            page = response.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as e:
-        if e.code == 404:
-            return None
-        raise UserError(f"Flan Collection: cannot list {url}: {e}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise UserError(f"Flan Collection: cannot list {url}: {e}") from None
-    found = []
-    for href in dict.fromkeys(re.findall(r'href="([^"?#]+)"', page)):
-        child = urllib.parse.urljoin(url, href)
-        if not child.startswith(url) or child == url:
-            continue  # Parent directories, other sites, sorting links.
-        if child.endswith("/") and depth > 1:
-            found += _list_url(child, depth - 1) or []
-        elif _format(child):
-            found.append(child)
-    return sorted(found)
+    def __call__(self, path: str) -> str:
+        return urllib.parse.unquote(path[len(self.url):])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _RelativeNames) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
 
 
 def _mirror(root: str, directory: str, progress: bool) -> str | None:
     """A local copy of the submixture `directory` of the export at URL `root`; None if it has none.
 
-    Downloaded once, file by file in 1 MB chunks (memory stays flat), under
-    the cache directory; files already there with the server's size are kept.
+    The files are listed from the server's index pages and fetched once into
+    fsspec's whole-file cache, under the cache directory (streamed to disk:
+    memory stays flat). A cached file whose size is not the server's (an
+    interrupted download) is fetched again.
     """
     url = f"{root.rstrip('/')}/{directory}/"
-    files = _list_url(url)
+    fs, _ = sources.filesystem(url)
+    try:
+        files = [f for f in fs.find(url, maxdepth=3) if _format(f)] if fs.isdir(url) else []
+    except OSError as e:  # requests' errors too.
+        raise UserError(f"Flan Collection: cannot list {url}: {e}") from None
     if not files:
         return None
     from tqdm import tqdm
 
     local = os.path.join(sources.cache_dir(), "collection_mirror", hashlib.sha256(root.encode()).hexdigest()[:16],
                          directory)
+    cache = SimpleCacheFileSystem(fs=fs, cache_storage=local, cache_mapper=_RelativeNames(url))
     for file_url in tqdm(files, desc=f"mirroring {directory}", unit="file", disable=not progress):
-        path = os.path.join(local, urllib.parse.unquote(file_url[len(url):]))
+        path = os.path.join(local, cache._mapper(file_url))
         try:
-            with urllib.request.urlopen(file_url, timeout=60) as response:
-                size = response.headers.get("Content-Length")
-                if os.path.exists(path) and size is not None and os.path.getsize(path) == int(size):
-                    continue
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path + ".part", "wb") as f:
-                    shutil.copyfileobj(response, f, 1 << 20)
-        except (urllib.error.URLError, OSError) as e:
+            if os.path.exists(path) and os.path.getsize(path) != fs.size(file_url):
+                os.remove(path)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            cache.open(file_url, "rb").close()
+        except OSError as e:  # requests' errors too.
             raise UserError(f"Flan Collection: cannot download {file_url}: {e}") from None
-        os.replace(path + ".part", path)
     return local
 
 
 def find_submixtures(root: str, *, progress: bool = True) -> dict[str, SubmixIndex]:
     """{recipe collection: index} of the submixtures present under `root`.
 
-    `root` is a directory TensorFlow reads (local, gs://, ...) or an http(s)
-    URL whose directories have index pages listing their files (as web
-    servers' directory listings do); such an export is mirrored to the cache
-    directory on first use and read from there.
+    `root` is a directory TensorFlow reads (local, gs://), a URL fsspec
+    streams from (s3://, hf://datasets/OWNER with one dataset repository per
+    submixture, memory://, ...) or an http(s) URL whose directories have
+    index pages listing their files (as web servers' directory listings do);
+    such an export is kept in fsspec's cache under the cache directory on
+    first use and read from there.
     """
-    if not _is_url(root) and not tf.io.gfile.isdir(root):
+    if sources.is_native(root) and not sources.isdir(root):
         raise UserError(f"Flan Collection: {root} is not a directory (set {COLLECTION_DIR_ENV} to the export)")
     present = {}
     for collection, (directory, _) in SUBMIXTURES.items():
-        if _is_url(root):
+        if sources.is_http(root):
             local = _mirror(root, directory, progress)
         else:
-            local = os.path.join(root, directory)
-            local = local if tf.io.gfile.isdir(local) else None
+            local = os.path.join(root, directory) if "://" not in root else f"{root.rstrip('/')}/{directory}"
+            local = local if sources.isdir(local) else None
         if local is not None:
             present[collection] = index_submixture(local, progress=progress)
     if not present:
-        raise UserError(f"Flan Collection: {root} {'lists' if _is_url(root) else 'has'} none of the submixture "
-                        f"directories {', '.join(d for d, _ in SUBMIXTURES.values())}")
+        raise UserError(f"Flan Collection: {root} {'lists' if sources.is_http(root) else 'has'} none of the "
+                        f"submixture directories {', '.join(d for d, _ in SUBMIXTURES.values())}")
     return present
 
 
@@ -480,6 +501,16 @@ class StreamSource(seqio.DataSource):
             where.append(f"{path.decode()}:{int(number) + 1}")
         return self._select(rows, where)
 
+    def _read_block(self, path: bytes, part: np.int64) -> list[np.ndarray]:
+        """The 0-based line numbers and the lines of one block of a JSON Lines file fsspec reads."""
+        name = path.decode()
+        shard = next(s for s in self.index.shards if s.path == name)
+        (start, first_line), (end, _) = shard.blocks[int(part)], shard.blocks[int(part) + 1]
+        with _open(name) as f:
+            f.seek(start)  # gzip: decompresses up to the block.
+            lines = f.read(end - start).split(b"\n")
+        return [np.arange(first_line - 1, first_line - 1 + len(lines), dtype=np.int64), np.array(lines, dtype=object)]
+
     def _read_row_group(self, path: bytes, group: np.int64) -> list[np.ndarray]:
         name = path.decode()
         parquet = _parquet_file(name)
@@ -500,17 +531,27 @@ class StreamSource(seqio.DataSource):
     # Units yield batches of rows (a parse batch, a row group): per-row tf.data
     # ops cost several microseconds each, so rows stay batched until the end.
 
-    @_plain_tf
-    def _jsonl_unit(self, path: tf.Tensor, part: tf.Tensor) -> tf.data.Dataset:
-        del part
-        compression = tf.where(tf.strings.regex_full_match(path, r".*\.gz"), "GZIP", "")
-        lines = tf.data.TextLineDataset(path, compression_type=compression).enumerate().batch(PARSE_BATCH)
+    def _parsed(self, path: tf.Tensor, lines: tf.data.Dataset) -> tf.data.Dataset:
+        """(line number, line) pairs parsed into rows, PARSE_BATCH lines at a time."""
 
         @_plain_tf
         def parse(numbers: tf.Tensor, text: tf.Tensor) -> dict[str, tf.Tensor]:
             return self._rows(tf.numpy_function(self._parse_jsonl, [path, numbers, text], _TYPES, stateful=False))
 
-        return lines.map(parse)
+        return lines.batch(PARSE_BATCH).map(parse)
+
+    @_plain_tf
+    def _jsonl_unit(self, path: tf.Tensor, part: tf.Tensor) -> tf.data.Dataset:
+        del part
+        compression = tf.where(tf.strings.regex_full_match(path, r".*\.gz"), "GZIP", "")
+        return self._parsed(path, tf.data.TextLineDataset(path, compression_type=compression).enumerate())
+
+    @_plain_tf
+    def _block_unit(self, path: tf.Tensor, part: tf.Tensor) -> tf.data.Dataset:
+        numbers, lines = tf.numpy_function(self._read_block, [path, part], [tf.int64, tf.string], stateful=False)
+        numbers.set_shape([None])
+        lines.set_shape([None])
+        return self._parsed(path, tf.data.Dataset.from_tensor_slices((numbers, lines)))
 
     @_plain_tf
     def _parquet_unit(self, path: tf.Tensor, part: tf.Tensor) -> tf.data.Dataset:
@@ -538,10 +579,13 @@ class StreamSource(seqio.DataSource):
         by_unit = num_shards > 1 and len(units) >= num_shards
         if by_unit:
             units = units[shard_index::num_shards]
-        formats = {s.path: s.format for s in self.index.shards}
+        # TensorFlow reads its own file systems' JSON Lines files line by line, fsspec others' in blocks.
+        readers = {s.path: "parquet" if s.format == "parquet" else "lines" if sources.is_native(s.path) else "blocks"
+                   for s in self.index.shards}
         streams, sizes = [], []
-        for fmt, read in (("jsonl", self._jsonl_unit), ("parquet", self._parquet_unit)):
-            mine = [u for u in units if formats[u[0]] == fmt]
+        for reader, read in (("lines", self._jsonl_unit), ("blocks", self._block_unit),
+                             ("parquet", self._parquet_unit)):
+            mine = [u for u in units if readers[u[0]] == reader]
             if not mine:
                 continue
             ds = tf.data.Dataset.from_tensor_slices(([p for p, _ in mine], np.array([g for _, g in mine], np.int64)))

@@ -8,10 +8,18 @@ its files when a dataset is first built, so `tasks.register()` works without
 any data, and a missing file raises `MissingDataError` (a `UserError`) then,
 naming the file, where it was looked for and where to get it.
 
+Files. Local paths and gs:// are read by TensorFlow (`tf.io.gfile`); any
+other URL through fsspec (`filesystem`, `open_file`): s3://, hf://,
+memory://, http(s):// (fsspec's own, or without aiohttp its blocking one
+over `requests`), whatever fsspec's installed implementations know.
+
 A `LoadedSource` holds one source's examples in memory, split by split.
 Rows that cannot be used (wrong column count, empty answer, bytes that are
-not UTF-8, ...) are skipped, never fatal: each is counted in the source's
-`SourceStats`, and the file and line of the first few are logged and kept.
+not UTF-8, ...) are skipped: each is counted in the source's `SourceStats`,
+and the file and line of the first few are kept and logged once the source
+is read. A source none of whose rows can be used raises `NoExamplesError`
+(a `UserError`): one line with the file, the rows read and skipped and the
+first reasons, whichever command built the dataset.
 
 `stats(name)` is also where the SeqIO pipeline counts what it does to
 examples (see `seqio_tasks.render_preprocessor`), under the SeqIO task's name:
@@ -29,18 +37,19 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import importlib.util
 import io
 import json
 import logging
 import os
-import tempfile
 import threading
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import fsspec
+import fsspec.implementations.cached
+import fsspec.implementations.http_sync as fsspec_http_sync
 import gin
 import tensorflow as tf
 
@@ -91,52 +100,127 @@ class MissingDataError(UserError):
     """A data file a source needs is not where it was looked for."""
 
 
+class NoExamplesError(UserError):
+    """A source read its data but none of its rows could be used."""
+
+
+def no_examples_message(name: str, location: str, source_stats: SourceStats, reasons: int = 3) -> str:
+    """One line: the source, where it read, rows read and skipped, and the first reasons with their lines."""
+    first = [p.replace(location + ":", "line ", 1) for p in source_stats.problems[:reasons]]
+    return (f"{name}: no usable example in {location}: {source_stats.kept + source_stats.skipped} rows read, "
+            f"{source_stats.skipped} skipped" + (f" (first: {'; '.join(first)})" if first else ""))
+
+
 def cache_dir() -> str:
     """Where flan-jax keeps what it makes or downloads: $FLAN_JAX_CACHE_DIR, default ~/.cache/flan_jax."""
     return os.environ.get("FLAN_JAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "flan_jax")
 
 
-def _download(url: str, source: str, advice: str) -> str:
-    """Downloads `url` once into the cache; returns the local path."""
-    name = hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + os.path.basename(url)
-    path = os.path.join(cache_dir(), "downloads", name)
-    if os.path.exists(path):
-        return path
+# --- files: TensorFlow's own file systems, or fsspec for any other URL ----------------------
+
+
+def is_native(path: str) -> bool:
+    """Whether TensorFlow reads `path` itself (a local path or gs://); fsspec reads any other URL."""
+    return "://" not in path or path.startswith("gs://")
+
+
+def is_http(path: str) -> bool:
+    return path.startswith(("http://", "https://"))
+
+
+# fsspec's http(s) file system needs aiohttp; without it, fsspec's blocking one over `requests` serves.
+_HTTP_SYNC = importlib.util.find_spec("aiohttp") is None
+if _HTTP_SYNC:
+    fsspec_http_sync.register()
+
+
+def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec's file system for URL `path` (s3://, hf://, memory://, http(s)://, ...) and the path within it.
+
+    A protocol whose package is missing (s3fs, gcsfs, huggingface_hub) is a
+    UserError saying what to install.
+    """
     try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            data = response.read()
-    except (urllib.error.URLError, OSError) as e:
-        raise MissingDataError(f"{source}: could not download {url} ({e}). {advice}") from None
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    # Write then rename, so an interrupted download never looks complete.
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-download-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-    return path
+        return fsspec.core.url_to_fs(path, **_storage_options(path))
+    except (ImportError, ValueError) as e:  # fsspec names the package a protocol needs.
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def _storage_options(path: str) -> dict[str, Any]:
+    # fsspec's blocking HTTP would otherwise hold a whole response in memory.
+    return {"stream": True} if is_http(path) and _HTTP_SYNC else {}
+
+
+def open_file(path: str, mode: str = "rb") -> Any:
+    """Opens a local, gs:// (TensorFlow) or other fsspec URL's file; the caller closes it."""
+    if is_native(path):
+        return tf.io.gfile.GFile(path, mode)
+    fs, inner = filesystem(path)
+    return fs.open(inner, mode)
+
+
+def isdir(path: str) -> bool:
+    if is_native(path):
+        return tf.io.gfile.isdir(path)
+    fs, inner = filesystem(path)
+    try:
+        return fs.isdir(inner)
+    except (OSError, ValueError):  # E.g. the Hub for an owner or a repository that does not exist.
+        return False
+
+
+def find_files(directory: str) -> list[str]:
+    """Every file under `directory` (any depth), as full paths or URLs, sorted."""
+    if is_native(directory):
+        return sorted(os.path.join(parent, f) for parent, _, files in tf.io.gfile.walk(directory) for f in files)
+    fs, inner = filesystem(directory)
+    return sorted(fs.unstrip_protocol(p) for p in fs.find(inner))
+
+
+def file_version(path: str) -> list[Any]:
+    """[size, modification time or version]: what tells a changed file from the one indexed."""
+    if is_native(path):
+        stat = tf.io.gfile.stat(path)
+        return [int(stat.length), int(stat.mtime_nsec)]
+    fs, inner = filesystem(path)
+    info = fs.info(inner)
+    keys = ("mtime", "LastModified", "blob_id", "ETag", "etag", "created")  # Local, S3, the Hub, http, memory.
+    return [int(info.get("size") or 0), str(next((info[k] for k in keys if info.get(k) is not None), ""))]
+
+
+def _download_cache(path: str, subdirectory: str) -> fsspec.AbstractFileSystem:
+    """fsspec's whole-file cache over http(s) `path`'s file system, kept under cache_dir()/`subdirectory`."""
+    fs, _ = filesystem(path)
+    return fsspec.implementations.cached.SimpleCacheFileSystem(
+        fs=fs, cache_storage=os.path.join(cache_dir(), subdirectory))
 
 
 def read_data_file(source: str, location: str, relative_path: str, advice: str) -> tuple[str, bytes]:
     """Reads `location/relative_path`; returns (path, bytes).
 
-    `location` is a directory (local, or anything tf.io.gfile reads, e.g.
-    gs://) or an http(s) URL, whose files are downloaded once into
-    $FLAN_JAX_CACHE_DIR/downloads (default ~/.cache/flan_jax/downloads).
-    A missing file raises MissingDataError naming `source`, the file and
-    where it was looked for, followed by `advice` (where to get it, e.g.
-    `get_it_from(url)`).
+    `location` is a local directory, a gs:// one (read by TensorFlow), or
+    any URL fsspec reads: s3://, hf://datasets/OWNER/NAME/..., memory://, or
+    http(s)://, whose files are kept in fsspec's cache under
+    $FLAN_JAX_CACHE_DIR/downloads (default ~/.cache/flan_jax/downloads)
+    after the first read. A missing file raises MissingDataError naming
+    `source`, the file and where it was looked for, followed by `advice`
+    (where to get it, e.g. `get_it_from(url)`).
     """
-    if location.startswith(("http://", "https://")):
-        url = location.rstrip("/") + "/" + relative_path
-        path = _download(url, source, advice)
-        with open(path, "rb") as f:
-            return url, f.read()
-    path = os.path.join(location, relative_path)
-    if not tf.io.gfile.exists(path):
+    path = location + ("" if location.endswith("/") else "/") + relative_path
+    try:
+        if is_http(path):
+            with _download_cache(path, "downloads").open(path, "rb") as f:
+                return path, f.read()
+        with open_file(path) as f:
+            return path, f.read()
+    except (FileNotFoundError, tf.errors.NotFoundError):
+        if is_http(path):
+            raise MissingDataError(f"{source}: could not download {path} (HTTP 404, not found). {advice}") from None
         raise MissingDataError(f"{source}: data file {relative_path} not found in {location} "
-                               f"(looked for {path}). {advice}")
-    with tf.io.gfile.GFile(path, "rb") as f:
-        return path, f.read()
+                               f"(looked for {path}). {advice}") from None
+    except OSError as e:  # requests' errors too.
+        raise MissingDataError(f"{source}: could not {'download' if is_http(path) else 'read'} {path} ({e}). "
+                               f"{advice}") from None
 
 
 # --- statistics ------------------------------------------------------------------------
@@ -151,6 +235,7 @@ class SourceStats:
     skipped: int = 0  # Rows that could not be used.
     problems: list[str] = dataclasses.field(default_factory=list)  # "file:line: why" of the first few skipped.
     counts: Counter = dataclasses.field(default_factory=Counter)  # Pipeline counts, by event name.
+    log_later: bool = False  # Whether `skip` leaves logging to `log_skipped` (a source read whole).
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
 
     def skip(self, where: str, reason: str) -> None:
@@ -160,7 +245,16 @@ class SourceStats:
             if len(self.problems) < MAX_REPORTED_PROBLEMS:
                 problem = f"{where}: {reason}"
                 self.problems.append(problem)
-                logger.warning("%s: skipped row %s", self.name, problem)
+                if not self.log_later:
+                    logger.warning("%s: skipped row %s", self.name, problem)
+
+    def log_skipped(self) -> None:
+        """Logs the first few skipped rows, then (at INFO) how many were skipped in all."""
+        for problem in self.problems:
+            logger.warning("%s: skipped row %s", self.name, problem)
+        if self.skipped > len(self.problems):
+            logger.info("%s: skipped %d of %d rows (the first %d logged above)", self.name, self.skipped,
+                        self.skipped + self.kept, len(self.problems))
 
     def count_kept(self, n: int) -> None:
         with self._lock:
@@ -367,7 +461,15 @@ class LoadedSource:
             if self._loaded is None or self._loaded[0] != location:
                 source_stats = stats(self.name)
                 source_stats.reset()
-                self._loaded = (location, self._read(location, source_stats))
+                source_stats.log_later = True  # A source with no usable row says so in one line instead.
+                try:
+                    loaded = self._read(location, source_stats)
+                finally:
+                    source_stats.log_later = False
+                if not any(loaded.get(split) for split in self.splits):
+                    raise NoExamplesError(no_examples_message(self.name, location, source_stats))
+                source_stats.log_skipped()
+                self._loaded = (location, loaded)
             return self._loaded[1]
 
     def _data(self) -> Mapping[str, list[Example]]:
