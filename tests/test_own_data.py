@@ -31,9 +31,11 @@ import pytest
 import seqio
 from fsspec.implementations.memory import MemoryFileSystem
 
-import tasks  # noqa: F401  (registers everything)
+import tasks
 from tasks import collection, flan2022, registry, sources, user_files
 from tasks.templates import TaskSpec, Template
+
+tasks.register()  # Every task module's tasks, registered with SeqIO (once per process).
 
 REPO = Path(__file__).resolve().parent.parent
 CHAIN = {"question": "input", "answer": "target", "rationale": "steps"}  # The chain-of-thought data set.
@@ -317,7 +319,7 @@ def test_the_collection_and_user_files_from_a_fake_hub(fake_hub, monkeypatch, tm
     monkeypatch.setenv(collection.COLLECTION_DIR_ENV, "hf://datasets/someone")
     try:
         flan2022.register()
-        registry.register_seqio()
+        tasks.register(again=True)
         assert {c: index.counts for c, index in flan2022.submixtures().items()} == COUNTS
         ds = seqio.get_mixture_or_task("flan2022").get_dataset(
             {"inputs": 32, "targets": 8}, split="train", shuffle=True, seed=0, num_epochs=None, copy_pretokenized=True)
@@ -326,7 +328,7 @@ def test_the_collection_and_user_files_from_a_fake_hub(fake_hub, monkeypatch, tm
     finally:
         monkeypatch.delenv(collection.COLLECTION_DIR_ENV)
         flan2022.register()
-        registry.register_seqio()
+        tasks.register(again=True)
 
     fake_hub.pipe("hf://datasets/someone/arith/data/train.jsonl",
                   "".join(json.dumps(row) + "\n" for row in _arith_rows(4)).encode())
