@@ -98,7 +98,7 @@ def test_kernel_matches_the_einsum_path(case, dtype):
 
 TINY = T5Config(
     vocab_size=64, emb_dim=32, num_heads=2, head_dim=8, num_encoder_layers=2, num_decoder_layers=2,
-    mlp_dim=48, dropout_rate=0.0, relative_attention_max_distance=20,
+    mlp_dim=48, dropout_rate=0.0, relative_attention_num_buckets=8, relative_attention_max_distance=16,
 )
 
 
