@@ -142,7 +142,8 @@ def fused_adafactor(
             if isinstance(s, optax.FactoredState):
                 s = s._replace(count=optax.safe_increment(s.count), **new)
             elif isinstance(s, optax.ScaleByScheduleState):
-                update = update * _per_layer(learning_rate(s.count), update.ndim, stacked).astype(update.dtype)
+                rate = jnp.asarray(learning_rate(s.count), update.dtype)  # constant schedules give a float
+                update = update * _per_layer(rate, update.ndim, stacked)
                 s = s._replace(count=optax.safe_increment(s.count))
             new_chain.append(s)
         if multiply_by_parameter_scale:

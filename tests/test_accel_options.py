@@ -57,10 +57,11 @@ def test_scan_unroll_must_be_positive():
 
 @pytest.mark.parametrize("min_dim_size_to_factor", [16, 128], ids=["factored", "unfactored"])
 def test_fused_adafactor_equals_per_parameter_over_ten_steps(min_dim_size_to_factor):
-    """Scanned parameters, a warmup schedule, clipping and parameter scaling on:
+    """Scanned parameters, warmup or constant rate, clipping and parameter scaling on:
     parameters and optimizer state within 1e-6 relative of `per_parameter`'s."""
     params = _params(TINY)
-    kwargs = dict(learning_rate=1e-2, warmup_steps=3, min_dim_size_to_factor=min_dim_size_to_factor)
+    warmup_steps = 3 if min_dim_size_to_factor == 16 else 0  # a schedule, and a constant rate
+    kwargs = dict(learning_rate=1e-2, warmup_steps=warmup_steps, min_dim_size_to_factor=min_dim_size_to_factor)
     reference, fused = optim.adafactor(**kwargs), optim.adafactor(**kwargs, fused_stacked=True)
     states = [tx.init(params) for tx in (reference, fused)]
     assert jax.tree.structure(states[0]) == jax.tree.structure(states[1])
@@ -85,3 +86,30 @@ def test_fused_adafactor_equals_per_parameter_over_ten_steps(min_dim_size_to_fac
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
     moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(ours[0]), jax.tree.leaves(params)))
     assert moved > 1e-3
+
+
+def test_xla_presets_combine_and_reject_unknown_names():
+    from flan_jax import xla_presets
+    from flan_jax.errors import UserError
+
+    both = xla_presets.flags("lhs+no_triton_gemm")
+    assert both == [*xla_presets.PRESETS["lhs"], *xla_presets.PRESETS["no_triton_gemm"]]
+    assert xla_presets.flags("") == xla_presets.flags("none") == []
+    env = xla_presets.with_flags({"XLA_FLAGS": "--xla_foo=1"}, "lhs")
+    assert env["XLA_FLAGS"] == "--xla_foo=1 " + " ".join(xla_presets.PRESETS["lhs"])
+    with pytest.raises(UserError, match="'lsh'.*lhs"):
+        xla_presets.flags("lsh")
+
+
+def test_every_xla_preset_is_a_flag_this_xla_knows():
+    """XLA aborts the process on an unknown flag: start one per preset."""
+    import subprocess
+    import sys
+
+    from flan_jax import xla_presets
+
+    for name in xla_presets.PRESETS:
+        env = xla_presets.with_flags({"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}, name)
+        result = subprocess.run([sys.executable, "-c", "import jax; jax.numpy.zeros(1).block_until_ready()"],
+                                env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, (name, result.stderr[-2000:])

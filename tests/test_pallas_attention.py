@@ -4,6 +4,9 @@ bias-table gradient included, on packed rows with several segments."""
 
 import dataclasses
 import logging
+import subprocess
+import sys
+import textwrap
 
 import flax
 import jax
@@ -169,3 +172,50 @@ def test_cudnn_kernel_falls_back_to_xla_with_one_warning(caplog):
 def test_unknown_attention_kernel_is_one_clear_error():
     with pytest.raises(Exception, match="attention_kernel"):
         T5Config(attention_kernel="flash")
+
+
+FSDP_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    import dataclasses
+    import jax, jax.numpy as jnp, numpy as np
+    from flan_jax import bench_train, optim, partitioning, step
+    from flan_jax.model import T5Config, Transformer
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    assert len(jax.devices()) == 8
+    BASE = T5Config(vocab_size=64, emb_dim=32, num_heads=2, head_dim=8, num_encoder_layers=2, num_decoder_layers=2,
+                    mlp_dim=48, dropout_rate=0.1, scan_layers=True, relative_attention_num_buckets=8,
+                    relative_attention_max_distance=16)
+    lengths = {"inputs": 32, "targets": 16}
+    batch = bench_train.synthetic_batch(8, lengths, BASE.vocab_size)  # packed: several segments per row
+    assert batch["encoder_segment_ids"].max() > 1
+
+    def one_step(config, fused_stacked):
+        tx = optim.adafactor(learning_rate=1e-2, min_dim_size_to_factor=16, fused_stacked=fused_stacked)
+        partitioner = partitioning.Partitioner((8, 1), partitioning.FSDP_LOGICAL_AXIS_RULES)
+        model, params, opt_state = step.initialize(Transformer(config), tx, partitioner, lengths, seed=0)
+        with partitioner.activate():
+            train_step = step.make_train_step(model, tx, partitioner)
+            params, opt_state, metrics = train_step(params, opt_state, partitioner.shard_batch(batch),
+                                                    jax.random.key(0), jnp.asarray(0))
+        return float(metrics["loss"]), jax.device_get(params), params
+
+    ref_loss, ref_params, _ = one_step(BASE, False)
+    loss, params, sharded = one_step(dataclasses.replace(BASE, attention_kernel="pallas"), True)
+    kernel = sharded["decoder"]["layers"]["mlp"]["wo"]["kernel"]
+    assert kernel.addressable_shards[0].data.shape[-1] == 32 // 8, kernel.sharding.spec
+    worst = max(np.linalg.norm(a - b) / np.linalg.norm(b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
+    print(f"loss {loss:.7f} against {ref_loss:.7f}; params max rel diff {worst:.1e}")
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss) and worst <= 1e-5
+    print("FSDP OK")
+""")
+
+
+def test_pallas_kernel_and_fused_adafactor_under_fsdp_on_8_devices():
+    """One training step, 8 fake CPU devices, 8-way FSDP, scanned, packed, dropout on:
+    the Pallas kernel with the fused Adafactor equals the einsum path with per_parameter."""
+    result = subprocess.run([sys.executable, "-c", FSDP_SCRIPT], capture_output=True, text=True, timeout=900)
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+    assert "FSDP OK" in result.stdout
