@@ -164,8 +164,9 @@ def main(out_dir: Path) -> int:
             continue
         preset, bindings = combined(variants)
         name = "best(" + "+".join(variants) + ")" if variants else "best(baseline)"
-        if variants and len(variants) == 1 and any(r["model"] == model and r["variant"] == variants[0] for r in records):
-            continue  # already measured alone
+        alone = variants[0] if len(variants) == 1 else "baseline" if not variants else None
+        if any(r["model"] == model and r["variant"] == alone for r in records):
+            continue  # already measured
         record(_run(out_dir, model, batch, name, preset, bindings))
     print(f"\n{table(records)}\n\nbest per model: {json.dumps(picks)}; {time.perf_counter() - start:.0f} s in all")
     return 0 if any(r["status"] == "ok" for r in records) else 1

@@ -26,13 +26,15 @@ def _params(config: T5Config):
     ]
 
 
-@pytest.mark.parametrize("unroll", [2, 3])
-def test_unrolled_scan_equals_the_scan(unroll):
-    """Partial (2 of 3 layers) and full unrolls: same loss and gradients (dropout
-    on), the parameter tree still stacked."""
-    params = _params(TINY)
-    rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(1, TINY.vocab_size, (2, 12)))
+def test_unrolled_scan_equals_the_scan():
+    """scan_unroll=2 unrolls the 3-layer encoder partly (with a remainder) and the
+    2-layer decoder fully: same loss and gradients (dropout on), the parameter
+    tree still stacked."""
+    config = dataclasses.replace(TINY, num_decoder_layers=2)
+    params = _params(config)
+    unrolled = dataclasses.replace(config, scan_unroll=2)
+    assert jax.tree.structure(jax.eval_shape(lambda: _params(unrolled))) == jax.tree.structure(params)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(1, TINY.vocab_size, (2, 12)))
 
     def loss_and_grads(config):
         def loss(p):
@@ -41,10 +43,13 @@ def test_unrolled_scan_equals_the_scan(unroll):
 
         return jax.jit(jax.value_and_grad(loss))(params)
 
-    base = TINY
-    assert jax.tree.structure(_params(dataclasses.replace(base, scan_unroll=unroll))) == jax.tree.structure(params)
-    want_loss, want_grads = loss_and_grads(base)
-    got_loss, got_grads = loss_and_grads(dataclasses.replace(base, scan_unroll=unroll))
+    def scan_unrolls(config):
+        jaxpr = jax.make_jaxpr(lambda p: Transformer(config).apply({"params": p}, tokens, tokens, tokens, enable_dropout=False))
+        return sorted(e.params["unroll"] for e in jaxpr(params).jaxpr.eqns if e.primitive.name == "scan")
+
+    assert scan_unrolls(config) == [1, 1] and scan_unrolls(unrolled) == [2, 2]  # the switch reached lax.scan
+    want_loss, want_grads = loss_and_grads(config)
+    got_loss, got_grads = loss_and_grads(unrolled)
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
     for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(got, want, atol=1e-6 * np.abs(want).max() + 1e-9, rtol=0)
