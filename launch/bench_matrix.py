@@ -5,9 +5,10 @@ Phase 1 runs the baseline and each variant alone for each model in MODELS
 (default base, batch 32, and large, 16, at 1024/256: bf16 and dropout 0.1
 come from the model gin files); phase 2 runs each model's best combination
 (per group of exclusive variants, the fastest that beat the baseline by more
-than 1%) and XL with large's best. Each run is its own `flan-jax bench
-train` process (XLA flags apply at start-up, and a crash or hang costs one
-run), with a time limit; phase 1 stops early to leave phase 2 its time, so
+than 1% with a last-step loss within 2% of the baseline's) and XL with
+large's best. Each run is its own `flan-jax bench train` process (XLA
+flags apply at start-up, and a crash or hang costs one run), with a time
+limit; phase 1 stops early to leave phase 2 its time, so
 the whole stays within BUDGET_S. After every run OUT_DIR/matrix.json is
 rewritten (a time-out loses nothing); the end prints a table.
 
@@ -45,6 +46,9 @@ VARIANTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "unroll_full": ("unroll", "", ("T5Config.scan_unroll=1000",)),
 }
 BETTER_BY = 0.01  # a variant joins the best combination if it beats the baseline's step by more than this
+# Every run takes the same steps on the same batch from the same weights, so a
+# last-step loss this far (relative) from the baseline's flags a wrong variant.
+LOSS_TOLERANCE = 0.02
 
 
 def _env(name: str, default: str) -> str:
@@ -88,15 +92,20 @@ def _run(out_dir: Path, model: str, batch: int, variant: str, preset: str, bindi
     return record
 
 
+def loss_agrees(record: dict, baseline: dict) -> bool:
+    return abs(record["loss"] - baseline["loss"]) <= LOSS_TOLERANCE * abs(baseline["loss"])
+
+
 def best_combination(records: list[dict], model: str) -> list[str]:
-    """Per group, the fastest variant beating `model`'s baseline by more than BETTER_BY."""
+    """Per group, the fastest variant beating `model`'s baseline by more than
+    BETTER_BY with a loss that agrees with the baseline's."""
     ok = {r["variant"]: r for r in records if r["model"] == model and r["status"] == "ok"}
     if "baseline" not in ok:
         return []
     limit = ok["baseline"]["step_ms"] * (1 - BETTER_BY)
     picks: dict[str, dict] = {}
     for variant, r in ok.items():
-        if variant in VARIANTS and r["step_ms"] < limit:
+        if variant in VARIANTS and r["step_ms"] < limit and loss_agrees(r, ok["baseline"]):
             group = VARIANTS[variant][0]
             if group not in picks or r["step_ms"] < picks[group]["step_ms"]:
                 picks[group] = r
@@ -110,15 +119,18 @@ def combined(variants: list[str]) -> tuple[str, list[str]]:
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| model, batch | variant | compile s | step ms | MFU | vs baseline | peak GiB |", "| --- " * 7 + "|"]
-    base = {r["model"]: r["step_ms"] for r in records if r["variant"] == "baseline" and r["status"] == "ok"}
+    lines = ["| model, batch | variant | compile s | step ms | MFU | vs baseline | peak GiB | loss |", "| --- " * 8 + "|"]
+    base = {r["model"]: r for r in records if r["variant"] == "baseline" and r["status"] == "ok"}
     for r in records:
         if r["status"] != "ok":
-            lines.append(f"| {r['model']}, {r['batch']} | {r['variant']} | {r['status']} | | | | |")
+            lines.append(f"| {r['model']}, {r['batch']} | {r['variant']} | {r['status']} | | | | | |")
             continue
-        ratio = f"{base[r['model']] / r['step_ms']:.2f}x" if r["model"] in base else ""
+        ratio, loss = "", f"{r['loss']:.4f}"
+        if r["model"] in base:
+            ratio = f"{base[r['model']]['step_ms'] / r['step_ms']:.2f}x"
+            loss += "" if loss_agrees(r, base[r["model"]]) else " (differs from the baseline's: excluded)"
         lines.append(f"| {r['model']}, {r['batch']} | {r['variant']} | {r['compile_s']} | {r['step_ms']} | "
-                     f"{r['mfu']:.1%} | {ratio} | {r['peak_memory_gib']} |")
+                     f"{r['mfu']:.1%} | {ratio} | {r['peak_memory_gib']} | {loss} |")
     return "\n".join(lines)
 
 
