@@ -3,7 +3,9 @@ issue 19 in one timed GPU run, to settle the defaults.
 
 Phase 1 runs the baseline and each variant alone for each model in MODELS
 (default base, batch 32, and large, 16, at 1024/256: bf16 and dropout 0.1
-come from the model gin files); phase 2 runs each model's best combination
+come from the model gin files), in the order `phase1_order` gives, as far
+as the budget allows (groups a later model did not measure take the first
+model's pick); phase 2 runs each model's best combination
 (per group of exclusive variants, the fastest that beat the baseline by more
 than 1% with a last-step loss within 2% of the baseline's) and XL with
 large's best. Each run is its own `flan-jax bench train` process (XLA
@@ -45,6 +47,8 @@ VARIANTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "no_remat_pass": ("remat_pass", "no_remat_pass", ()),
     "unroll_full": ("unroll", "", ("T5Config.scan_unroll=1000",)),
 }
+# What the profile says differs most between models (attention; large's optimizer).
+EVERY_MODEL = ("pallas", "fused_adafactor")
 BETTER_BY = 0.01  # a variant joins the best combination if it beats the baseline's step by more than this
 # Every run takes the same steps on the same batch from the same weights, so a
 # last-step loss this far (relative) from the baseline's flags a wrong variant.
@@ -94,6 +98,14 @@ def _run(out_dir: Path, model: str, batch: int, variant: str, preset: str, bindi
 
 def loss_agrees(record: dict, baseline: dict) -> bool:
     return abs(record["loss"] - baseline["loss"]) <= LOSS_TOLERANCE * abs(baseline["loss"])
+
+
+def phase1_order(names: list[str], models: list[tuple[str, int]]) -> list[tuple[str, tuple[str, int]]]:
+    """(variant, model) pairs, most telling first: the EVERY_MODEL variants on every
+    model, then the others on the first model, then on the rest (what the budget allows)."""
+    first = [(v, m) for v in names if v in EVERY_MODEL for m in models]
+    others = [v for v in names if v not in EVERY_MODEL]
+    return first + [(v, m) for group in (models[:1], models[1:]) for v in others for m in group]
 
 
 def best_combination(records: list[dict], model: str) -> list[str]:
@@ -157,15 +169,18 @@ def main(out_dir: Path) -> int:
     phase2_runs = len(models) + bool(xl)
     for model, batch in models:
         record(_run(out_dir, model, batch, "baseline", "", []))
-    for variant in names:
-        for model, batch in models:
-            left = budget - (time.perf_counter() - start)
-            if left < mean_run_s() * (1 + phase2_runs):
-                print(f"== skipping {variant} on {model}: {left:.0f} s left is kept for the best combinations", flush=True)
-                continue
-            _, preset, bindings = VARIANTS[variant]
-            record(_run(out_dir, model, batch, variant, preset, list(bindings)))
-    picks = {model: best_combination(records, model) for model, _ in models}
+    for variant, (model, batch) in phase1_order(names, models):
+        left = budget - (time.perf_counter() - start)
+        if left < mean_run_s() * (1 + phase2_runs):
+            print(f"== skipping {variant} on {model}: {left:.0f} s left is kept for the best combinations", flush=True)
+            continue
+        _, preset, bindings = VARIANTS[variant]
+        record(_run(out_dir, model, batch, variant, preset, list(bindings)))
+    picks: dict[str, list[str]] = {}
+    for model, _ in models:  # groups a later model did not measure take the first model's pick
+        measured = {VARIANTS[r["variant"]][0] for r in records if r["model"] == model and r["variant"] in VARIANTS}
+        inherited = [v for v in picks.get(models[0][0], []) if VARIANTS[v][0] not in measured]
+        picks[model] = sorted(best_combination(records, model) + inherited)
     finals = [(model, batch, picks[model]) for model, batch in models]
     if xl:
         model, batch = xl.split(":")

@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from flan_jax.model import pallas_attention
@@ -271,7 +270,9 @@ def _packed_layout(segments: Array) -> tuple[Array, Array]:
 
 def _cudnn_packed_attention(query: Array, key: Array, value: Array, segments: Segments, bias: Array | None, causal: bool):
     """cuDNN's fused attention on the packed layout (private JAX API, GPU only):
-    segments as offsets and lengths, the bias unbatched [1, h, q, k]."""
+    segments as offsets and lengths, the bias unbatched [1, h, q, k]. cuDNN pairs
+    the m-th query segment with the m-th key segment, so both rows must list
+    their (non-empty) examples in the same order, as seqio's packing does."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn  # private: guarded by the caller
 
     q_lengths, q_offsets = _packed_layout(segments.query)

@@ -189,7 +189,7 @@ class Encoder(nn.Module):
         x = _dropout(cfg)(x, deterministic=deterministic)
         x = constrain(x, ("batch", "length", "embed"))
         length = tokens.shape[-1]
-        bias = _relpos(cfg)(length, length, bidirectional=True, as_table=cfg.attention_kernel != "xla")
+        bias = _relpos(cfg)(length, length, bidirectional=True, as_table=_uses_kernel(cfg, decode=False))
         stack = layer_stack(cfg, EncoderLayer, cfg.num_encoder_layers, num_args=3, static_args=(3,), remat=True)
         x = stack(x, mask, bias, deterministic)
         x = _norm(cfg, "encoder_norm")(x)
