@@ -27,11 +27,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
 from jax.experimental.pallas import triton as plgpu
 
 from flan_jax.model.relpos import relative_position_bucket
@@ -299,6 +301,31 @@ def _pad_to(x: Array, axis: int, multiple: int) -> Array:
     return jnp.pad(x, widths)
 
 
+def _mesh_axis(mesh, logical: str, size: int):
+    """The mesh axis (or axes) the active logical rules give `logical`, if they split `size` evenly."""
+    axes = nn.logical_to_mesh_axes((logical,))[0]
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    shards = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+    return axes if names and size % shards == 0 else None
+
+
+def _per_device(fn, q: Array, k: Array, v: Array, q_seg: Array, k_seg: Array, runs: Array) -> Array:
+    """`fn` on each device's batch and head shards of the current mesh (`jax.set_mesh`).
+
+    A pallas_call has no partitioning rule: left to XLA, every device would
+    gather the whole batch and compute all of it. The bias runs' gradient is
+    summed over the batch shards by shard_map's transpose.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(q, k, v, q_seg, k_seg, runs)
+    batch, heads = _mesh_axis(mesh, "batch", q.shape[0]), _mesh_axis(mesh, "heads", q.shape[2])
+    rows, seq = P(batch, None, heads, None), P(batch, None)
+    return jax.shard_map(
+        fn, mesh=mesh, in_specs=(rows, rows, rows, seq, seq, P(heads, None)), out_specs=rows, check_vma=False
+    )(q, k, v, q_seg, k_seg, runs)
+
+
 def _block(length: int, block: int | None) -> int:
     """The block size: `block`, or 64 (at least 16, Triton's smallest dot), capped by the padded length."""
     return block or min(64, max(16, _next_power_of_2(length)))
@@ -342,4 +369,4 @@ def t5_attention(
         runs = bias_table.astype(jnp.float32)[:, np.asarray(run_buckets)]  # [h, runs]
         runs = _pad_to(runs, 1, _next_power_of_2(runs.shape[1]))  # Triton wants power-of-2 blocks
     st = _Static(causal, block_q, block_k, run_starts, interpret)
-    return _attention(q, k, v, q_seg, k_seg, runs, st)[:, :lq]
+    return _per_device(lambda *args: _attention(*args, st), q, k, v, q_seg, k_seg, runs)[:, :lq]
