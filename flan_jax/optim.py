@@ -8,6 +8,12 @@ axis, as T5X's Adafactor does with its factor rules). A scanned model then
 trains exactly like the unrolled one, and its optimizer state converts
 between the two layouts like the parameters (`flan_jax.model.scan`).
 
+`fused_adafactor` computes the same updates without vmap, treating the
+layer axis of stacked parameters as a batch axis in the factored moments and
+in the RMS statistics (as T5X's factor rules do), in one function XLA can
+fuse; its state is `per_parameter`'s, so checkpoints, shardings and layout
+conversions are shared. `adafactor(fused_stacked=True)` selects it.
+
 `with_t5x_statistics` puts a T5X checkpoint's Adafactor second moments and
 step into that state, so finetuning from T5X continues them as T5X does;
 `restart_schedule` lets a finetune continue a flan-jax run's state likewise.
@@ -19,6 +25,7 @@ from typing import Any
 
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -61,6 +68,103 @@ def per_parameter(inner: optax.GradientTransformation) -> optax.GradientTransfor
     return optax.GradientTransformation(init, update)
 
 
+def _factored_axes(shape: tuple[int, ...], factored: bool, min_dim_size_to_factor: int) -> tuple[int, int] | None:
+    """(row-reduced axis d1, column-reduced axis d0): the two largest axes, as
+    optax's Adafactor picks them (the same argsort, so ties break alike)."""
+    if not factored or len(shape) < 2:
+        return None
+    order = np.argsort(shape)
+    if shape[order[-2]] < min_dim_size_to_factor:
+        return None
+    return int(order[-2]), int(order[-1])
+
+
+def _per_layer(x: jax.Array, ndim: int, stacked: bool) -> jax.Array:
+    """A per-layer value [L] (stacked) shaped to broadcast against an ndim array."""
+    return jnp.reshape(x, x.shape + (1,) * (ndim - 1)) if stacked else x
+
+
+def _block_rms(x: jax.Array, stacked: bool) -> jax.Array:
+    """RMS over the whole array, or per layer (keepdims) for stacked ones."""
+    axes = tuple(range(1 if stacked else 0, x.ndim))
+    return jnp.sqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=True))
+
+
+def fused_adafactor(
+    learning_rate: optax.Schedule,
+    *,
+    decay_rate: float = 0.8,
+    clipping_threshold: float | None = 1.0,
+    multiply_by_parameter_scale: bool = True,
+    min_dim_size_to_factor: int = 128,
+    factored: bool = True,
+    epsilon: float = 1e-30,
+) -> optax.GradientTransformation:
+    """`per_parameter(optax.adafactor(...))` (no momentum or weight decay) computed
+    without vmap: for stacked parameters the leading 'layers' axis is a batch axis
+    of the factored moments, the update clipping and the parameter scale.
+
+    The state is `per_parameter`'s (stacked leaves carry per-layer counts), so the
+    two are interchangeable mid-run.
+    """
+    inner = optax.adafactor(
+        learning_rate=learning_rate, decay_rate=decay_rate, clipping_threshold=clipping_threshold,
+        multiply_by_parameter_scale=multiply_by_parameter_scale, min_dim_size_to_factor=min_dim_size_to_factor,
+        factored=factored, eps=epsilon,
+    )
+
+    def leaf_update(grad: jax.Array, chain: tuple, param: jax.Array, stacked: bool) -> tuple[jax.Array, tuple]:
+        b = 1 if stacked else 0
+        moments = next(s for s in chain if isinstance(s, optax.FactoredState))
+        t = moments.count.astype(jnp.float32) + 1.0
+        decay = 1.0 - t**-decay_rate  # optax's power decay, per layer when stacked
+        grad_sqr = jnp.square(grad) + epsilon
+        axes = _factored_axes(grad.shape[b:], factored, min_dim_size_to_factor)
+        new = {}
+        if axes is not None:
+            d1, d0 = axes[0] + b, axes[1] + b
+            mix = lambda old, fresh: (  # noqa: E731
+                _per_layer(decay, old.ndim, stacked) * old + (1.0 - _per_layer(decay, old.ndim, stacked)) * fresh
+            )
+            new["v_row"] = mix(moments.v_row, jnp.mean(grad_sqr, axis=d0)).astype(param.dtype)
+            new["v_col"] = mix(moments.v_col, jnp.mean(grad_sqr, axis=d1)).astype(param.dtype)
+            row_mean = jnp.mean(new["v_row"], axis=d1 - 1 if d1 > d0 else d1, keepdims=True)
+            row_factor, col_factor = (new["v_row"] / row_mean) ** -0.5, new["v_col"] ** -0.5
+            update = grad * jnp.expand_dims(row_factor, d0) * jnp.expand_dims(col_factor, d1)
+        else:
+            d = _per_layer(decay, grad.ndim, stacked)
+            new["v"] = (d * moments.v + (1.0 - d) * grad_sqr).astype(param.dtype)
+            update = grad * new["v"] ** -0.5
+        if clipping_threshold is not None:
+            update = update / jnp.maximum(1.0, _block_rms(update, stacked) / clipping_threshold)
+        new_chain = []
+        for s in chain:
+            if isinstance(s, optax.FactoredState):
+                s = s._replace(count=optax.safe_increment(s.count), **new)
+            elif isinstance(s, optax.ScaleByScheduleState):
+                rate = jnp.asarray(learning_rate(s.count), update.dtype)  # constant schedules give a float
+                update = update * _per_layer(rate, update.ndim, stacked)
+                s = s._replace(count=optax.safe_increment(s.count))
+            new_chain.append(s)
+        if multiply_by_parameter_scale:
+            update = update * jnp.maximum(_block_rms(param, stacked), 1e-3)
+        return -update, tuple(new_chain)
+
+    def update(updates: PyTree, state: PyTree, params: PyTree | None = None) -> tuple[PyTree, PyTree]:
+        if params is None:
+            raise ValueError("fused_adafactor needs params (Adafactor scales updates by them)")
+        paths_and_grads, treedef = jax.tree_util.tree_flatten_with_path(updates)
+        results = [
+            leaf_update(grad, chain, param, is_stacked(path))
+            for (path, grad), chain, param in zip(
+                paths_and_grads, treedef.flatten_up_to(state), treedef.flatten_up_to(params)
+            )
+        ]
+        return treedef.unflatten([u for u, _ in results]), treedef.unflatten([s for _, s in results])
+
+    return optax.GradientTransformation(per_parameter(inner).init, update)
+
+
 @gin.configurable
 def adafactor(
     learning_rate: float = 1e-3,
@@ -73,6 +177,7 @@ def adafactor(
     weight_decay_rate: float | None = None,
     factored: bool = True,
     warmup_steps: int = 0,
+    fused_stacked: bool = False,
 ) -> optax.GradientTransformation:
     """Adafactor as T5X configures it for finetuning (Flan used lr 1e-3, constant).
 
@@ -80,12 +185,21 @@ def adafactor(
     `multiply_by_parameter_scale` scales updates by each parameter's RMS, so
     the learning rate is relative. An optional linear warmup precedes the
     constant rate. The result works per parameter (`per_parameter`), so scanned and unrolled
-    models train alike.
+    models train alike. `fused_stacked` computes the same without vmapping
+    over stacked layers (`fused_adafactor`; no momentum or weight decay).
     """
     schedule: optax.Schedule = optax.constant_schedule(learning_rate)
     if warmup_steps:
         schedule = optax.join_schedules(
             [optax.linear_schedule(0.0, learning_rate, warmup_steps), schedule], [warmup_steps]
+        )
+    if fused_stacked:
+        if momentum is not None or weight_decay_rate is not None:
+            raise ValueError("adafactor.fused_stacked supports neither momentum nor weight_decay_rate")
+        return fused_adafactor(
+            schedule, decay_rate=decay_rate, clipping_threshold=clipping_threshold,
+            multiply_by_parameter_scale=multiply_by_parameter_scale, min_dim_size_to_factor=min_dim_size_to_factor,
+            factored=factored,
         )
     return per_parameter(optax.adafactor(
         learning_rate=schedule,

@@ -6,6 +6,8 @@
 # its figures to OUT_DIR/<model>.json (and its log to OUT_DIR/<model>.log).
 #
 #   bash launch/bench_gpu.sh [OUT_DIR] [extra bench-train flags, e.g. --gin.T5Config.remat_policy="'dots'"]
+#   bash launch/bench_gpu.sh --matrix OUT_DIR   (every variant of issue 19, within 8 minutes:
+#                                                see launch/bench_matrix.py)
 #
 # Needs jax with CUDA, flax, optax, orbax and gin-config; TensorFlow, SeqIO
 # and t5 are not needed (run from a checkout with PYTHONPATH=. if flan-jax is
@@ -14,6 +16,10 @@
 # TIMEOUT_S seconds (default 240), so one slow compile cannot eat the rest.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ "${1:-}" = --matrix ]; then
+  export PYTHONUNBUFFERED=1
+  exec python "$ROOT/launch/bench_matrix.py" "${2:?usage: bench_gpu.sh --matrix OUT_DIR}"
+fi
 OUT_DIR="${1:-$ROOT/runs/bench_gpu}"
 shift || true
 mkdir -p "$OUT_DIR"

@@ -8,7 +8,7 @@ import gin
 import jax.numpy as jnp
 
 from flan_jax import errors
-from flan_jax.model.layers import _ACTIVATIONS
+from flan_jax.model.layers import _ACTIVATIONS, ATTENTION_KERNELS
 
 
 REMAT_POLICIES = ("none", "full", "dots")
@@ -66,6 +66,18 @@ class T5Config:
     # GPUs in bf16, XLA elsewhere) in training and scoring; decoding steps keep
     # the einsum path and its kv cache.
     fused_attention: bool = False
+    # Attention in training and scoring (decoding steps keep the einsum path):
+    # "xla" (the einsum or `fused_attention` path, folding the packing mask into
+    # a [batch, heads, q, k] bias), "pallas" (flan-jax's flash-attention kernel,
+    # `model/pallas_attention.py`: the T5 bias made in the kernel from the
+    # bucket table, packing as segment ids) or "cudnn" (cuDNN's packed layout
+    # via JAX's private fused-attention API; XLA with a warning where absent).
+    attention_kernel: str = "xla"
+    # Layers per iteration of the scanned layer loop (`scan_layers`): 1 is a
+    # plain loop; num_layers or more unrolls it fully. The parameter tree stays
+    # stacked either way; unrolling trades compile time for the loop's
+    # per-iteration slicing of the stacked weights.
+    scan_unroll: int = 1
 
     def __post_init__(self) -> None:
         errors.require_fields(
@@ -76,6 +88,7 @@ class T5Config:
             float32_attention_logits=errors.BOOL, relative_attention_num_buckets=errors.POSITIVE_INT,
             relative_attention_max_distance=errors.POSITIVE_INT, layer_norm_epsilon=errors.POSITIVE_NUMBER,
             scan_layers=errors.BOOL, remat_policy=errors.one_of(*REMAT_POLICIES), fused_attention=errors.BOOL,
+            attention_kernel=errors.one_of(*ATTENTION_KERNELS), scan_unroll=errors.POSITIVE_INT,
         )
         # gin and JSON may hand over lists; a tuple keeps the config hashable.
         object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))

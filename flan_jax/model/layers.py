@@ -10,14 +10,17 @@ unless logical axis rules are active.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
+
+from flan_jax.model import pallas_attention
+from flan_jax.model.relpos import relative_bias
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -49,6 +52,27 @@ def segment_mask(query_segments: Array, key_segments: Array) -> Array:
 def causal_mask(length: int) -> Array:
     """[1, 1, length, length]: a query sees itself and earlier keys."""
     return jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]
+
+
+class Segments(NamedTuple):
+    """The attention mask as ids, for the kernels that never build [b, 1, q, k]:
+    query i sees key j when query[b, i] == key[b, j] != 0."""
+
+    query: Array  # [b, q] int32
+    key: Array  # [b, k] int32
+
+
+def kernel_segments(valid: Array, segment_ids: Array | None) -> Array:
+    """[b, l] ids for `Segments`: 0 where not `valid`, else the segment id + 1
+    (so that `padding_mask & segment_mask` is exactly "same nonzero id")."""
+    ids = jnp.zeros(valid.shape, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    return jnp.where(valid, ids + 1, 0)
+
+
+def segments_mask(segments: Segments, causal: bool) -> Array:
+    """The [b, 1, q, k] bool mask that `segments` (and `causal`) stand for."""
+    mask = segment_mask(segments.query, segments.key) & (segments.query != 0)[:, None, :, None]
+    return mask & causal_mask(segments.query.shape[-1]) if causal else mask
 
 
 # ---------------------------------------------------------------- primitives
@@ -116,30 +140,6 @@ class Embed(nn.Module):
         return jnp.dot(x.astype(jnp.float32), self.embedding.T)
 
 
-def relative_position_bucket(
-    relative_position: np.ndarray, bidirectional: bool, num_buckets: int, max_distance: int
-) -> np.ndarray:
-    """T5's bucketing of (key - query) offsets: exact near 0, logarithmic beyond.
-
-    Computed in numpy float32 at trace time, like T5X, so bucket boundaries are
-    bit-for-bit those of T5X checkpoints.
-    """
-    buckets = np.zeros_like(relative_position)
-    n = -relative_position
-    if bidirectional:
-        num_buckets //= 2
-        buckets += (n < 0).astype(np.int32) * num_buckets
-        n = np.abs(n)
-    else:
-        n = np.maximum(n, 0)
-    max_exact = num_buckets // 2
-    is_small = n < max_exact
-    log_ratio = np.log(n.astype(np.float32) / max_exact + np.finfo(np.float32).eps) / np.log(max_distance / max_exact)
-    val_if_large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(np.int32)
-    val_if_large = np.minimum(val_if_large, num_buckets - 1)
-    return buckets + np.where(is_small, n, val_if_large)
-
-
 class RelativePositionBiases(nn.Module):
     """Learned per-head attention bias from bucketed relative positions."""
 
@@ -148,15 +148,9 @@ class RelativePositionBiases(nn.Module):
     num_heads: int
 
     @nn.compact
-    def __call__(self, query_length: int, key_length: int, bidirectional: bool) -> Array:
-        """-> [1, h, q, k] float32.
-
-        Offsets come from aranges, not from packed `positions`: inside one
-        contiguous packed example the offsets are the same either way, and
-        pairs across examples are masked out.
-        """
-        relative = np.arange(key_length)[None, :] - np.arange(query_length)[:, None]  # [q, k]
-        buckets = relative_position_bucket(relative, bidirectional, self.num_buckets, self.max_distance)
+    def __call__(self, query_length: int, key_length: int, bidirectional: bool, as_table: bool = False) -> Array:
+        """-> [1, h, q, k] float32, or with `as_table` the [h, n] table itself
+        (for the kernels that make the bias from it)."""
         table = self.param(
             "rel_embedding",
             nn.with_logical_partitioning(
@@ -165,12 +159,9 @@ class RelativePositionBiases(nn.Module):
             (self.num_heads, self.num_buckets),
             jnp.float32,
         )
-        # A one-hot matmul rather than a gather (as T5X does): the gradient is
-        # then a small matmul instead of a scatter-add of q*k values into
-        # h*n slots, which accelerators serialise. HIGHEST keeps it exact.
-        one_hot = jax.nn.one_hot(jnp.asarray(buckets), self.num_buckets, dtype=jnp.float32)  # [q, k, n]
-        bias = jnp.einsum("hn,qkn->hqk", table, one_hot, precision=lax.Precision.HIGHEST)
-        return bias[None]  # [1, h, q, k]
+        if as_table:
+            return table
+        return relative_bias(table, query_length, key_length, bidirectional, self.num_buckets, self.max_distance)
 
 
 # ----------------------------------------------------------------- attention
@@ -251,6 +242,67 @@ def fused_dot_product_attention(query: Array, key: Array, value: Array, mask: Ar
     return jax.nn.dot_product_attention(query, key, value, implementation="xla", **kwargs)
 
 
+ATTENTION_KERNELS = ("xla", "pallas", "cudnn")
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logging.getLogger(__name__).warning(message)
+
+
+def _packed_layout(segments: Array) -> tuple[Array, Array]:
+    """[b, l] ids -> (lengths [b, l], offsets [b, l + 1]) of each row's runs of
+    equal nonzero ids, -1 past the last run: cuDNN's packed ("THD") layout."""
+
+    def row(ids: Array) -> tuple[Array, Array]:
+        live = ids != 0
+        starts = live & jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]])
+        ends = live & jnp.concatenate([ids[1:] != ids[:-1], jnp.ones((1,), bool)])
+        (first,) = jnp.nonzero(starts, size=ids.shape[0], fill_value=-1)
+        (last,) = jnp.nonzero(ends, size=ids.shape[0], fill_value=-1)
+        lengths = jnp.where(first >= 0, last - first + 1, -1)
+        return lengths.astype(jnp.int32), jnp.append(first, -1).astype(jnp.int32)
+
+    return jax.vmap(row)(segments)
+
+
+def _cudnn_packed_attention(query: Array, key: Array, value: Array, segments: Segments, bias: Array | None, causal: bool):
+    """cuDNN's fused attention on the packed layout (private JAX API, GPU only):
+    segments as offsets and lengths, the bias unbatched [1, h, q, k]. cuDNN pairs
+    the m-th query segment with the m-th key segment, so both rows must list
+    their (non-empty) examples in the same order, as seqio's packing does."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn  # private: guarded by the caller
+
+    q_lengths, q_offsets = _packed_layout(segments.query)
+    k_lengths, k_offsets = _packed_layout(segments.key)
+    mask_type = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
+    return cudnn.dot_product_attention(
+        query, key, value, None if bias is None else bias.astype(query.dtype), None,
+        q_lengths, k_lengths, q_offsets, k_offsets, scale=1.0, mask_type=mask_type,
+    )
+
+
+def cudnn_segment_attention(
+    query: Array, key: Array, value: Array, segments: Segments, bias: Array | None, causal: bool
+) -> Array:
+    """Segment-aware attention through cuDNN's packed layout where this JAX and
+    device support it; otherwise (CPU, float32, or cuDNN refusing the call at
+    trace time) `fused_dot_product_attention` on the equivalent mask, with a
+    one-time warning. Shapes as in `fused_dot_product_attention`."""
+    reason = None
+    if jax.default_backend() != "gpu" or query.dtype not in (jnp.bfloat16, jnp.float16):
+        reason = f"needs a GPU and bf16/fp16 (have {jax.default_backend()}, {query.dtype})"
+    else:
+        try:
+            return _cudnn_packed_attention(query, key, value, segments, bias, causal)
+        except (ImportError, AttributeError, TypeError, ValueError, NotImplementedError, RuntimeError) as e:
+            reason = f"{type(e).__name__}: {e}"
+    _warn_once(f"attention_kernel='cudnn' is not available here ({reason}); using XLA's attention")
+    return fused_dot_product_attention(query, key, value, segments_mask(segments, causal), bias)
+
+
 class MultiHeadDotProductAttention(nn.Module):
     """T5 attention with fused-head kernels [e, h*d] ('embed', 'joined_kv').
 
@@ -276,6 +328,11 @@ class MultiHeadDotProductAttention(nn.Module):
     fused: bool = False
     causal: bool = False
     kernel_init: Initializer = attention_kernel_init
+    # Outside decoding, "pallas" or "cudnn" take the mask as `Segments` and the
+    # bias as the [h, n] bucket table (see `_kernel_attention`).
+    kernel: str = "xla"
+    num_buckets: int = 32
+    max_distance: int = 128
 
     def _project(self, name: str, x: Array, kernel_init: Initializer) -> Array:
         """[b, l, e] -> [b, l, h, d]."""
@@ -300,7 +357,9 @@ class MultiHeadDotProductAttention(nn.Module):
         cache_length: int | None = None,
     ) -> Array:
         """inputs_q [b, q, e], inputs_kv [b, k, e], mask [b, 1, q, k] bool,
-        bias [1|b, h, q, k] (decode: [1|b, h, L, L]) -> [b, q, e]."""
+        bias [1|b, h, q, k] (decode: [1|b, h, L, L]) -> [b, q, e].
+        With `kernel` "pallas"/"cudnn" and not decoding: mask `Segments`, bias
+        the bucket table [h, n] or None."""
         base_init = self.kernel_init
         depth_scaling = self.head_dim**-0.5
 
@@ -310,6 +369,12 @@ class MultiHeadDotProductAttention(nn.Module):
 
         query = self._project("query", inputs_q, query_init)
         keep = self._value_dropout(inputs_kv.shape[:2], deterministic)  # [b, h, k, 1] or None
+        if self.kernel != "xla" and not decode:
+            key = self._project("key", inputs_kv, self.kernel_init)  # [b, k, h, d]
+            value = self._project("value", inputs_kv, self.kernel_init)
+            if keep is not None:
+                value = value * keep.transpose(0, 2, 1, 3)
+            return self._output(self._kernel_attention(query, key, value, mask, bias), inputs_q.shape[-1])
         if self.fused and not decode:
             key = self._project("key", inputs_kv, self.kernel_init)  # [b, k, h, d]
             value = self._project("value", inputs_kv, self.kernel_init)
@@ -337,6 +402,22 @@ class MultiHeadDotProductAttention(nn.Module):
             value = value * keep
         x = dot_product_attention(query, key, value, attention_bias, float32_logits=self.float32_logits)  # [b, q, h, d]
         return self._output(x, inputs_q.shape[-1])
+
+    def _kernel_attention(self, query: Array, key: Array, value: Array, segments: Segments, table: Array | None):
+        """[b, q, h, d], [b, k, h, d] x2 -> [b, q, h, d] through the Pallas or cuDNN route.
+        The bias is bidirectional unless causal (T5: encoder vs decoder self-attention)."""
+        if not isinstance(segments, Segments):
+            raise TypeError(f"attention kernel {self.kernel!r} takes the mask as Segments, got {type(segments).__name__}")
+        if self.kernel == "pallas":
+            return pallas_attention.t5_attention(
+                query, key, value, segments.query, segments.key, table,
+                causal=self.causal, num_buckets=self.num_buckets, max_distance=self.max_distance,
+            )
+        bias = None
+        if table is not None:
+            lq, lk = query.shape[1], key.shape[1]
+            bias = relative_bias(table, lq, lk, not self.causal, self.num_buckets, self.max_distance)
+        return cudnn_segment_attention(query, key, value, segments, bias, self.causal)
 
     def _value_dropout(self, batch_and_length: tuple[int, int], deterministic: bool) -> Array | None:
         """Attention dropout as scaled keep-masks [b, h, k, 1] on the value vectors.

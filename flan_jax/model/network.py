@@ -41,6 +41,9 @@ def _attention(config: T5Config, name: str, causal: bool = False) -> layers.Mult
         float32_logits=config.float32_attention_logits,
         fused=config.fused_attention,
         causal=causal,
+        kernel=config.attention_kernel,
+        num_buckets=config.relative_attention_num_buckets,
+        max_distance=config.relative_attention_max_distance,
         name=name,
     )
 
@@ -87,6 +90,7 @@ def layer_stack(
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast,) * num_args,
             length=num_layers,
+            unroll=min(config.scan_unroll, num_layers),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(config, name="layers")
         return lambda x, *args: scanned(x, *args)[0]
@@ -108,6 +112,12 @@ def _relpos(config: T5Config) -> layers.RelativePositionBiases:
         num_heads=config.num_heads,
         name="relpos_bias",
     )
+
+
+def _uses_kernel(config: T5Config, decode: bool) -> bool:
+    """Whether attention goes through a kernel taking `Segments` and the bias
+    table (decoding steps keep the einsum path and its kv cache)."""
+    return config.attention_kernel != "xla" and not decode
 
 
 class EncoderLayer(nn.Module):
@@ -172,13 +182,14 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: Array, mask: Array, *, deterministic: bool) -> Array:
-        """tokens [b, l], mask [b, 1, l, l] -> encoded [b, l, e]."""
+        """tokens [b, l], mask [b, 1, l, l] (or `Segments` for the attention
+        kernels) -> encoded [b, l, e]."""
         cfg = self.config
         x = self.shared_embedding(tokens.astype(jnp.int32))
         x = _dropout(cfg)(x, deterministic=deterministic)
         x = constrain(x, ("batch", "length", "embed"))
         length = tokens.shape[-1]
-        bias = _relpos(cfg)(length, length, bidirectional=True)
+        bias = _relpos(cfg)(length, length, bidirectional=True, as_table=_uses_kernel(cfg, decode=False))
         stack = layer_stack(cfg, EncoderLayer, cfg.num_encoder_layers, num_args=3, static_args=(3,), remat=True)
         x = stack(x, mask, bias, deterministic)
         x = _norm(cfg, "encoder_norm")(x)
@@ -215,7 +226,7 @@ class Decoder(nn.Module):
             length = max_decode_length
         else:
             length = tokens.shape[-1]
-        bias = _relpos(cfg)(length, length, bidirectional=False)
+        bias = _relpos(cfg)(length, length, bidirectional=False, as_table=_uses_kernel(cfg, decode))
         # No remat while decoding: nothing is differentiated, and the cache is mutated.
         stack = layer_stack(cfg, DecoderLayer, cfg.num_decoder_layers, num_args=7, static_args=(5, 6, 7), remat=not decode)
         x = stack(x, encoded, self_mask, cross_mask, bias, deterministic, decode, max_decode_length)
@@ -258,6 +269,11 @@ class Transformer(nn.Module):
         """encoder_input_tokens [b, k] -> encoded [b, k, e]."""
         del encoder_positions  # see the class docstring
         valid = encoder_input_tokens > 0
+        if _uses_kernel(self.config, decode=False):
+            segments = layers.kernel_segments(valid, encoder_segment_ids)
+            return self.encoder(
+                encoder_input_tokens, layers.Segments(segments, segments), deterministic=not enable_dropout
+            )
         mask = layers.padding_mask(valid, valid)
         if encoder_segment_ids is not None:
             mask &= layers.segment_mask(encoder_segment_ids, encoder_segment_ids)
@@ -284,16 +300,21 @@ class Transformer(nn.Module):
         """
         del decoder_positions  # see the class docstring
         encoder_valid = encoder_input_tokens > 0
+        if (encoder_segment_ids is None) != (decoder_segment_ids is None) and not decode:
+            raise ValueError("pass both encoder_segment_ids and decoder_segment_ids, or neither")
         if decode:
             self_mask = None
             cross_mask = layers.padding_mask(jnp.ones_like(decoder_input_tokens, jnp.bool_), encoder_valid)
+        elif _uses_kernel(self.config, decode):
+            decoder_ids = layers.kernel_segments(decoder_target_tokens > 0, decoder_segment_ids)
+            encoder_ids = layers.kernel_segments(encoder_valid, encoder_segment_ids)
+            self_mask = layers.Segments(decoder_ids, decoder_ids)  # causal: inside the kernel
+            cross_mask = layers.Segments(decoder_ids, encoder_ids)
         else:
             # Like T5X, validity comes from the targets: inputs start with id 0.
             valid = decoder_target_tokens > 0
             self_mask = layers.padding_mask(valid, valid) & layers.causal_mask(decoder_target_tokens.shape[-1])
             cross_mask = layers.padding_mask(valid, encoder_valid)
-            if (encoder_segment_ids is None) != (decoder_segment_ids is None):
-                raise ValueError("pass both encoder_segment_ids and decoder_segment_ids, or neither")
             if decoder_segment_ids is not None:
                 self_mask &= layers.segment_mask(decoder_segment_ids, decoder_segment_ids)
                 cross_mask &= layers.segment_mask(decoder_segment_ids, encoder_segment_ids)

@@ -1,0 +1,205 @@
+"""`bash launch/bench_gpu.sh --matrix OUT_DIR`: every accelerator variant of
+issue 19 in one timed GPU run, to settle the defaults.
+
+Phase 1 runs the baseline and each variant alone for each model in MODELS
+(default base, batch 32, and large, 16, at 1024/256: bf16 and dropout 0.1
+come from the model gin files), in the order `phase1_order` gives, as far
+as the budget allows (groups a later model did not measure take the first
+model's pick); phase 2 runs each model's best combination
+(per group of exclusive variants, the fastest that beat the baseline by more
+than 1% with a last-step loss within 2% of the baseline's) and XL with
+large's best. Each run is its own `flan-jax bench train` process (XLA
+flags apply at start-up, and a crash or hang costs one run), with a time
+limit; phase 1 stops early to leave phase 2 its time, so
+the whole stays within BUDGET_S. After every run OUT_DIR/matrix.json is
+rewritten (a time-out loses nothing); the end prints a table.
+
+Environment: MODELS ("model:batch ..."), XL ("model:batch", "" for none),
+LENGTHS (inputs,targets), STEPS, BUDGET_S (default 470), RUN_TIMEOUT_S
+(default 150), VARIANTS (names to run, default all). Only the standard
+library here; the runs need jax, flax, optax, orbax and gin-config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from flan_jax import xla_presets  # noqa: E402  (no JAX import: presets are only flags)
+
+# name: (group of mutually exclusive variants, XLA preset, gin bindings). In priority order.
+VARIANTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "pallas": ("attention", "", ("T5Config.attention_kernel='pallas'",)),
+    "fused_adafactor": ("optimizer", "", ("adafactor.fused_stacked=True",)),
+    "cudnn_packed": ("attention", "", ("T5Config.attention_kernel='cudnn'",)),
+    "unroll2": ("unroll", "", ("T5Config.scan_unroll=2",)),
+    "while_double_buffer": ("while", "while_double_buffer", ()),
+    "lhs": ("lhs", "lhs", ()),
+    "no_triton_gemm": ("triton_gemm", "no_triton_gemm", ()),
+    "no_command_buffer": ("command_buffer", "no_command_buffer", ()),
+    "no_remat_pass": ("remat_pass", "no_remat_pass", ()),
+    "unroll_full": ("unroll", "", ("T5Config.scan_unroll=1000",)),
+}
+# What the profile says differs most between models (attention; large's optimizer).
+EVERY_MODEL = ("pallas", "fused_adafactor")
+BETTER_BY = 0.01  # a variant joins the best combination if it beats the baseline's step by more than this
+# Every run takes the same steps on the same batch from the same weights, so a
+# last-step loss this far (relative) from the baseline's flags a wrong variant.
+LOSS_TOLERANCE = 0.02
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _run(out_dir: Path, model: str, batch: int, variant: str, preset: str, bindings: list[str]) -> dict:
+    """One `flan-jax bench train` process; its figures, or its failure."""
+    name = f"{model}_{variant}"
+    json_path = out_dir / f"{name}.json"
+    command = [
+        sys.executable, "-m", "flan_jax.cli", "bench", "train", f"--gin_file=models/{model}.gin",
+        f"--batch_size={batch}", f"--lengths={_env('LENGTHS', '1024,256')}", f"--steps={_env('STEPS', '6')}",
+        f"--json_out={json_path}", *(f"--gin.{b}" for b in bindings),
+    ]
+    env = xla_presets.with_flags(dict(os.environ), preset)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    record = {"model": model, "batch": batch, "variant": variant, "xla_preset": preset, "bindings": bindings}
+    print(f"== {model} batch {batch}: {variant}", flush=True)
+    start = time.perf_counter()
+    json_path.unlink(missing_ok=True)
+    with open(out_dir / f"{name}.log", "w") as log:
+        try:
+            rc = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                timeout=float(_env("RUN_TIMEOUT_S", "150"))).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    record["wall_s"] = round(time.perf_counter() - start, 1)
+    if rc != 0 or not json_path.exists():
+        tail = (out_dir / f"{name}.log").read_text(errors="replace").strip().splitlines()[-1:] or [""]
+        print(f"   failed ({rc}): {tail[0][:200]}", flush=True)
+        return {**record, "status": f"failed ({rc})", "error": tail[0][:500]}
+    result = json.loads(json_path.read_text())[0]
+    record.update(
+        status="ok", compile_s=round(result["compile_seconds"], 1), step_ms=round(result["step_seconds"] * 1e3, 1),
+        mfu=round(result["mfu"], 4), tokens_per_sec=round(result["tokens_per_sec"]),
+        peak_memory_gib=result["peak_memory_bytes"] and round(result["peak_memory_bytes"] / 2**30, 1),
+        loss=result["loss"],
+    )
+    print(f"   compile {record['compile_s']} s, step {record['step_ms']} ms, MFU {record['mfu']:.1%}", flush=True)
+    return record
+
+
+def loss_agrees(record: dict, baseline: dict) -> bool:
+    return abs(record["loss"] - baseline["loss"]) <= LOSS_TOLERANCE * abs(baseline["loss"])
+
+
+def phase1_order(names: list[str], models: list[tuple[str, int]]) -> list[tuple[str, tuple[str, int]]]:
+    """(variant, model) pairs, most telling first: the EVERY_MODEL variants on every
+    model, then the others on the first model, then on the rest (what the budget allows)."""
+    first = [(v, m) for v in names if v in EVERY_MODEL for m in models]
+    others = [v for v in names if v not in EVERY_MODEL]
+    return first + [(v, m) for group in (models[:1], models[1:]) for v in others for m in group]
+
+
+def best_combination(records: list[dict], model: str) -> list[str]:
+    """Per group, the fastest variant beating `model`'s baseline by more than
+    BETTER_BY with a loss that agrees with the baseline's."""
+    ok = {r["variant"]: r for r in records if r["model"] == model and r["status"] == "ok"}
+    if "baseline" not in ok:
+        return []
+    limit = ok["baseline"]["step_ms"] * (1 - BETTER_BY)
+    picks: dict[str, dict] = {}
+    for variant, r in ok.items():
+        if variant in VARIANTS and r["step_ms"] < limit and loss_agrees(r, ok["baseline"]):
+            group = VARIANTS[variant][0]
+            if group not in picks or r["step_ms"] < picks[group]["step_ms"]:
+                picks[group] = r
+    return sorted(r["variant"] for r in picks.values())
+
+
+def combined(variants: list[str]) -> tuple[str, list[str]]:
+    """(XLA preset, gin bindings) of several variants together."""
+    presets = [VARIANTS[v][1] for v in variants if VARIANTS[v][1]]
+    return "+".join(presets), [b for v in variants for b in VARIANTS[v][2]]
+
+
+def table(records: list[dict]) -> str:
+    lines = ["| model, batch | variant | compile s | step ms | MFU | vs baseline | peak GiB | loss |", "| --- " * 8 + "|"]
+    base = {r["model"]: r for r in records if r["variant"] == "baseline" and r["status"] == "ok"}
+    for r in records:
+        if r["status"] != "ok":
+            lines.append(f"| {r['model']}, {r['batch']} | {r['variant']} | {r['status']} | | | | | |")
+            continue
+        ratio, loss = "", f"{r['loss']:.4f}"
+        if r["model"] in base:
+            ratio = f"{base[r['model']]['step_ms'] / r['step_ms']:.2f}x"
+            loss += "" if loss_agrees(r, base[r["model"]]) else " (differs from the baseline's: excluded)"
+        lines.append(f"| {r['model']}, {r['batch']} | {r['variant']} | {r['compile_s']} | {r['step_ms']} | "
+                     f"{r['mfu']:.1%} | {ratio} | {r['peak_memory_gib']} | {loss} |")
+    return "\n".join(lines)
+
+
+def main(out_dir: Path) -> int:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models = [(m, int(b)) for m, b in (s.split(":") for s in _env("MODELS", "flan_t5_base:32 flan_t5_large:16").split())]
+    xl = _env("XL", "flan_t5_xl:8")
+    names = _env("VARIANTS", " ".join(VARIANTS)).split()
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        sys.exit(f"VARIANTS: unknown {unknown}; known: {' '.join(VARIANTS)}")
+    budget = float(_env("BUDGET_S", "470"))
+    start = time.perf_counter()
+    records: list[dict] = []
+
+    def record(r: dict) -> None:
+        records.append(r)
+        (out_dir / "matrix.json").write_text(json.dumps(records, indent=1))
+
+    def mean_run_s() -> float:
+        walls = [r["wall_s"] for r in records] or [60.0]
+        return sum(walls) / len(walls)
+
+    phase2_runs = len(models) + bool(xl)
+    for model, batch in models:
+        record(_run(out_dir, model, batch, "baseline", "", []))
+    for variant, (model, batch) in phase1_order(names, models):
+        left = budget - (time.perf_counter() - start)
+        if left < mean_run_s() * (1 + phase2_runs):
+            print(f"== skipping {variant} on {model}: {left:.0f} s left is kept for the best combinations", flush=True)
+            continue
+        _, preset, bindings = VARIANTS[variant]
+        record(_run(out_dir, model, batch, variant, preset, list(bindings)))
+    picks: dict[str, list[str]] = {}
+    for model, _ in models:  # groups a later model did not measure take the first model's pick
+        measured = {VARIANTS[r["variant"]][0] for r in records if r["model"] == model and r["variant"] in VARIANTS}
+        inherited = [v for v in picks.get(models[0][0], []) if VARIANTS[v][0] not in measured]
+        picks[model] = sorted(best_combination(records, model) + inherited)
+    finals = [(model, batch, picks[model]) for model, batch in models]
+    if xl:
+        model, batch = xl.split(":")
+        finals.append((model, int(batch), picks[models[-1][0]]))
+    for model, batch, variants in finals:
+        if time.perf_counter() - start > budget:
+            print(f"== budget spent: {model} best not run", flush=True)
+            continue
+        preset, bindings = combined(variants)
+        name = "best(" + "+".join(variants) + ")" if variants else "best(baseline)"
+        alone = variants[0] if len(variants) == 1 else "baseline" if not variants else None
+        if any(r["model"] == model and r["variant"] == alone for r in records):
+            continue  # already measured
+        record(_run(out_dir, model, batch, name, preset, bindings))
+    print(f"\n{table(records)}\n\nbest per model: {json.dumps(picks)}; {time.perf_counter() - start:.0f} s in all")
+    return 0 if any(r["status"] == "ok" for r in records) else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python launch/bench_matrix.py OUT_DIR")
+    sys.exit(main(Path(sys.argv[1])))
