@@ -123,10 +123,10 @@ def bench_data(
     building the pipeline, filling shuffle buffers and the packer).
     Examples are counted as packed segments; tokens are non-padding input
     plus target tokens.
+    The tasks must be registered first (`flan-jax bench data` does it).
     """
     import seqio
 
-    import tasks  # noqa: F401  (registers the SeqIO tasks and mixtures)
     from flan_jax import data
 
     if mixture is None:
