@@ -123,13 +123,11 @@ def bench_data(
     building the pipeline, filling shuffle buffers and the packer).
     Examples are counted as packed segments; tokens are non-padding input
     plus target tokens.
+    The tasks must be registered first (`flan-jax bench data` does it).
     """
     import seqio
 
-    import tasks
     from flan_jax import data
-
-    tasks.register()  # Done already when run by the CLI.
 
     if mixture is None:
         mixture = "flan_cot" if "flan_cot" in seqio.MixtureRegistry.names() else "builtin_train"

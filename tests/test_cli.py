@@ -212,3 +212,15 @@ def test_resume_restores_the_saved_input_state(tmp_path):
     assert "Resumed from" in longer.stdout
     kept = sorted(p.name for p in (model_dir / "input_state" / "process_0").iterdir())
     assert kept == ["2", "4"]  # one per checkpoint still held
+
+
+def test_a_command_registers_tasks_once(in_process_cli, monkeypatch, capsys):
+    """Registration goes through catalog.load_tasks, once per command (after gin, whose bindings shape the tasks)."""
+    from flan_jax.commands import catalog
+
+    calls = []
+    load_tasks = catalog.load_tasks
+    monkeypatch.setattr(catalog, "load_tasks", lambda *args: calls.append(args) or load_tasks(*args))
+    in_process_cli(["data", "list"])
+    assert "builtin_train" in capsys.readouterr().out
+    assert calls == [()]

@@ -14,7 +14,8 @@ import pytest
 import seqio
 
 import tasks
-from flan_jax import bench_collection, data
+from flan_jax import data
+from flan_jax.commands import bench_collection
 from flan_jax.errors import UserError
 from tasks import collection, flan2022, mixing, sources, user_files
 

@@ -1,20 +1,23 @@
-"""`flan-jax data list|show|stats` (flan_jax/data_inspect.py) and `bench data`, on real registered tasks."""
+"""`flan-jax data list|show|stats` (flan_jax/commands/data_report.py) and `bench data`, on real registered tasks."""
 
 from __future__ import annotations
 
 import pytest
 
-import tasks
-from flan_jax import bench, data_inspect
+from flan_jax import bench
+from flan_jax.commands import catalog, data_report
 from flan_jax.errors import UserError
 from tasks import mixing
 
-tasks.register()  # Every task module's tasks, registered with SeqIO (once per process).
-
 SMALL = {"inputs": 256, "targets": 64}
 
+
+@pytest.fixture(scope="module", autouse=True)
+def registered_tasks():
+    catalog.load_tasks()
+
 def test_list_groups_tasks_by_family(capsys):
-    listed = data_inspect.list_registered()
+    listed = data_report.list_registered()
     out = capsys.readouterr().out
     train = listed["mixtures"]["builtin_train"]
     assert "builtin_dates" in train["families"]
@@ -26,7 +29,7 @@ def test_list_groups_tasks_by_family(capsys):
     assert "recipe collections not here: flan, t0, niv2, dialog" in out
 
 def test_show_a_task(capsys):
-    shown = data_inspect.show("builtin_dates_zs_cot", n=2)
+    shown = data_report.show("builtin_dates_zs_cot", n=2)
     out = capsys.readouterr().out
     assert [ex["task"] for ex in shown] == ["builtin_dates_zs_cot"] * 2
     assert shown[0]["inputs"] != shown[1]["inputs"]
@@ -37,26 +40,26 @@ def test_show_a_task(capsys):
         assert ex["inputs"] in out and ex["targets"] in out
 
 def test_show_a_mixture_by_variant(capsys):
-    shown = data_inspect.show("builtin_train", variant="fs_noopt", n=4, task_feature_lengths=SMALL)
+    shown = data_report.show("builtin_train", variant="fs_noopt", n=4, task_feature_lengths=SMALL)
     assert len(shown) == 4
     assert all(mixing.split_variant(ex["task"])[1] == "fs_noopt" for ex in shown)
     assert all(ex["input_tokens"] <= SMALL["inputs"] for ex in shown)  # Few-shot prompts fitted to the length.
     with pytest.raises(UserError, match="no task of variant 'zs_opt'.*fs_cot"):
-        data_inspect.show("builtin_dates_fs_cot", variant="zs_opt")
+        data_report.show("builtin_dates_fs_cot", variant="zs_opt")
 
 def test_show_a_family_one_example_per_variant(capsys):
-    shown = data_inspect.show("builtin_dates")
+    shown = data_report.show("builtin_dates")
     assert [ex["task"] for ex in shown] == [f"builtin_dates_{v}" for v in ("zs_noopt", "fs_noopt", "zs_cot", "fs_cot")]
     assert shown[2]["inputs"].endswith("Let's think step by step.")
     assert "=== 4/4  builtin_dates_fs_cot" in capsys.readouterr().out
-    assert [ex["task"] for ex in data_inspect.show("builtin_dates", variant="zs_cot", n=2)] == ["builtin_dates_zs_cot"] * 2
+    assert [ex["task"] for ex in data_report.show("builtin_dates", variant="zs_cot", n=2)] == ["builtin_dates_zs_cot"] * 2
 
 def test_unknown_name_is_a_user_error():
-    for command in (data_inspect.show, data_inspect.stats):
+    for command in (data_report.show, data_report.stats):
         with pytest.raises(UserError, match="unknown task or mixture 'nope'.*builtin_train"):
             command("nope")
     with pytest.raises(UserError, match="Close to it: builtin_dates"):
-        data_inspect.show("builtin_date")
+        data_report.show("builtin_date")
 
 def _check_stats(result: dict, num_examples: int) -> None:
     assert result["num_examples"] == num_examples
@@ -74,7 +77,7 @@ def _check_stats(result: dict, num_examples: int) -> None:
         assert 0 < fill <= 1, feature
 
 def test_stats_of_builtin_train(capsys):
-    result = data_inspect.stats("builtin_train", num_examples=400, task_feature_lengths={"inputs": 256, "targets": 32},
+    result = data_report.stats("builtin_train", num_examples=400, task_feature_lengths={"inputs": 256, "targets": 32},
                                 fill=0.8)
     out = capsys.readouterr().out
     _check_stats(result, 400)
@@ -88,7 +91,7 @@ def test_stats_of_builtin_train(capsys):
     assert "fill rate" in out and "builtin_dates_zs_cot" in out and "p99" in out
 
 def test_stats_of_a_task_at_generous_lengths():
-    result = data_inspect.stats("builtin_arithmetic_zs_noopt", num_examples=100,
+    result = data_report.stats("builtin_arithmetic_zs_noopt", num_examples=100,
                                 task_feature_lengths={"inputs": 512, "targets": 128})
     _check_stats(result, 100)
     assert result["shares"] == {"builtin_arithmetic_zs_noopt": {"configured": 1.0, "sampled": 1.0}}
@@ -103,7 +106,7 @@ def test_bench_data_runs(capsys):
     assert "examples/s" in capsys.readouterr().out
 
 def test_stats_of_flan_cot(flan_cot_data):
-    result = data_inspect.stats("flan_cot", num_examples=300, task_feature_lengths={"inputs": 1024, "targets": 256})
+    result = data_report.stats("flan_cot", num_examples=300, task_feature_lengths={"inputs": 1024, "targets": 256})
     _check_stats(result, 300)
     assert len(result["shares"]) == 36
     variants = result["variant_shares"]
@@ -112,5 +115,5 @@ def test_stats_of_flan_cot(flan_cot_data):
         assert abs(share["sampled"] - share["configured"]) < 0.1
 
 def test_show_flan_cot_by_variant(flan_cot_data):
-    shown = data_inspect.show("flan2022", variant="zs_opt", n=2)
+    shown = data_report.show("flan2022", variant="zs_opt", n=2)
     assert all(ex["task"].endswith("_zs_opt") and "OPTIONS:" in ex["inputs"] for ex in shown)

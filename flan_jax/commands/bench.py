@@ -1,0 +1,143 @@
+"""`flan-jax bench decode | data | train | collection`: benchmarks that print figures, each with its own flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from flan_jax import errors
+from flan_jax.commands import catalog, gin_flags, process
+from flan_jax.errors import UserError
+
+LENGTHS_HELP = "inputs,targets lengths"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="benchmarks that print figures")
+    benchmarks = parser.add_subparsers(dest="what", required=True)
+
+    decode = benchmarks.add_parser("decode", help="cached decoding steps (and transformers' for comparison)")
+    decode.add_argument("--repeats", type=int, default=5)
+    decode.add_argument("--no_hf", action="store_true", help="skip the transformers comparison")
+    decode.set_defaults(run=run_decode)
+
+    data = benchmarks.add_parser("data", help="the input pipeline: examples/s, tokens/s, fill rates")
+    data.add_argument("--repeats", type=int, default=5)
+    data.add_argument("--lengths", default="1024,256", help=LENGTHS_HELP)
+    data.add_argument("--mixture", help="task or mixture (default: flan_cot if registered, else builtin_train)")
+    data.add_argument("--packer", help="best_fit, seqio, or both comma-separated to compare them "
+                                       "(default: get_train_dataset.packer)")
+    data.set_defaults(check=check_data, run=run_data)
+
+    train = benchmarks.add_parser("train", help="train steps: time, tokens/s, MFU, memory (gin-configured model)")
+    train.add_argument("--batch_size", type=int, default=32, help="global batch")
+    train.add_argument("--lengths", default="1024,256", help=LENGTHS_HELP)
+    train.add_argument("--steps", type=int, default=10, help="timed steps")
+    train.add_argument("--num_microbatches", type=int, default=1, help="gradient accumulation")
+    train.add_argument("--layers", help="comma-separated depths (encoder = decoder) to benchmark in turn, e.g. 2,24")
+    train.add_argument("--compare_hf", action="store_true", help="also time transformers' T5 step")
+    train.add_argument("--json_out", help="also write the figures to this JSON file")
+    train.add_argument("--profile_dir", help="trace 3 steps there and print time per model part")
+    train.add_argument("--compile_only", action="store_true",
+                       help="compile on parameter shapes alone (nothing allocated) and print what one device holds")
+    train.add_argument("--devices", type=int, help="run on this many fake CPU devices (e.g. with --compile_only, "
+                                                   "to plan a mesh this machine lacks)")
+    train.set_defaults(check=check_train, run=run_train)
+
+    collection = benchmarks.add_parser("collection", help="stream a Flan Collection export: rows/s, MB/s, memory")
+    collection.add_argument("--dir", help="a Flan Collection export (made there first with --generate_gb)")
+    collection.add_argument("--generate_gb", type=float, default=0.0,
+                            help="write a made-up export of this many GB to --dir if it does not exist")
+    collection.add_argument("--format", choices=["jsonl", "jsonl.gz", "parquet"], default="jsonl",
+                            help="the made-up export's file format")
+    collection.set_defaults(check=check_collection, run=run_collection)
+
+
+def _positive_ints(flag: str, text: str, example: str, count: int | None = None) -> list[int]:
+    """'1024,256' -> [1024, 256]; a UserError naming `flag` for anything else."""
+    try:
+        values = [int(n) for n in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1 or (count is not None and len(values) != count):
+        number = f"{count} " if count else ""
+        raise UserError(f"{flag}={text!r}: expected {number}comma-separated positive integers like {example}")
+    return values
+
+
+def _lengths(args: argparse.Namespace) -> dict[str, int]:
+    inputs, targets = _positive_ints("--lengths", args.lengths, "1024,256", count=2)
+    return {"inputs": inputs, "targets": targets}
+
+
+def _start_with_data(gin: gin_flags.GinFlags) -> None:
+    process.quiet_backends()
+    gin_flags.parse(gin)
+
+
+def run_decode(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
+    _start_with_data(gin)
+    from flan_jax import bench
+
+    bench.bench_decode(repeats=args.repeats, compare_hf=not args.no_hf)
+
+
+def check_data(args: argparse.Namespace) -> None:
+    _lengths(args)
+
+
+def run_data(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
+    _start_with_data(gin)
+    catalog.load_tasks()
+    from flan_jax import bench, data
+
+    packers = [data.check_packer(p, "--packer") for p in args.packer.split(",")] if args.packer else [None]
+    for i, packer in enumerate(packers):  # One after the other, to compare them in the same run.
+        if i:
+            print()
+        bench.bench_data(args.mixture, _lengths(args), repeats=args.repeats, packer=packer)
+
+
+def check_train(args: argparse.Namespace) -> None:
+    for flag in ("batch_size", "steps", "num_microbatches"):
+        errors.require(f"--{flag}", getattr(args, flag), errors.POSITIVE_INT)
+    if args.batch_size % args.num_microbatches:
+        raise UserError(f"--num_microbatches={args.num_microbatches} does not divide --batch_size={args.batch_size}")
+    _lengths(args)
+    if args.layers:
+        _positive_ints("--layers", args.layers, "2,24")
+    if args.devices is not None:
+        errors.require("--devices", args.devices, errors.POSITIVE_INT)
+    if args.compile_only and (args.compare_hf or args.profile_dir):
+        raise UserError("--compile_only runs no step: it takes neither --compare_hf nor --profile_dir")
+
+
+def run_train(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
+    """Without the data stack: TensorFlow, SeqIO, t5 and tasks/ are never imported."""
+    # Allocate on demand: the peak-memory figure is then the step's own, and
+    # --compare_hf's torch can use the memory JAX does not.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if args.devices:
+        process.fake_cpu_devices(args.devices)
+    gin_flags.parse(gin, with_data=False)
+    from flan_jax import bench_train
+
+    layers = _positive_ints("--layers", args.layers, "2,24") if args.layers else []
+    bench_train.bench_train(
+        batch_size=args.batch_size, lengths=_lengths(args), steps=args.steps, num_microbatches=args.num_microbatches,
+        layers=layers, compare_hf=args.compare_hf, json_out=args.json_out, profile_dir=args.profile_dir,
+        compile_only=args.compile_only,
+    )
+
+
+def check_collection(args: argparse.Namespace) -> None:
+    if not args.dir:
+        raise UserError("bench collection: --dir is required (an export, or where to make one with --generate_gb)")
+    errors.require("--generate_gb", args.generate_gb, errors.Check("a number >= 0", lambda v: v >= 0))
+
+
+def run_collection(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
+    _start_with_data(gin)
+    from flan_jax.commands import bench_collection
+
+    bench_collection.bench_collection(args.dir, generate_gb=args.generate_gb, file_format=args.format)

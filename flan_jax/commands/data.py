@@ -1,0 +1,79 @@
+"""`flan-jax data list | show TASK_MIXTURE_OR_FAMILY | stats TASK_OR_MIXTURE`: inspect registered tasks and mixtures.
+
+The reports themselves are in `data_report` (imported when a command runs: it needs SeqIO and tasks/).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from flan_jax import errors
+from flan_jax.commands import catalog, gin_flags, process
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("data", help="inspect registered tasks and mixtures")
+    data_commands = parser.add_subparsers(dest="data_command", required=True)
+
+    data_commands.add_parser("list", help="mixtures, task families and their variants").set_defaults(run=run_list)
+
+    show = data_commands.add_parser("show", help="print rendered examples")
+    show.add_argument("name", metavar="TASK_MIXTURE_OR_FAMILY")
+    show.add_argument("--variant", help="only tasks of this variant, e.g. fs_cot")
+    show.add_argument("-n", type=int, help="number of examples (default 3; of a task family: 1 per variant)")
+    show.add_argument("--split", default="train")
+    show.set_defaults(check=check_show, run=run_show)
+
+    stats = data_commands.add_parser("stats", help="shares, token lengths, truncation, packing fill rate")
+    stats.add_argument("name", metavar="TASK_OR_MIXTURE")
+    stats.add_argument("--split", default="train")
+    stats.add_argument("--num_examples", type=int, default=2000)
+    stats.add_argument("--inputs_length", type=int, default=1024)
+    stats.add_argument("--targets_length", type=int, default=256)
+    stats.add_argument("--fill", type=float, help="also suggest lengths at which best-fit packing fills this share "
+                                                  "of the rows' positions (inputs and targets together), e.g. 0.9")
+    stats.add_argument("--max_truncated", type=float, default=0.01,
+                       help="with --fill: most share of examples a suggested length may cut (default 0.01)")
+    stats.set_defaults(check=check_stats, run=run_stats)
+
+
+def check_show(args: argparse.Namespace) -> None:
+    if args.n is not None:
+        errors.require("-n", args.n, errors.POSITIVE_INT)
+
+
+def check_stats(args: argparse.Namespace) -> None:
+    for flag in ("num_examples", "inputs_length", "targets_length"):
+        errors.require(f"--{flag}", getattr(args, flag), errors.POSITIVE_INT)
+    if args.fill is not None:
+        errors.require("--fill", args.fill, errors.Check("a number in (0, 1]", lambda v: 0 < v <= 1))
+    errors.require("--max_truncated", args.max_truncated, errors.FRACTION)
+
+
+def _load(gin: gin_flags.GinFlags) -> None:
+    process.quiet_backends()
+    gin_flags.parse(gin)
+    catalog.load_tasks()
+
+
+def run_list(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
+    _load(gin)
+    from flan_jax.commands import data_report
+
+    data_report.list_registered()
+
+
+def run_show(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
+    _load(gin)
+    from flan_jax.commands import data_report
+
+    data_report.show(args.name, variant=args.variant, n=args.n, split=args.split)
+
+
+def run_stats(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
+    _load(gin)
+    from flan_jax.commands import data_report
+
+    lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
+    data_report.stats(args.name, split=args.split, num_examples=args.num_examples, task_feature_lengths=lengths,
+                      fill=args.fill, max_truncated=args.max_truncated)

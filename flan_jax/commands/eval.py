@@ -1,0 +1,125 @@
+"""`flan-jax eval`: a checkpoint on held-out suites (`--suite`) or on EvalConfig's tasks; `--compare` results."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from flan_jax import errors
+from flan_jax.commands import CHECKPOINT_HELP, catalog, gin_flags, process
+from flan_jax.errors import UserError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="evaluate a checkpoint on held-out suites, or on EvalConfig's tasks")
+    parser.add_argument("--checkpoint", "--model_dir", help=CHECKPOINT_HELP + " (default: TrainConfig.model_dir)")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: best, else latest)")
+    parser.add_argument("--vocab", help="spiece.model, for checkpoints that carry none")
+    parser.add_argument("--suite", help="comma-separated suites: bbh_direct, bbh_cot, mmlu_direct, mmlu_cot, gsm8k_cot")
+    parser.add_argument("--limit", type=int, help="suite: the first N examples of each task (default: all)")
+    parser.add_argument("--method", choices=["generate", "rank"],
+                        help="rank: rank classification of the options where examples have them (default: generate)")
+    parser.add_argument("--batch_size", type=int, default=32, help="suite: rows per batch")
+    parser.add_argument("--input_length", type=int, default=2048, help="suite: prompt tokens (EOS included)")
+    parser.add_argument("--target_length", type=int, default=256, help="suite: most tokens decoded or scored")
+    parser.add_argument("--output", help="suite: results JSON (default eval_results/<checkpoint>-step<N>.json)")
+    parser.add_argument("--tb_dir", help="suite: TensorBoard directory (default: next to --output)")
+    parser.add_argument("--compare", nargs="+", metavar="RESULTS_JSON", help="print results files side by side")
+    parser.set_defaults(check=check, run=run)
+
+
+def check(args: argparse.Namespace) -> None:
+    for flag in ("batch_size", "input_length", "target_length"):
+        errors.require(f"--{flag}", getattr(args, flag), errors.POSITIVE_INT)
+    if args.limit is not None:
+        errors.require("--limit", args.limit, errors.POSITIVE_INT)
+    if args.compare and len(args.compare) < 2:
+        raise UserError("--compare takes two or more results files")
+
+
+def run(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
+    process.quiet_backends()
+    gin_flags.parse(gin)
+    from flan_jax import evaluation
+
+    if args.compare:
+        print(evaluation.compare_results([(path, evaluation.read_results(path)) for path in args.compare]))
+    elif args.suite:
+        _eval_suites(args)
+    else:
+        _eval_configured(args)
+
+
+def _train_setting(name: str) -> Any:
+    """TrainConfig's field `name` as gin binds it, else its default (MISSING if it has none).
+
+    Read without building a TrainConfig, which would require fields evaluation does not use.
+    """
+    import gin
+
+    from flan_jax import trainer
+
+    bound = gin.get_bindings("TrainConfig")
+    if name in bound:
+        return bound[name]
+    field = {f.name: f for f in dataclasses.fields(trainer.TrainConfig)}[name]
+    return field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+
+
+def _eval_configured(args: argparse.Namespace) -> None:
+    """`eval` without --suite: EvalConfig's tasks, at the training lengths unless EvalConfig sets its own."""
+    from flan_jax import evaluation, inference
+
+    model_dir = args.checkpoint or _train_setting("model_dir")
+    if model_dir is dataclasses.MISSING:
+        raise UserError("eval needs --checkpoint=PATH, --suite or a gin config that binds TrainConfig.model_dir")
+    catalog.load_tasks()
+    model = inference.load_model(model_dir, step=args.step, vocab_path=args.vocab)
+    eval_config = evaluation.EvalConfig()
+    if args.method:
+        eval_config = dataclasses.replace(eval_config, method=args.method)
+    evaluator = evaluation.Evaluator(eval_config, _train_setting("task_feature_lengths"))
+    metrics = evaluator.evaluate(inference.ModelRunner(model.module, model.partitioner).fns(model.params), model.step,
+                                 show_progress=True)
+    print(f"step {model.step}")
+    for key, value in sorted(metrics.items()):
+        print(f"  {key.removeprefix('eval/'):<56} {value:7.2f}")
+
+
+def _eval_suites(args: argparse.Namespace) -> None:
+    """`eval --suite`: held-out benchmarks of any checkpoint, to JSON, TensorBoard and a table."""
+    import json
+
+    from clu import metric_writers
+
+    from flan_jax import evaluation, inference
+
+    suites = catalog.get_suites(args.suite)
+    if not args.checkpoint:
+        raise UserError("--suite needs --checkpoint=PATH (a flan-jax run, a HF directory or a T5X checkpoint)")
+    model = inference.load_model(args.checkpoint, step=args.step, vocab_path=args.vocab)
+    if model.vocabulary.vocab_size > model.module.config.vocab_size:
+        raise UserError(f"the vocabulary has {model.vocabulary.vocab_size} ids but the model only "
+                        f"{model.module.config.vocab_size}; pass the model's own with --vocab")
+    catalog.load_tasks(model.vocabulary)  # The suites' prompts are tokenized as the model was trained.
+    output = args.output or os.path.join(
+        "eval_results", f"{Path(os.path.abspath(args.checkpoint)).name}-step{model.step}.json")
+    tb_dir = args.tb_dir or os.path.splitext(output)[0] + "_tb"
+    print(f"Evaluating {args.checkpoint} ({model.format}, step {model.step}) on {', '.join(s.name for s in suites)}")
+    results = evaluation.run_suites(
+        suites, inference.ModelRunner(model.module, model.partitioner).fns(model.params),
+        lengths={"inputs": args.input_length, "targets": args.target_length}, method=args.method or "generate",
+        batch_size=args.batch_size, limit=args.limit,
+    )
+    results = {"checkpoint": os.path.abspath(args.checkpoint), "format": model.format, "step": model.step, **results}
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+        json.dump(results, f, indent=1)
+    writer = metric_writers.create_default_writer(tb_dir)
+    writer.write_scalars(model.step, evaluation.tensorboard_scalars(results))
+    writer.close()
+    print(evaluation.format_results(results))
+    print(f"results      {output}\ntensorboard  {tb_dir}")
