@@ -28,6 +28,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from flan_jax import xla_presets
 from flan_jax.commands import bench, convert, data, gin_flags, infer, process, train
 from flan_jax.commands import eval as eval_command
 from flan_jax.commands.gin_flags import resolve_file as _resolve_gin_file  # noqa: F401  (tests use it)
@@ -66,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if check := getattr(args, "check", None):  # Flags are checked before anything heavy is imported.
             check(args)
+        xla_presets.apply_from_env()  # FLAN_JAX_XLA_PRESET: XLA reads its flags when JAX starts.
         process.init_distributed()
         args.run(args, gin)
     except UserError as e:

@@ -18,7 +18,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", "--model_dir", help=CHECKPOINT_HELP + " (default: TrainConfig.model_dir)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: best, else latest)")
     parser.add_argument("--vocab", help="spiece.model, for checkpoints that carry none")
-    parser.add_argument("--suite", help="comma-separated suites: bbh_direct, bbh_cot, mmlu_direct, mmlu_cot, gsm8k_cot")
+    parser.add_argument("--suite", help="comma-separated suites: flan_heldout (the paper's six and their normalized "
+                        "average; flan_heldout_mmlu_test: MMLU's test split), mmlu_direct, mmlu_cot, bbh_direct, "
+                        "bbh_cot, tydiqa_direct, mgsm_cot, gsm8k_cot")
     parser.add_argument("--limit", type=int, help="suite: the first N examples of each task (default: all)")
     parser.add_argument("--method", choices=["generate", "rank"],
                         help="rank: rank classification of the options where examples have them (default: generate)")
