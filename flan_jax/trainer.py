@@ -148,7 +148,7 @@ def train(
         if state.step >= config.num_steps:
             return run.summary(state.step, state.step, already_complete=True)
         loop = _Loop(config, model, tx, partitioner, run, evaluator, vocab_record, show_progress)
-        return loop.run(state)
+        return loop.train(state)
 
 
 def _check_inputs(config: TrainConfig, model_config: T5Config, partitioner: partitioning.Partitioner) -> seqio.Vocabulary:
@@ -184,7 +184,7 @@ class _Due:
 
 
 class _Loop:
-    """The training loop (`run`) and its periodic actions, which `due` alone schedules."""
+    """The training loop (`train`) and its periodic actions, which `due` alone schedules."""
 
     def __init__(self, config: TrainConfig, model: step_lib.Model, tx: optax.GradientTransformation,
                  partitioner: partitioning.Partitioner, run: RunDir, evaluator: evaluation.Evaluator | None,
@@ -196,7 +196,7 @@ class _Loop:
         self.layout = partitioner.data_layout()  # this host's rows of each global batch (all of them with one host)
         self.watcher = preemption.PreemptionWatcher()
 
-    def run(self, state: train_state.TrainState) -> TrainSummary:
+    def train(self, state: train_state.TrainState) -> TrainSummary:
         """Trains from `state` to TrainConfig.num_steps (or a preemption); returns the summary."""
         config, run, start_step = self.config, self.run, state.step
         rng = jax.random.key(config.seed + 1)
