@@ -4,6 +4,11 @@ Formats: a HF model directory (`hf`), a T5X checkpoint in the legacy or orbax
 layout (`t5x_legacy`, `t5x_orbax`), and flan-jax's own run directory or step
 directory (`flan_jax`). Everything past this module sees only a T5Config and
 the model's parameter tree.
+
+flan-jax's own steps: `StepMeta` is their metadata (one writer, `to_dict`;
+one reader, `from_dict`), `restore_in_layout` reads params (and optimizer
+state) in either layer layout, scanned or unrolled, the one place a saved
+layout is converted.
 """
 
 from __future__ import annotations
@@ -191,7 +196,7 @@ def _field(fields: dict, key: str, kind: type, source: str) -> Any:
     return value
 
 
-def read_meta(checkpointer: ckpt_lib.Checkpointer, step: int) -> StepMeta:
+def _read_meta(checkpointer: ckpt_lib.Checkpointer, step: int) -> StepMeta:
     """The typed metadata of a flan-jax step."""
     return StepMeta.from_dict(checkpointer.meta(step), f"{checkpointer.directory}/{step}/meta")
 
@@ -199,20 +204,26 @@ def read_meta(checkpointer: ckpt_lib.Checkpointer, step: int) -> StepMeta:
 def restore_in_layout(
     checkpointer: ckpt_lib.Checkpointer, step: int, params: PyTree, opt_state: PyTree | None = None
 ) -> tuple[PyTree, PyTree | None, StepMeta]:
-    """A flan-jax step's params (and optimizer state, unless None) onto the layout and shardings of
-    the abstract trees given (ShapeDtypeStructs with shardings), and its metadata.
+    """A flan-jax step's params (and optimizer state, unless None) in the layer layout and on the
+    shardings of the abstract trees given (ShapeDtypeStructs), and its metadata.
 
     A step saved with the other layer layout (scanned vs unrolled) is read in
     its own, replicated, and converted on the devices: the parameters and the
-    per-parameter optimizer state follow the same tree.
+    per-parameter optimizer state follow the same tree. Params without
+    shardings are read as saved and converted on the host.
     """
-    meta = read_meta(checkpointer, step)
+    meta = _read_meta(checkpointer, step)
     saved, scanned = meta.model_config.scan_layers, scan.is_scanned(params)
+    if jax.tree.leaves(params)[0].sharding is None:
+        restored = scan.to_layout(checkpointer.restore_params(step)[0], scanned)
+        ckpt_lib.check_fits(restored, params, f"{checkpointer.directory}/{step}", "parameter")
+        return restored, None, meta
     targets = (params, opt_state)
     if saved != scanned:
         replicated = _replicated(jax.tree.leaves(params)[0].sharding)
         as_saved = jax.eval_shape(lambda trees: _to_layout(trees, saved), targets)
         targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), as_saved)
+    # orbax compares the saved shapes to the wanted ones before it reads anything.
     if opt_state is None:
         restored = checkpointer.restore_params(step, targets[0])[0], None
     else:
@@ -239,13 +250,7 @@ def _load_flan_jax(path: str, config: T5Config | None, shardings: Shardings, ste
     ckpt = ckpt_lib.open_for_reading(checkpoint_dir)
 
     def read(step: int) -> tuple[T5Config, PyTree, StepMeta]:
-        meta = read_meta(ckpt, step)
-        wanted = config or meta.model_config
-        if shardings is None:  # on the host, as saved, then in the wanted layout
-            params = scan.to_layout(ckpt.restore_params(step)[0], wanted.scan_layers)
-            check_params(params, wanted, f"{checkpoint_dir}/{step}")
-            return wanted, params, meta
-        # orbax compares the saved shapes to the model's before it reads anything.
+        wanted = config or _read_meta(ckpt, step).model_config
         params, _, meta = restore_in_layout(ckpt, step, abstract_params(wanted, _resolve(shardings, wanted)))
         return wanted, params, meta
 
