@@ -4,6 +4,7 @@ A step directory holds three items so each can be read alone:
   params/     the model's parameter tree (T5X names)
   opt_state/  the optax Adafactor state
   meta/       JSON: step, model config, data position, vocabulary file
+              (its fields: flan_jax.formats.StepMeta; this module stores any JSON object)
 `flan-jax infer` restores `params` and `meta` only.
 
 Retention keeps the last `keep_last` steps plus the `keep_best` steps with

@@ -1,43 +1,48 @@
 """The training loop: packed batches -> jit train step on a mesh -> checkpoints and evals.
 
-One function, `train`, configured by gin. It resumes from the latest
-checkpoint in `model_dir`, logs to TensorBoard and `metrics.jsonl`, evaluates
-held-out tasks every `eval_every` steps, keeps the best checkpoint, and
-returns a `TrainSummary`.
+One function, `train`, configured by gin. Its state comes from
+`train_state.init_or_restore` (resumed from the latest checkpoint in
+`model_dir`, else pretrained or fresh), its files go to a `run_dir.RunDir`
+(config.gin, metrics.jsonl, TensorBoard, checkpoints). The loop runs the
+train step and, after each step, the periodic actions that `_Loop.due`
+picks: log, evaluate (held-out tasks every `eval_every` steps and at the
+end), save (every `CheckpointConfig.save_every` steps, after each
+evaluation, at the end; the best checkpoint is kept), preempt (save and
+stop on SIGTERM/SIGINT). It returns a `TrainSummary`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Mapping
-from typing import Any
 
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import seqio
 import tqdm
-from clu import metric_writers
 
 from flan_jax import checkpoints as ckpt_lib
 from flan_jax import data as data_lib
 from flan_jax import errors
 from flan_jax import evaluation
 from flan_jax import flops
-from flan_jax import formats
 from flan_jax import inference
 from flan_jax import optim
 from flan_jax import partitioning
 from flan_jax import preemption
 from flan_jax import step as step_lib
+from flan_jax import train_state
 from flan_jax.errors import UserError
-from flan_jax.model import T5Config, Transformer, scan
+from flan_jax.formats import DataPosition, StepMeta
+from flan_jax.model import T5Config, Transformer
+from flan_jax.run_dir import RunDir, TrainSummary
 
-PyTree = Any
+__all__ = ["TrainConfig", "TrainSummary", "NonFiniteLossError", "train"]
 
 
 @gin.configurable
@@ -105,277 +110,8 @@ class TrainConfig:
         return step_lib.LossConfig(self.z_loss, self.label_smoothing, self.loss_normalizing_factor)
 
 
-@dataclasses.dataclass
-class TrainSummary:
-    """What a run reports at its end."""
-
-    first_step: int
-    last_step: int
-    first_loss: float | None
-    last_loss: float | None
-    tokens_per_sec: float | None
-    eval_metrics: dict[str, float]
-    checkpoint_dir: str
-    best_step: int | None
-    tensorboard_dir: str
-    config_path: str
-    already_complete: bool = False
-    preempted_by: str | None = None  # the signal that stopped the run early
-    skipped_steps: int = 0  # updates skipped for a non-finite loss (TrainConfig.on_nonfinite='skip')
-    save_stalls: list[float] = dataclasses.field(default_factory=list)  # seconds training waited per save
-
-    def format(self) -> str:
-        lines = ["", "=" * 72]
-        if self.already_complete:
-            lines.append(f"Run already complete at step {self.last_step}; nothing to do.")
-        if self.preempted_by:
-            lines.append(
-                f"Stopped by {self.preempted_by} at step {self.last_step}; checkpoint saved in "
-                f"{self.checkpoint_dir}/{self.last_step}. Run the same command again to resume."
-            )
-        lines.append(f"steps           {self.first_step} -> {self.last_step}")
-        if self.first_loss is not None:
-            lines.append(f"loss            first {self.first_loss:.4f}   last {self.last_loss:.4f}")
-        if self.skipped_steps:
-            lines.append(f"skipped         {self.skipped_steps} updates with a non-finite loss or gradient")
-        if self.tokens_per_sec:
-            lines.append(f"throughput      {self.tokens_per_sec:,.0f} tokens/s")
-        if self.save_stalls:
-            lines.append(
-                f"checkpointing   {len(self.save_stalls)} saves, training paused "
-                f"{1e3 * float(np.median(self.save_stalls)):.0f} ms per save (median), {1e3 * max(self.save_stalls):.0f} ms at most"
-            )
-        if self.eval_metrics:
-            lines.append("evaluation (exact-match accuracy, %):")
-            for key, value in sorted(self.eval_metrics.items()):
-                lines.append(f"  {key.removeprefix('eval/'):<56} {value:7.2f}")
-        lines.append(f"checkpoints     {self.checkpoint_dir} (best step: {self.best_step})")
-        lines.append(f"tensorboard     {self.tensorboard_dir}")
-        lines.append(f"config          {self.config_path}")
-        lines.append("=" * 72)
-        return "\n".join(lines)
-
-
-class _MetricsLog:
-    """Appends one JSON line per logged step and mirrors scalars to TensorBoard."""
-
-    def __init__(self, model_dir: str, enabled: bool) -> None:
-        self.path = os.path.join(model_dir, "metrics.jsonl")
-        self.tb_dir = os.path.join(model_dir, "tb")
-        self.enabled = enabled
-        self.writer = metric_writers.create_default_writer(self.tb_dir, just_logging=not enabled)
-
-    def write(self, step: int, scalars: Mapping[str, float]) -> None:
-        scalars = {k: float(v) for k, v in scalars.items()}
-        self.writer.write_scalars(step, scalars)
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **scalars}) + "\n")
-
-    def read(self) -> list[dict]:
-        # Only the chief's file is complete; other hosts might catch it mid-line.
-        if not self.enabled or not os.path.exists(self.path):
-            return []
-        with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
-
-    def truncate_after(self, step: int) -> None:
-        """Drops the entries of steps after `step`: a killed run logged past its last checkpoint."""
-        records = self.read()
-        kept = [r for r in records if r["step"] <= step]
-        if len(kept) < len(records):
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(tmp, self.path)  # Atomic: a kill now leaves the old file or the new one.
-
-    def close(self) -> None:
-        self.writer.flush()
-        self.writer.close()
-
-
-class _MetricWindow:
-    """The per-step metrics since the last log step, summed on the host when logged.
-
-    Its sums travel in each checkpoint's metadata (`state()`), so a run
-    resumed in the middle of a window logs at the window's end exactly what
-    an uninterrupted run logs. Steps whose update was skipped (non-finite
-    loss) are counted, not summed.
-    """
-
-    def __init__(self, saved: Mapping[str, Any] | None = None) -> None:
-        saved = saved or {}
-        self.sums: dict[str, float] = dict(saved.get("sums", {}))
-        self.num_steps: int = saved.get("num_steps", 0)
-        self.skipped_total: int = saved.get("skipped_total", 0)
-        self._pending: list[tuple[int, dict]] = []  # (step, metrics on device), not yet fetched
-
-    def add(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
-        self._pending.append((step, metrics))
-
-    def sync(self) -> list[tuple[int, dict[str, float]]]:
-        """Fetches pending metrics (one device sync) into the sums; returns the skipped steps' metrics."""
-        skipped = []
-        for step, metrics in jax.device_get(self._pending):
-            values = {k: float(v) for k, v in metrics.items()}
-            if values.pop("skipped"):
-                skipped.append((step, values))
-                continue
-            for key, value in values.items():
-                self.sums[key] = self.sums.get(key, 0.0) + value
-            self.num_steps += 1
-        self._pending = []
-        self.skipped_total += len(skipped)
-        return skipped
-
-    def state(self) -> dict[str, Any]:
-        """What a checkpoint stores (call after `sync`)."""
-        return {"sums": dict(self.sums), "num_steps": self.num_steps, "skipped_total": self.skipped_total}
-
-    def scalars(self) -> dict[str, float]:
-        """The window's averages; then starts a new window."""
-        sums, n = self.sums, max(self.num_steps, 1)
-        tokens = max(sums.get("num_tokens", 0.0), 1.0)
-        nan = float("nan")
-        scalars = {
-            "loss": sums.get("loss", nan) / n,
-            "cross_ent_loss": sums.get("cross_ent_sum", nan) / tokens,
-            "accuracy": sums.get("correct", nan) / tokens,
-            "grad_norm": sums.get("grad_norm", nan) / n,
-            "skipped_steps": float(self.skipped_total),
-        }
-        self.sums, self.num_steps = {}, 0
-        return scalars
-
-
 class NonFiniteLossError(UserError):
     """The loss or gradient norm of a step was NaN or infinite (TrainConfig.on_nonfinite='stop')."""
-
-
-def _load_pretrained(
-    path: str,
-    model_config: T5Config,
-    model: step_lib.Model,
-    tx: optax.GradientTransformation,
-    partitioner: partitioning.Partitioner,
-    init_params: PyTree,
-    init_opt_state: PyTree,
-    init_optimizer_state: bool,
-) -> tuple[PyTree, PyTree]:
-    """Params from a pretrained checkpoint (any format), placed on the mesh, plus the optimizer
-    state: the checkpoint's when it has one and `init_optimizer_state`, else fresh."""
-    # load_checkpoint checks every parameter's name and shape against model_config.
-    loaded = formats.load_checkpoint(path, config=model_config, shardings=model.params_shardings)
-    params = jax.tree.map(lambda x, ref: x.astype(ref.dtype), loaded.params, init_params)
-    # Fresh (`init_opt_state`, already initialised on the mesh) unless the checkpoint's continues.
-    opt_state, continued = init_opt_state, ""
-    if init_optimizer_state and loaded.format == "flan_jax":
-        restored = _flan_jax_opt_state(path, loaded.step, model, params, init_opt_state, partitioner)
-        if restored is not None:
-            opt_state, continued = restored, "; its optimizer state continues"
-    elif init_optimizer_state and loaded.format.startswith("t5x"):
-        t5x_state = formats.read_adafactor_state(path)
-        if t5x_state is not None:
-            opt_state = jax.device_put(_t5x_opt_state(path, t5x_state, model_config, tx), model.opt_state_shardings)
-            continued = f"; Adafactor statistics continue from its step {t5x_state[1]}"
-    print(f"Initialised from {loaded.format} checkpoint {path} (its step {loaded.step}){continued}.")
-    return params, opt_state
-
-
-def _flan_jax_opt_state(path: str, step: int, model: step_lib.Model, params: PyTree, init_opt_state: PyTree,
-                        partitioner: partitioning.Partitioner) -> PyTree | None:
-    """A flan-jax run's optimizer state at `step`, its schedules restarted; None if it holds none."""
-    checkpoint_dir, _, _ = formats.flan_jax_location(path)
-    checkpointer = ckpt_lib.open_for_reading(checkpoint_dir)
-    try:
-        if not checkpointer.has_opt_state(step):
-            return None
-        try:
-            _, opt_state, _ = _restore_state(checkpointer, step, model, params, init_opt_state, partitioner)
-        except UserError as e:
-            raise UserError(f"{e}; set TrainConfig.init_optimizer_state=False to start the optimizer afresh") from e
-    finally:
-        checkpointer.close()
-    return jax.device_put(optim.restart_schedule(opt_state), model.opt_state_shardings)
-
-
-def _t5x_opt_state(path: str, t5x_state: tuple[PyTree, int], model_config: T5Config,
-                   tx: optax.GradientTransformation) -> PyTree:
-    """`tx`'s state (on the host, in the model's layer layout) holding a T5X checkpoint's Adafactor statistics."""
-    param_states, step = t5x_state
-    unrolled = formats.abstract_params(dataclasses.replace(model_config, scan_layers=False))
-    fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(tx.init, unrolled))
-    try:
-        state = optim.with_t5x_statistics(fresh, param_states, step)
-    except ValueError as e:
-        raise UserError(f"{path}: cannot continue its Adafactor state: {e}; "
-                        "set TrainConfig.init_optimizer_state=False to start it afresh") from e
-    return scan.to_layout(state, model_config.scan_layers)
-
-
-def _restore_state(
-    checkpointer: ckpt_lib.Checkpointer,
-    step: int,
-    model: step_lib.Model,
-    params: PyTree,
-    opt_state: PyTree,
-    partitioner: partitioning.Partitioner,
-) -> tuple[PyTree, PyTree, dict]:
-    """Restores params, optimizer state and metadata onto the current shardings.
-
-    A checkpoint saved with the other layer layout (scanned vs unrolled) is
-    read in its own layout and converted: both the parameters and the
-    per-parameter optimizer state follow the parameter tree.
-    """
-    saved = formats.config_from_dict(checkpointer.meta(step)["model_config"])
-    scanned = model.module.config.scan_layers
-    if saved.scan_layers == scanned:
-        return checkpointer.restore(step, ckpt_lib.abstract_like(params), ckpt_lib.abstract_like(opt_state))
-    print(f"Step {step} was saved with scan_layers={saved.scan_layers}; converting to scan_layers={scanned}.")
-    replicated = partitioner.replicated()
-    def to_layout(trees: tuple, scan_layers: bool) -> tuple:
-        return tuple(scan.to_layout(t, scan_layers) for t in trees)
-
-    as_saved = jax.eval_shape(lambda t: to_layout(t, saved.scan_layers), (params, opt_state))
-    as_saved = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), as_saved)
-    params, opt_state, meta = checkpointer.restore(step, *as_saved)
-    convert = jax.jit(
-        lambda t: to_layout(t, scanned), out_shardings=(model.params_shardings, model.opt_state_shardings)
-    )
-    params, opt_state = convert((params, opt_state))
-    return params, opt_state, meta
-
-
-def _save_config(model_dir: str, step: int, write: bool = True) -> str:
-    """Writes the operative gin config; an existing config.gin is never overwritten.
-
-    `write=False` (every host but the first) writes nothing and returns config.gin's path.
-    """
-    path = os.path.join(model_dir, "config.gin")
-    if not write:
-        return path
-    text = gin.operative_config_str()
-    if os.path.exists(path):
-        with open(path) as f:
-            if f.read() == text:
-                return path
-        path = os.path.join(model_dir, f"config_resumed_at_{step}.gin")
-    with open(path, "w") as f:
-        f.write(text)
-    return path
-
-
-def _summary_from_log(records: list[dict]) -> tuple[float | None, float | None, float | None, dict[str, float]]:
-    losses_ = [r["loss"] for r in records if "loss" in r]
-    speeds = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r]
-    evals = [r for r in records if any(k.startswith("eval/") for k in r)]
-    last_eval = {k: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {}
-    return (
-        losses_[0] if losses_ else None,
-        losses_[-1] if losses_ else None,
-        float(np.median(speeds)) if speeds else None,
-        last_eval,
-    )
 
 
 @gin.configurable(denylist=["config"])
@@ -394,12 +130,29 @@ def train(
     model_config = model_config or T5Config()
     tx = optimizer or optim.adafactor()
     partitioner = partitioner or partitioning.Partitioner()
-    checkpoint_config = checkpoint_config or ckpt_lib.CheckpointConfig()
     eval_config = eval_config or evaluation.EvalConfig()
-    lengths = dict(config.task_feature_lengths)
+    vocabulary = _check_inputs(config, model_config, partitioner)
+    evaluator = evaluation.Evaluator(eval_config, dict(config.task_feature_lengths)) if eval_config.mixture_or_task_name else None
     is_chief = jax.process_index() == 0
+    module = Transformer(model_config)
+    with RunDir(config.model_dir, checkpoint_config or ckpt_lib.CheckpointConfig(), is_chief=is_chief) as run:
+        pretrained = train_state.Pretrained(config.init_checkpoint, config.init_optimizer_state) if config.init_checkpoint else None
+        model, state = train_state.init_or_restore(
+            module, tx, partitioner, dict(config.task_feature_lengths), seed=config.seed,
+            checkpointer=run.checkpointer, pretrained=pretrained,
+        )
+        if state.meta is not None:
+            print(f"Resumed from {run.checkpoint_dir} at step {state.step}.")
+        run.start(state.step, state.meta.metrics_window if state.meta else None)
+        vocab_record = data_lib.save_vocabulary(vocabulary, config.model_dir, write=is_chief)
+        if state.step >= config.num_steps:
+            return run.summary(state.step, state.step, already_complete=True)
+        loop = _Loop(config, model, tx, partitioner, run, evaluator, vocab_record, show_progress)
+        return loop.train(state)
 
-    # Validate names and sizes before any work is done.
+
+def _check_inputs(config: TrainConfig, model_config: T5Config, partitioner: partitioning.Partitioner) -> seqio.Vocabulary:
+    """Validates names and sizes before any work is done; returns the mixture's vocabulary."""
     task = data_lib.get_mixture_or_task(config.mixture_or_task_name)
     vocabulary = data_lib.targets_vocabulary(task)
     if vocabulary.vocab_size > model_config.vocab_size:
@@ -412,180 +165,158 @@ def train(
             f"TrainConfig.batch_size={config.batch_size} is not divisible by the "
             f"{partitioner.data_parallel_size} data-parallel devices"
         )
-    # This host's rows of each global batch (all of them with one host).
-    layout = partitioner.data_layout()
-    if config.input_sharding == "global_batch" and not layout.contiguous:
+    if config.input_sharding == "global_batch" and not partitioner.data_layout().contiguous:
         raise UserError(
             "TrainConfig.input_sharding='global_batch' needs each host's devices to hold consecutive rows "
             "of the batch, and this mesh spreads them; use input_sharding='source'"
         )
-    evaluator = evaluation.Evaluator(eval_config, lengths) if eval_config.mixture_or_task_name else None
+    return vocabulary
 
-    ckpt_lib.check_writable(config.model_dir)
-    checkpoint_dir = os.path.join(config.model_dir, "checkpoints")
-    checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, checkpoint_config)
-    log = _MetricsLog(config.model_dir, enabled=is_chief)
 
-    module = Transformer(model_config)
-    model, params, opt_state = step_lib.initialize(module, tx, partitioner, lengths, config.seed)
-    start_step, restored_meta = 0, {}
-    if checkpointer.all_steps():
-        # The newest readable step; unreadable ones are reported and set aside.
-        start_step, (params, opt_state, restored_meta) = checkpointer.read_newest(
-            lambda step: _restore_state(checkpointer, step, model, params, opt_state, partitioner)
+@dataclasses.dataclass(frozen=True)
+class _Due:
+    """The periodic actions due after a step, in the order they run."""
+
+    log: bool
+    evaluate: bool
+    save: bool
+    preempt: bool
+
+
+class _Loop:
+    """The training loop (`train`) and its periodic actions, which `due` alone schedules."""
+
+    def __init__(self, config: TrainConfig, model: step_lib.Model, tx: optax.GradientTransformation,
+                 partitioner: partitioning.Partitioner, run: RunDir, evaluator: evaluation.Evaluator | None,
+                 vocab_record: dict, show_progress: bool) -> None:
+        self.config, self.model, self.partitioner, self.run = config, model, partitioner, run
+        self.evaluator, self.vocab_record, self.show_progress = evaluator, vocab_record, show_progress
+        self.train_step = step_lib.make_train_step(model, tx, partitioner, config.loss_config(), config.num_microbatches)
+        self.runner = inference.ModelRunner(model.module, partitioner) if evaluator else None
+        self.layout = partitioner.data_layout()  # this host's rows of each global batch (all of them with one host)
+        self.watcher = preemption.PreemptionWatcher()
+
+    def train(self, state: train_state.TrainState) -> TrainSummary:
+        """Trains from `state` to TrainConfig.num_steps (or a preemption); returns the summary."""
+        config, run, start_step = self.config, self.run, state.step
+        rng = jax.random.key(config.seed + 1)
+        self.progress = tqdm.tqdm(
+            total=config.num_steps, initial=start_step, disable=not (self.show_progress and run.is_chief),
+            unit="step", dynamic_ncols=True,
         )
-        print(f"Resumed from {checkpoint_dir} at step {start_step}.")
-    elif config.init_checkpoint:
-        params, opt_state = _load_pretrained(
-            config.init_checkpoint, model_config, model, tx, partitioner, params, opt_state, config.init_optimizer_state
+        lengths, model_config = config.task_feature_lengths, self.model.module.config
+        step_flops = flops.train_flops_per_step(model_config, config.batch_size, lengths["inputs"], lengths["targets"])
+        run.start_clock(step_flops, flops.system_peak_flops(model_config.dtype)[0])
+        batches = self._batches(state.batches_consumed)
+        eval_metrics: dict[str, float] = {}
+        try:
+            with self.partitioner.activate(), self.watcher:
+                for host_batch in batches:
+                    if state.step >= config.num_steps:
+                        break
+                    run.throughput.add_step(data_lib.num_real_tokens(host_batch) * self.layout.num_shards)
+                    step = jnp.asarray(state.step, jnp.int32)
+                    params, opt_state, metrics = self.train_step(
+                        state.params, state.opt_state, self.partitioner.shard_batch(host_batch), rng, step
+                    )
+                    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+                    run.window.add(state.step, metrics)
+                    self.progress.update(1)
+                    due = self.due(state.step)
+                    if due.log:
+                        self.log(state.step, host_batch)
+                    if due.evaluate:
+                        eval_metrics = self.evaluate(state)
+                    if due.save:
+                        self.save(state, batches, eval_metrics if due.evaluate else None)
+                    if due.preempt:
+                        self.preempt(state, batches)
+                        break
+        finally:
+            # A tf.data iterator still alive at interpreter exit (say, held by a
+            # traceback) can hang TensorFlow's shutdown: drop it here.
+            batches = None  # noqa: F841
+        self.progress.close()
+        if state.step == start_step:
+            raise UserError(f"the dataset of {config.mixture_or_task_name!r} yielded no batch")
+        stopped = self.watcher.signal_name if state.step < config.num_steps else None
+        return run.summary(start_step, state.step, preempted_by=stopped)
+
+    def due(self, step: int) -> _Due:
+        """Which periodic actions run after `step`: decided here and nowhere else."""
+        config, is_last = self.config, step == self.config.num_steps
+        evaluate = self.evaluator is not None and (is_last or bool(config.eval_every and step % config.eval_every == 0))
+        return _Due(
+            log=step == 1 or step % config.log_every == 0 or is_last,
+            evaluate=evaluate,
+            save=evaluate or is_last or step % self.run.checkpoint_config.save_every == 0,
+            preempt=not is_last and self.watcher.should_stop(step),
         )
-    # The input position saved with the checkpoint: iteration is deterministic,
-    # so skipping that many batches continues exactly.
-    start_batch = restored_meta.get("data", {}).get("batches_consumed", start_step)
-    window = _MetricWindow(restored_meta.get("metrics_window"))
-    # Files outside orbax are written by the first host alone (orbax coordinates its own writes).
-    if is_chief:
-        log.truncate_after(start_step)
-    config_path = _save_config(config.model_dir, start_step, write=is_chief)
-    vocab_record = data_lib.save_vocabulary(vocabulary, config.model_dir, write=is_chief)
 
-    def meta(step: int) -> dict:
-        return {
-            "step": step,
-            "model_config": dataclasses.asdict(model_config),
-            "vocabulary": vocab_record,
-            "data": {"mixture_or_task_name": config.mixture_or_task_name, "seed": config.seed, "batches_consumed": step},
-            "metrics_window": window.state(),
-        }
-
-    if start_step >= config.num_steps:
-        best_step = checkpointer.best_step()
-        checkpointer.close()
-        log.close()
-        first, last, speed, last_eval = _summary_from_log(log.read())
-        return TrainSummary(
-            start_step, start_step, first, last, speed, last_eval, checkpoint_dir,
-            best_step, log.tb_dir, config_path, already_complete=True, skipped_steps=window.skipped_total,
+    def log(self, step: int, host_batch: Mapping[str, np.ndarray]) -> None:
+        self._check_finite()
+        scalars = self.run.log_train(step, host_batch)
+        self.progress.set_postfix(
+            loss=f"{scalars['loss']:.3f}", tok_s=f"{scalars['tokens_per_sec']:,.0f}", mfu=f"{scalars['mfu']:.1%}"
         )
 
-    train_step = step_lib.make_train_step(model, tx, partitioner, config.loss_config(), config.num_microbatches)
-    runner = inference.ModelRunner(module, partitioner) if evaluator else None
-    rng = jax.random.key(config.seed + 1)
-    progress = tqdm.tqdm(
-        total=config.num_steps, initial=start_step, disable=not (show_progress and is_chief),
-        unit="step", dynamic_ncols=True,
-    )
-    step_flops = flops.train_flops_per_step(model_config, config.batch_size, lengths["inputs"], lengths["targets"])
-    peak_flops, _ = flops.system_peak_flops(model_config.dtype)
-    window_tokens, window_start, window_steps = 0, time.perf_counter(), 0
-    last_loss = None
-    speeds: list[float] = []
-    save_stalls: list[float] = []
-    eval_metrics: dict[str, float] = {}
+    def evaluate(self, state: train_state.TrainState) -> dict[str, float]:
+        self.progress.write(f"Evaluating at step {state.step} on {len(self.evaluator.task_names)} tasks...")
+        metrics = self.evaluator.evaluate(self.runner.fns(state.params), state.step)
+        self.run.log_eval(state.step, metrics)
+        self.progress.write(f"  average accuracy {metrics.get('eval/average_accuracy', float('nan')):.2f}")
+        return metrics
 
-    step = start_step
-    batches = data_lib.TrainIterator(
-        config.mixture_or_task_name,
-        lengths,
-        config.batch_size // layout.num_shards,
-        start_batch=start_batch,
-        state_dir=os.path.join(config.model_dir, "input_state") if config.save_input_state else None,
-        process_index=jax.process_index(),
-        seed=config.seed,
-        shard_index=layout.shard_index,
-        num_shards=layout.num_shards,
-        input_sharding=config.input_sharding,
-    )
+    def save(self, state: train_state.TrainState, batches: data_lib.TrainIterator, metrics: Mapping[str, float] | None) -> None:
+        self._check_finite()  # No checkpoint after an unnoticed non-finite step; the window's sums go in it.
+        # Wait for the steps still in flight first: that is compute the loop
+        # would wait for anyway, not a cost of saving.
+        jax.block_until_ready((state.params, state.opt_state))
+        start = time.perf_counter()
+        config, checkpointer = self.config, self.run.checkpointer
+        meta = StepMeta(
+            state.step, self.model.module.config, self.vocab_record,
+            DataPosition(config.mixture_or_task_name, config.seed, state.step), self.run.window.state(),
+        )
+        checkpointer.save(state.step, state.params, state.opt_state, meta.to_dict(), metrics=metrics)
+        batches.save(keep=checkpointer.all_steps())
+        self.run.save_stalls.append(time.perf_counter() - start)
 
-    def check_finite() -> None:
+    def preempt(self, state: train_state.TrainState, batches: data_lib.TrainIterator) -> None:
+        """Saves the step (unless just saved) and waits for it: the process is about to exit."""
+        if state.step not in self.run.checkpointer.all_steps():
+            self.save(state, batches, None)
+        self.run.checkpointer.wait()
+        self.progress.write(f"{self.watcher.signal_name}: saved step {state.step} in {self.run.checkpoint_dir}/{state.step}.")
+
+    def _check_finite(self) -> None:
         """Fetches the window's metrics; stops the run at a non-finite step unless skipping."""
-        skipped = window.sync()
+        skipped = self.run.window.sync()
+        config = self.config
         if skipped and config.on_nonfinite == "stop":
             bad_step, values = skipped[0]
-            checkpointer.wait()
+            self.run.checkpointer.wait()
             raise NonFiniteLossError(
                 f"step {bad_step} has loss {values['loss']} and gradient norm {values['grad_norm']} "
                 f"(batch index {bad_step - 1} of {config.mixture_or_task_name!r}, seed {config.seed}); "
-                f"its update was not applied. Last good checkpoint: step {checkpointer.latest_step()} in "
-                f"{checkpoint_dir}. Set TrainConfig.on_nonfinite='skip' to skip such steps and go on"
+                f"its update was not applied. Last good checkpoint: step {self.run.checkpointer.latest_step()} in "
+                f"{self.run.checkpoint_dir}. Set TrainConfig.on_nonfinite='skip' to skip such steps and go on"
             )
         for bad_step, values in skipped:
-            progress.write(f"step {bad_step}: loss {values['loss']}, gradient norm {values['grad_norm']}; update skipped")
+            self.progress.write(f"step {bad_step}: loss {values['loss']}, gradient norm {values['grad_norm']}; update skipped")
 
-    def log_window(step: int, host_batch: Mapping[str, np.ndarray]) -> None:
-        nonlocal window_tokens, window_start, window_steps, last_loss
-        check_finite()
-        elapsed = time.perf_counter() - window_start
-        scalars = {
-            **window.scalars(),
-            "tokens_per_sec": window_tokens / elapsed,
-            # Model FLOPs utilisation (flan_jax.flops); the first window includes compilation.
-            "mfu": window_steps * step_flops / elapsed / peak_flops,
-            **data_lib.fill_rates(host_batch),
-        }
-        if step > start_step + window_steps:  # The first window includes compilation.
-            speeds.append(scalars["tokens_per_sec"])
-        log.write(step, scalars)
-        last_loss = scalars["loss"]
-        progress.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{scalars['tokens_per_sec']:,.0f}", mfu=f"{scalars['mfu']:.1%}")
-        window_tokens, window_start, window_steps = 0, time.perf_counter(), 0
-
-    def save(step: int, metrics: Mapping[str, float] | None) -> None:
-        check_finite()  # No checkpoint after an unnoticed non-finite step; the window's sums go in it.
-        # Wait for the steps still in flight first: that is compute the loop
-        # would wait for anyway, not a cost of saving.
-        jax.block_until_ready((params, opt_state))
-        start = time.perf_counter()
-        checkpointer.save(step, params, opt_state, meta(step), metrics=metrics)
-        batches.save(keep=checkpointer.all_steps())
-        save_stalls.append(time.perf_counter() - start)
-
-    watcher = preemption.PreemptionWatcher()
-    try:
-        with partitioner.activate(), watcher:
-            for host_batch in batches:
-                if step >= config.num_steps:
-                    break
-                window_tokens += data_lib.num_real_tokens(host_batch) * layout.num_shards  # hosts feeding distinct rows
-                batch = partitioner.shard_batch(host_batch)
-                params, opt_state, metrics = train_step(params, opt_state, batch, rng, jnp.asarray(step, jnp.int32))
-                step += 1
-                window_steps += 1
-                window.add(step, metrics)
-                progress.update(1)
-                if step == 1 or step % config.log_every == 0 or step == config.num_steps:
-                    log_window(step, host_batch)
-                is_last = step == config.num_steps
-                eval_now = evaluator is not None and (is_last or (config.eval_every and step % config.eval_every == 0))
-                if eval_now:
-                    progress.write(f"Evaluating at step {step} on {len(evaluator.task_names)} tasks...")
-                    eval_metrics = evaluator.evaluate(runner.fns(params), step)
-                    log.write(step, eval_metrics)
-                    progress.write(f"  average accuracy {eval_metrics.get('eval/average_accuracy', float('nan')):.2f}")
-                    window_start = time.perf_counter()
-                if eval_now or is_last or step % checkpoint_config.save_every == 0:
-                    save(step, eval_metrics if eval_now else None)
-                if not is_last and watcher.should_stop(step):
-                    if step not in checkpointer.all_steps():
-                        save(step, None)
-                    checkpointer.wait()  # Synchronous: the process is about to exit.
-                    progress.write(f"{watcher.signal_name}: saved step {step} in {checkpoint_dir}/{step}.")
-                    break
-    finally:
-        # A tf.data iterator still alive at interpreter exit (say, held by a
-        # traceback) can hang TensorFlow's shutdown: drop it here.
-        batches = None  # noqa: F841
-    progress.close()
-    best_step = checkpointer.best_step()
-    checkpointer.close()  # Waits for the last save; raises if it failed.
-    log.close()
-    first_loss, logged_last, _, _ = _summary_from_log(log.read())  # The run's, across resumes.
-    if step == start_step:
-        raise UserError(f"the dataset of {config.mixture_or_task_name!r} yielded no batch")
-    return TrainSummary(
-        start_step, step, first_loss, last_loss if last_loss is not None else logged_last,
-        float(np.median(speeds)) if speeds else None,
-        eval_metrics, checkpoint_dir, best_step, log.tb_dir, config_path,
-        preempted_by=watcher.signal_name if step < config.num_steps else None,
-        skipped_steps=window.skipped_total, save_stalls=save_stalls,
-    )
+    def _batches(self, start_batch: int) -> data_lib.TrainIterator:
+        """This host's rows of the global batches, from batch `start_batch` on (iteration is deterministic)."""
+        config = self.config
+        return data_lib.TrainIterator(
+            config.mixture_or_task_name,
+            dict(config.task_feature_lengths),
+            config.batch_size // self.layout.num_shards,
+            start_batch=start_batch,
+            state_dir=os.path.join(config.model_dir, "input_state") if config.save_input_state else None,
+            process_index=jax.process_index(),
+            seed=config.seed,
+            shard_index=self.layout.shard_index,
+            num_shards=self.layout.num_shards,
+            input_sharding=config.input_sharding,
+        )

@@ -22,7 +22,7 @@ import pytest
 import tensorstore as ts
 
 from flan_jax import checkpoints as ckpt_lib
-from flan_jax import formats, optim, partitioning, trainer
+from flan_jax import formats, optim, partitioning, train_state
 from flan_jax import step as step_lib
 from flan_jax.errors import UserError
 from flan_jax.model import T5Config, Transformer, scan
@@ -97,8 +97,9 @@ def test_mismatched_statistics_are_named():
 def _init_from(path, config, tx, init_optimizer_state=True):
     model, params, opt_state = step_lib.initialize(
         Transformer(config), tx, partitioning.Partitioner(), {"inputs": 16, "targets": 8}, seed=0)
-    return trainer._load_pretrained(
-        path, config, model, tx, partitioning.Partitioner(), params, opt_state, init_optimizer_state)
+    state = train_state.load_pretrained(
+        train_state.Pretrained(path, init_optimizer_state), model, tx, train_state.TrainState(0, params, opt_state))
+    return state.params, state.opt_state
 
 
 def _zarr(layout_dir: Path, name: str) -> np.ndarray:

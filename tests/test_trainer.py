@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flan_jax import checkpoints as ckpt_lib
-from flan_jax import optim, partitioning, trainer
+from flan_jax import optim, partitioning, train_state
 from flan_jax import step as step_lib
 from flan_jax.model import Transformer
 
@@ -168,7 +168,8 @@ def test_resume_converts_between_scanned_and_unrolled_checkpoints(tmp_path, tiny
 
     _, other_model, other_step, other_params, other_opt = build(not saved_scanned)
     with part.activate():
-        restored, restored_opt, meta = trainer._restore_state(ckpt, 2, other_model, other_params, other_opt, part)
+        state = train_state.restore(ckpt, 2, other_model, train_state.TrainState(0, other_params, other_opt))
+    restored, restored_opt, meta = state.params, state.opt_state, state.meta.to_dict()
     assert meta["step"] == 2
     assert scan.is_scanned(restored) == (not saved_scanned)
     assert jax.tree.structure(restored_opt) == jax.tree.structure(other_opt)

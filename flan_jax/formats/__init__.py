@@ -4,6 +4,11 @@ Formats: a HF model directory (`hf`), a T5X checkpoint in the legacy or orbax
 layout (`t5x_legacy`, `t5x_orbax`), and flan-jax's own run directory or step
 directory (`flan_jax`). Everything past this module sees only a T5Config and
 the model's parameter tree.
+
+flan-jax's own steps: `StepMeta` is their metadata (one writer, `to_dict`;
+one reader, `from_dict`), `restore_in_layout` reads params (and optimizer
+state) in either layer layout, scanned or unrolled, the one place a saved
+layout is converted.
 """
 
 from __future__ import annotations
@@ -121,29 +126,132 @@ def flan_jax_location(path: str, step: int | None = None) -> tuple[str, int | No
     return os.path.join(path, "checkpoints"), step, path
 
 
+@dataclasses.dataclass(frozen=True)
+class DataPosition:
+    """Where a run's input pipeline stands: `batches_consumed` batches of the mixture read with `seed`."""
+
+    mixture_or_task_name: str
+    seed: int
+    batches_consumed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMeta:
+    """The `meta` item of a flan-jax checkpoint step; `to_dict` writes it and `from_dict` reads it.
+
+    A converted checkpoint holds step, model config and vocabulary; a training
+    run's steps also hold the input position and the metrics window (sums of
+    the per-step metrics since the last log step, see run_dir.MetricWindow).
+    """
+
+    step: int
+    model_config: T5Config
+    vocabulary: dict | None = None  # see flan_jax.data.load_vocabulary
+    data: DataPosition | None = None
+    metrics_window: dict | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = {"step": self.step, "model_config": dataclasses.asdict(self.model_config), "vocabulary": self.vocabulary}
+        if self.data is not None:
+            fields["data"] = dataclasses.asdict(self.data)
+        if self.metrics_window is not None:
+            fields["metrics_window"] = dict(self.metrics_window)
+        return fields
+
+    @classmethod
+    def from_dict(cls, fields: Any, source: str) -> StepMeta:
+        """Reads what `to_dict` wrote; a UserError naming `source` and the key for anything missing or malformed."""
+        if not isinstance(fields, dict):
+            raise UserError(f"{source}: expected a JSON object, found {type(fields).__name__}")
+        if unknown := sorted(set(fields) - {f.name for f in dataclasses.fields(cls)}):
+            raise UserError(f"{source} has unknown keys {unknown}")
+        for key in ("step", "model_config"):
+            if key not in fields:
+                raise UserError(f"{source} has no {key!r}")
+        step = _field(fields, "step", int, source)
+        vocabulary = _field(fields, "vocabulary", dict, source)
+        data = _field(fields, "data", dict, source)
+        if data is not None:
+            names = {f.name: f.type for f in dataclasses.fields(DataPosition)}
+            if set(data) != set(names):
+                raise UserError(f"{source}: data has keys {sorted(data)}, expected {sorted(names)}")
+            data = DataPosition(**{k: _field(data, k, str if t == "str" else int, f"{source}: data") for k, t in names.items()})
+        window = _field(fields, "metrics_window", dict, source)
+        if window is not None:
+            _field(window, "sums", dict, f"{source}: metrics_window")
+            _field(window, "num_steps", int, f"{source}: metrics_window")
+            _field(window, "skipped_total", int, f"{source}: metrics_window")
+        config = config_from_dict(fields["model_config"], f"{source}: model_config")
+        return cls(step, config, vocabulary, data, window)
+
+
+_JSON_NAMES = {int: "integer", str: "string", dict: "object"}
+
+
+def _field(fields: dict, key: str, kind: type, source: str) -> Any:
+    """fields[key] (None if absent or null), checked to be a `kind`."""
+    value = fields.get(key)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        raise UserError(f"{source}: {key}={value!r}: expected a JSON {_JSON_NAMES[kind]}")
+    return value
+
+
+def _read_meta(checkpointer: ckpt_lib.Checkpointer, step: int) -> StepMeta:
+    """The typed metadata of a flan-jax step."""
+    return StepMeta.from_dict(checkpointer.meta(step), f"{checkpointer.directory}/{step}/meta")
+
+
+def restore_in_layout(
+    checkpointer: ckpt_lib.Checkpointer, step: int, params: PyTree, opt_state: PyTree | None = None
+) -> tuple[PyTree, PyTree | None, StepMeta]:
+    """A flan-jax step's params (and optimizer state, unless None) in the layer layout and on the
+    shardings of the abstract trees given (ShapeDtypeStructs), and its metadata.
+
+    A step saved with the other layer layout (scanned vs unrolled) is read in
+    its own, replicated, and converted on the devices: the parameters and the
+    per-parameter optimizer state follow the same tree. Params without
+    shardings are read as saved and converted on the host.
+    """
+    meta = _read_meta(checkpointer, step)
+    saved, scanned = meta.model_config.scan_layers, scan.is_scanned(params)
+    if jax.tree.leaves(params)[0].sharding is None:
+        restored = scan.to_layout(checkpointer.restore_params(step)[0], scanned)
+        ckpt_lib.check_fits(restored, params, f"{checkpointer.directory}/{step}", "parameter")
+        return restored, None, meta
+    targets = (params, opt_state)
+    if saved != scanned:
+        replicated = _replicated(jax.tree.leaves(params)[0].sharding)
+        as_saved = jax.eval_shape(lambda trees: _to_layout(trees, saved), targets)
+        targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), as_saved)
+    # orbax compares the saved shapes to the wanted ones before it reads anything.
+    if opt_state is None:
+        restored = checkpointer.restore_params(step, targets[0])[0], None
+    else:
+        restored = checkpointer.restore(step, *targets)[:2]
+    if saved != scanned:
+        shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
+        restored = jax.jit(lambda trees: _to_layout(trees, scanned), out_shardings=shardings)(restored)
+    return *restored, meta
+
+
+def _to_layout(trees: tuple, scan_layers: bool) -> tuple:
+    return tuple(None if t is None else scan.to_layout(t, scan_layers) for t in trees)
+
+
+def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The whole array on every device of `sharding`'s mesh."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return sharding
+
+
 def _load_flan_jax(path: str, config: T5Config | None, shardings: Shardings, step: int | None) -> LoadedCheckpoint:
     checkpoint_dir, step, run_dir = flan_jax_location(path, step)
     ckpt = ckpt_lib.open_for_reading(checkpoint_dir)
 
-    def read(step: int) -> tuple[T5Config, PyTree, dict]:
-        def saved_config(meta: dict) -> T5Config:
-            return config_from_dict(meta.get("model_config"), f"{checkpoint_dir}/{step}/meta: model_config")
-
-        if shardings is None:  # one orbax read brings both items
-            params, meta = ckpt.restore_params(step)
-            saved = saved_config(meta)
-            wanted = config or saved
-        else:
-            saved = saved_config(ckpt.meta(step))
-            wanted = config or saved
-            placed = _resolve(shardings, wanted)
-            # In the same layout orbax compares the saved shapes to the model's before it reads anything.
-            abstract = abstract_params(wanted, placed) if saved.scan_layers == wanted.scan_layers else None
-            params, meta = ckpt.restore_params(step, abstract)
-        params = scan.to_layout(params, wanted.scan_layers)
-        check_params(params, wanted, f"{checkpoint_dir}/{step}")
-        if shardings is not None and saved.scan_layers != wanted.scan_layers:
-            params = _place(params, placed)
+    def read(step: int) -> tuple[T5Config, PyTree, StepMeta]:
+        wanted = config or _read_meta(ckpt, step).model_config
+        params, _, meta = restore_in_layout(ckpt, step, abstract_params(wanted, _resolve(shardings, wanted)))
         return wanted, params, meta
 
     try:
@@ -158,7 +266,7 @@ def _load_flan_jax(path: str, config: T5Config | None, shardings: Shardings, ste
             loaded_config, params, meta = read(step)
     finally:
         ckpt.close()
-    return LoadedCheckpoint("flan_jax", loaded_config, params, meta.get("vocabulary"), run_dir, step)
+    return LoadedCheckpoint("flan_jax", loaded_config, params, meta.vocabulary, run_dir, step)
 
 
 def load_checkpoint(
@@ -253,9 +361,8 @@ def save_flan_jax(directory: str, config: T5Config, params: PyTree, vocab_file: 
         shutil.copyfile(vocab_file, os.path.join(directory, "spiece.model"))
         vocab_record = {"type": "sentencepiece", "file": "spiece.model", "extra_ids": 0}
     ckpt = ckpt_lib.Checkpointer(os.path.join(directory, "checkpoints"), ckpt_lib.CheckpointConfig(best_metric=None))
-    meta = {"step": step, "model_config": dataclasses.asdict(config), "vocabulary": vocab_record}
     # Fresh `Transformer.init` params come boxed in nn.Partitioned; the checkpoint holds the plain tree.
-    ckpt.save(step, nn.unbox(params), None, meta)
+    ckpt.save(step, nn.unbox(params), None, StepMeta(step, config, vocab_record).to_dict())
     ckpt.wait()
     ckpt.close()
     return directory

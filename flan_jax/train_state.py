@@ -1,0 +1,147 @@
+"""A run's training state and the one place it starts from.
+
+`init_or_restore` gives the training loop its `TrainState`, in this order
+(as T5X's `TrainStateInitializer.from_checkpoint_or_scratch` does):
+  1. resume: the newest readable step in the run's own checkpoints;
+  2. pretrained: weights from `Pretrained.path` (HF, T5X or a flan-jax run,
+     see `flan_jax.formats`), with the optimizer state of a T5X checkpoint
+     or flan-jax run continued when `Pretrained.optimizer_state` asks for it;
+  3. scratch: fresh parameters from the seed.
+Layer layouts (scanned or unrolled) are converted on the way in
+(`formats.restore_in_layout`). The metadata saved with each step is
+`formats.StepMeta`: one writer (`to_dict`), one reader (`from_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from flan_jax import checkpoints as ckpt_lib
+from flan_jax import formats
+from flan_jax import optim
+from flan_jax import partitioning
+from flan_jax import step as step_lib
+from flan_jax.errors import UserError
+from flan_jax.formats import StepMeta
+from flan_jax.model import T5Config, Transformer, scan
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """What the training loop carries from step to step."""
+
+    step: int
+    params: PyTree
+    opt_state: PyTree
+    meta: StepMeta | None = None  # the checkpoint's, when resumed from the run's own checkpoints
+
+    def replace(self, **changes: Any) -> TrainState:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def batches_consumed(self) -> int:
+        """How many batches the input pipeline has delivered up to `step` (iteration is deterministic)."""
+        return self.meta.data.batches_consumed if self.meta and self.meta.data else self.step
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """Where a run starts when its model_dir holds no checkpoint (see TrainConfig.init_checkpoint)."""
+
+    path: str
+    optimizer_state: bool = True  # continue the checkpoint's optimizer state where it has one
+
+
+def init_or_restore(
+    module: Transformer,
+    tx: optax.GradientTransformation,
+    partitioner: partitioning.Partitioner,
+    lengths: Mapping[str, int],
+    *,
+    seed: int,
+    checkpointer: ckpt_lib.Checkpointer,
+    pretrained: Pretrained | None = None,
+) -> tuple[step_lib.Model, TrainState]:
+    """The model's shardings and the state to train from: resumed, pretrained or fresh (module doc)."""
+    model, params, opt_state = step_lib.initialize(module, tx, partitioner, lengths, seed)
+    fresh = TrainState(0, params, opt_state)
+    if checkpointer.all_steps():
+        # The newest readable step; unreadable ones are reported and set aside.
+        _, state = checkpointer.read_newest(lambda step: restore(checkpointer, step, model, fresh))
+        return model, state
+    if pretrained is not None:
+        return model, load_pretrained(pretrained, model, tx, fresh)
+    return model, fresh
+
+
+def restore(checkpointer: ckpt_lib.Checkpointer, step: int, model: step_lib.Model, like: TrainState) -> TrainState:
+    """A step of `checkpointer` onto the shardings and layer layout of `like`."""
+    params, opt_state, meta = formats.restore_in_layout(
+        checkpointer, step, ckpt_lib.abstract_like(like.params), ckpt_lib.abstract_like(like.opt_state)
+    )
+    scanned = model.module.config.scan_layers
+    if meta.model_config.scan_layers != scanned:
+        print(f"Step {step} was saved with scan_layers={meta.model_config.scan_layers}; converting to scan_layers={scanned}.")
+    return TrainState(step, params, opt_state, meta)
+
+
+def load_pretrained(
+    pretrained: Pretrained, model: step_lib.Model, tx: optax.GradientTransformation, fresh: TrainState
+) -> TrainState:
+    """Params from a pretrained checkpoint (any format), placed on the mesh, plus the optimizer
+    state: the checkpoint's when it has one and `pretrained.optimizer_state`, else `fresh`'s.
+    The step count starts at 0."""
+    config = model.module.config
+    # load_checkpoint checks every parameter's name and shape against the config.
+    loaded = formats.load_checkpoint(pretrained.path, config=config, shardings=model.params_shardings)
+    params = jax.tree.map(lambda x, ref: x.astype(ref.dtype), loaded.params, fresh.params)
+    opt_state, continued = fresh.opt_state, ""
+    if pretrained.optimizer_state and loaded.format == "flan_jax":
+        restored = _flan_jax_opt_state(pretrained.path, loaded.step, model, fresh.replace(params=params))
+        if restored is not None:
+            opt_state, continued = restored, "; its optimizer state continues"
+    elif pretrained.optimizer_state and loaded.format.startswith("t5x"):
+        t5x_state = formats.read_adafactor_state(pretrained.path)
+        if t5x_state is not None:
+            opt_state = jax.device_put(_t5x_opt_state(pretrained.path, t5x_state, config, tx), model.opt_state_shardings)
+            continued = f"; Adafactor statistics continue from its step {t5x_state[1]}"
+    print(f"Initialised from {loaded.format} checkpoint {pretrained.path} (its step {loaded.step}){continued}.")
+    return fresh.replace(params=params, opt_state=opt_state)
+
+
+def _flan_jax_opt_state(path: str, step: int, model: step_lib.Model, like: TrainState) -> PyTree | None:
+    """A flan-jax run's optimizer state at `step`, its schedules restarted; None if it holds none."""
+    checkpoint_dir, _, _ = formats.flan_jax_location(path)
+    checkpointer = ckpt_lib.open_for_reading(checkpoint_dir)
+    try:
+        if not checkpointer.has_opt_state(step):
+            return None
+        try:
+            opt_state = restore(checkpointer, step, model, like).opt_state
+        except UserError as e:
+            raise UserError(f"{e}; set TrainConfig.init_optimizer_state=False to start the optimizer afresh") from e
+    finally:
+        checkpointer.close()
+    return jax.device_put(optim.restart_schedule(opt_state), model.opt_state_shardings)
+
+
+def _t5x_opt_state(path: str, t5x_state: tuple[PyTree, int], model_config: T5Config,
+                   tx: optax.GradientTransformation) -> PyTree:
+    """`tx`'s state (on the host, in the model's layer layout) holding a T5X checkpoint's Adafactor statistics."""
+    param_states, step = t5x_state
+    unrolled = formats.abstract_params(dataclasses.replace(model_config, scan_layers=False))
+    fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(tx.init, unrolled))
+    try:
+        state = optim.with_t5x_statistics(fresh, param_states, step)
+    except ValueError as e:
+        raise UserError(f"{path}: cannot continue its Adafactor state: {e}; "
+                        "set TrainConfig.init_optimizer_state=False to start it afresh") from e
+    return scan.to_layout(state, model_config.scan_layers)
