@@ -39,6 +39,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -59,7 +60,15 @@ MIN_BUCKET = 16  # The shortest padded length; lengths are rounded up to powers 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """What training-time evaluation covers and how."""
+    """What training-time evaluation covers and how.
+
+    Two parts, either or both: the tasks of `mixture_or_task_name` (held-in
+    or held-out tasks, scored per task, on average and per template variant)
+    and the held-out `suites` (e.g. ("flan_heldout",): each suite's score,
+    normalized score and `eval/normalized_average`, as `flan-jax eval
+    --suite` reports them), on the first `suite_num_examples` examples of
+    each of their tasks.
+    """
 
     mixture_or_task_name: str | None = None
     split: str = "validation"
@@ -67,14 +76,23 @@ class EvalConfig:
     batch_size: int = 32
     task_feature_lengths: Mapping[str, int] | None = None  # None: the training lengths
     method: str = "generate"  # or "rank": rank classification where examples have options
+    suites: Sequence[str] = ()  # suite names (flan-jax eval --suite's), resolved by the train command
+    suite_num_examples: int | None = 20  # per suite task; None evaluates everything
 
     def __post_init__(self) -> None:
         errors.require_fields(
             self, mixture_or_task_name=errors.optional(errors.NAME), split=errors.NAME,
             num_examples=errors.optional(errors.POSITIVE_INT), batch_size=errors.POSITIVE_INT,
             task_feature_lengths=errors.optional(errors.FEATURE_LENGTHS),
+            suite_num_examples=errors.optional(errors.POSITIVE_INT),
         )
         check_method(self.method, "EvalConfig.method")
+        if isinstance(self.suites, str):  # A lone name, as gin users write it.
+            object.__setattr__(self, "suites", tuple(n.strip() for n in self.suites.split(",") if n.strip()))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.mixture_or_task_name or self.suites)
 
 
 def check_method(method: str, where: str) -> None:
@@ -277,43 +295,71 @@ def evaluate_tasks(
 
 
 class Evaluator:
-    """Training-time evaluation: the tasks of EvalConfig's mixture, loaded once."""
+    """Training-time evaluation: EvalConfig's tasks and suites, their examples loaded once."""
 
-    def __init__(self, config: EvalConfig, task_feature_lengths: Mapping[str, int]) -> None:
-        if not config.mixture_or_task_name:
-            raise ValueError("EvalConfig.mixture_or_task_name is not set")
+    def __init__(self, config: EvalConfig, task_feature_lengths: Mapping[str, int],
+                 suites: Sequence[Suite | CompositeSuite] = ()) -> None:
+        if not config.mixture_or_task_name and not suites:
+            raise ValueError("EvalConfig has neither mixture_or_task_name nor suites")
         self.config = config
         self.lengths = dict(config.task_feature_lengths or task_feature_lengths)
         self.examples = [
             load_task_examples(name, config.split, self.lengths, config.num_examples)
-            for name in mixture_tasks(config.mixture_or_task_name)
+            for name in (mixture_tasks(config.mixture_or_task_name) if config.mixture_or_task_name else ())
         ]
+        self.suites = load_suites(suites, self.lengths, config.suite_num_examples, log=lambda _: None) if suites else None
 
     @property
     def task_names(self) -> list[str]:
-        return [t.name for t in self.examples]
+        suite_tasks = [t.name for examples in (self.suites.examples.values() if self.suites else ()) for t in examples]
+        return [t.name for t in self.examples] + suite_tasks
 
     @property
     def max_decode_length(self) -> int:
         return self.lengths["targets"]
 
     def evaluate(self, fns: ModelFns, step: int, show_progress: bool = False) -> dict[str, float]:
-        """Returns {"eval/<task>/<metric>": value, ..., "eval/average_<metric>": mean over tasks}."""
+        """Returns {"eval/<task>/<metric>": value, ..., "eval/average_<metric>": mean over tasks,
+        "eval/variant/<variant>/<metric>": mean over the tasks of one template variant,
+        "eval/<suite>/score" and ".../normalized", "eval/normalized_average"}."""
         del step  # The caller logs the step.
-        results = evaluate_tasks(
-            self.examples, fns, method=self.config.method, batch_size=self.config.batch_size,
-            max_decode_length=self.max_decode_length, target_length=self.max_decode_length,
-            show_progress=show_progress,
-        )
         flat: dict[str, float] = {}
-        per_metric: dict[str, list[float]] = {}
-        for task, result in sorted(results.items()):
-            for name, value in result.metrics.items():
-                flat[f"eval/{task}/{name}"] = value
-                per_metric.setdefault(name, []).append(value)
-        for name, values in per_metric.items():
-            flat[f"eval/average_{name}"] = float(np.mean(values))
+        if self.examples:
+            results = evaluate_tasks(
+                self.examples, fns, method=self.config.method, batch_size=self.config.batch_size,
+                max_decode_length=self.max_decode_length, target_length=self.max_decode_length,
+                show_progress=show_progress,
+            )
+            flat.update(_task_averages(results))
+        if self.suites:
+            results = run_suites(self.suites.suites, fns, lengths=self.lengths, batch_size=self.config.batch_size,
+                                 limit=self.config.suite_num_examples, show_progress=show_progress,
+                                 log=lambda _: None, loaded=self.suites)
+            flat.update({f"eval/{name.removeprefix('eval_suites/')}": value
+                         for name, value in tensorboard_scalars(results).items()})
         return flat
+
+
+# A task name's template variant, as tasks/templates.py names them: "..._fs_cot", "..._zs_noopt".
+_VARIANT = re.compile(r"_((?:zs|fs)_(?:noopt|opt|cot))$")
+
+
+def _task_averages(results: Mapping[str, TaskResult]) -> dict[str, float]:
+    """Per-task metrics, their means over tasks and over the tasks of each template variant."""
+    flat: dict[str, float] = {}
+    groups: dict[str, dict[str, list[float]]] = {}
+    for task, result in sorted(results.items()):
+        variant = _VARIANT.search(task)
+        for name, value in result.metrics.items():
+            flat[f"eval/{task}/{name}"] = value
+            groups.setdefault("average", {}).setdefault(name, []).append(value)
+            if variant:
+                groups.setdefault(f"variant/{variant.group(1)}", {}).setdefault(name, []).append(value)
+    for group, metrics in groups.items():
+        for name, values in metrics.items():
+            key = f"eval/average_{name}" if group == "average" else f"eval/{group}/{name}"
+            flat[key] = float(np.mean(values))
+    return flat
 
 
 # --- suites --------------------------------------------------------------------------
@@ -444,6 +490,31 @@ def suite_report(suite: Suite, examples: Sequence[TaskExamples], results: Mappin
     }
 
 
+@dataclasses.dataclass
+class LoadedSuites:
+    """Suites' examples, loaded once (`load_suites`), to evaluate any number of times (`run_suites`)."""
+
+    suites: list[Suite]  # each suite once, composites expanded
+    composites: dict[str, list[str]]  # composite name -> member suite names
+    examples: dict[str, list[TaskExamples]]  # suite name -> its tasks' examples
+    lengths: dict[str, int]
+    limit: int | None
+
+
+def load_suites(
+    suites: Sequence[Suite | CompositeSuite], lengths: Mapping[str, int], limit: int | None = None,
+    log: Callable[[str], None] = print,
+) -> LoadedSuites:
+    """Loads (renders and tokenizes) the first `limit` examples of every task of `suites`."""
+    to_run, composites = expand_suites(suites)
+    examples = {}
+    for suite in to_run:
+        log(f"{suite.name}: loading {len(suite.tasks)} tasks ({suite.split} split"
+            f"{f', first {limit} examples each' if limit else ''})...")
+        examples[suite.name] = [load_task_examples(name, suite.split, lengths, limit) for name in suite.tasks]
+    return LoadedSuites(to_run, composites, examples, dict(lengths), limit)
+
+
 def run_suites(
     suites: Sequence[Suite | CompositeSuite],
     fns: ModelFns,
@@ -454,6 +525,7 @@ def run_suites(
     limit: int | None = None,
     show_progress: bool = True,
     log: Callable[[str], None] = print,
+    loaded: LoadedSuites | None = None,
 ) -> dict:
     """Evaluates each suite; returns {"suites": {name: report}, "normalized_average", "seconds", ...}.
 
@@ -462,16 +534,16 @@ def run_suites(
     is the mean over their members' normalized scores, and suites asked for
     beside them are "extras", reported but not averaged (GSM8K beside
     `flan_heldout`); without, it is the mean over every suite. Each composite
-    also gets its own entry in "composites".
+    also gets its own entry in "composites". `loaded` (from `load_suites`
+    with the same suites, lengths and limit) skips loading the examples again.
     """
     check_method(method, "--method")
-    to_run, composites = expand_suites(suites)
-    reports, start = {}, time.perf_counter()
-    for suite in to_run:
+    start = time.perf_counter()
+    loaded = loaded or load_suites(suites, lengths, limit, log)
+    reports, composites = {}, loaded.composites
+    for suite in loaded.suites:
         t0 = time.perf_counter()
-        log(f"{suite.name}: loading {len(suite.tasks)} tasks ({suite.split} split"
-            f"{f', first {limit} examples each' if limit else ''})...")
-        examples = [load_task_examples(name, suite.split, lengths, limit) for name in suite.tasks]
+        examples = loaded.examples[suite.name]
         results = evaluate_tasks(
             examples, fns, method=method, batch_size=batch_size,
             max_decode_length=min(suite.max_decode_length, lengths["targets"]),

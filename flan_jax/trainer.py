@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import gin
 import jax
@@ -123,16 +123,24 @@ def train(
     partitioner: partitioning.Partitioner | None = None,
     checkpoint_config: ckpt_lib.CheckpointConfig | None = None,
     eval_config: evaluation.EvalConfig | None = None,
+    suites: Sequence[evaluation.Suite | evaluation.CompositeSuite] = (),
     show_progress: bool = True,
 ) -> TrainSummary:
-    """Finetunes (or trains from scratch) a T5 on a SeqIO mixture; see module doc."""
+    """Finetunes (or trains from scratch) a T5 on a SeqIO mixture; see module doc.
+
+    `suites` are EvalConfig.suites resolved (the train command looks them up
+    in the task catalog, which this library does not import).
+    """
     config = config or TrainConfig()
     model_config = model_config or T5Config()
     tx = optimizer or optim.adafactor()
     partitioner = partitioner or partitioning.Partitioner()
     eval_config = eval_config or evaluation.EvalConfig()
     vocabulary = _check_inputs(config, model_config, partitioner)
-    evaluator = evaluation.Evaluator(eval_config, dict(config.task_feature_lengths)) if eval_config.mixture_or_task_name else None
+    if len(suites) != len(eval_config.suites):
+        raise ValueError(f"EvalConfig.suites={eval_config.suites} needs the suites themselves (train(suites=...))")
+    evaluator = (evaluation.Evaluator(eval_config, dict(config.task_feature_lengths), suites)
+                 if eval_config.enabled else None)
     is_chief = jax.process_index() == 0
     module = Transformer(model_config)
     with RunDir(config.model_dir, checkpoint_config or ckpt_lib.CheckpointConfig(), is_chief=is_chief) as run:
@@ -264,7 +272,9 @@ class _Loop:
         self.progress.write(f"Evaluating at step {state.step} on {len(self.evaluator.task_names)} tasks...")
         metrics = self.evaluator.evaluate(self.runner.fns(state.params), state.step)
         self.run.log_eval(state.step, metrics)
-        self.progress.write(f"  average accuracy {metrics.get('eval/average_accuracy', float('nan')):.2f}")
+        self.progress.write("  " + ", ".join(f"{label} {metrics[key]:.2f}" for key, label in (
+            ("eval/average_accuracy", "average accuracy"), ("eval/normalized_average", "normalized average"))
+            if key in metrics))
         return metrics
 
     def save(self, state: train_state.TrainState, batches: data_lib.TrainIterator, metrics: Mapping[str, float] | None) -> None:

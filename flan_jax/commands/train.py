@@ -23,7 +23,11 @@ def run(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
         config = trainer.TrainConfig()
     except TypeError as e:  # gin adds lines on what it had bound; the first one names what is missing.
         raise UserError(f"incomplete gin config: {str(e).splitlines()[0]}") from None
-    summary = trainer.train(config)
+    from flan_jax import evaluation
+
+    eval_config = evaluation.EvalConfig()
+    suites = catalog.get_suites(",".join(eval_config.suites)) if eval_config.suites else []
+    summary = trainer.train(config, eval_config=eval_config, suites=suites)
     print(summary.format())
     if summary.preempted_by:
         from flan_jax import preemption
