@@ -44,6 +44,8 @@ from flan_jax.run_dir import RunDir, TrainSummary
 
 __all__ = ["TrainConfig", "TrainSummary", "NonFiniteLossError", "train"]
 
+RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")  # jax.random's PRNG implementations, by name
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +91,11 @@ class TrainConfig:
     # step and batch) or "skip" that update and go on, counting skipped steps.
     # Either way the update is not applied (see step.make_train_step).
     on_nonfinite: str = "stop"
+    # The PRNG behind dropout (T5X's use_hardware_rng): "threefry2x32" (JAX's
+    # default, the same bits on every backend), "rbg" or "unsafe_rbg" (the
+    # accelerator's random-bit generator: faster, backend-specific bits).
+    # Each is deterministic for a seed, so a resumed run repeats its masks.
+    rng_impl: str = "threefry2x32"
 
     def __post_init__(self) -> None:
         errors.require_fields(
@@ -98,7 +105,7 @@ class TrainConfig:
             label_smoothing=errors.FRACTION, loss_normalizing_factor=errors.optional(errors.POSITIVE_NUMBER),
             init_checkpoint=errors.optional(errors.PATH), init_optimizer_state=errors.BOOL, save_input_state=errors.BOOL,
             num_microbatches=errors.POSITIVE_INT, input_sharding=errors.one_of(*data_lib.INPUT_SHARDINGS),
-            on_nonfinite=errors.one_of("stop", "skip"),
+            on_nonfinite=errors.one_of("stop", "skip"), rng_impl=errors.one_of(*RNG_IMPLS),
         )
         if self.batch_size % self.num_microbatches:
             raise UserError(
@@ -207,7 +214,7 @@ class _Loop:
     def train(self, state: train_state.TrainState) -> TrainSummary:
         """Trains from `state` to TrainConfig.num_steps (or a preemption); returns the summary."""
         config, run, start_step = self.config, self.run, state.step
-        rng = jax.random.key(config.seed + 1)
+        rng = jax.random.key(config.seed + 1, impl=config.rng_impl)
         self.progress = tqdm.tqdm(
             total=config.num_steps, initial=start_step, disable=not (self.show_progress and run.is_chief),
             unit="step", dynamic_ncols=True,
