@@ -84,6 +84,9 @@ class TrainConfig:
     # step and batch) or "skip" that update and go on, counting skipped steps.
     # Either way the update is not applied (see step.make_train_step).
     on_nonfinite: str = "stop"
+    # Suites (e.g. ("gsm8k_cot",)) whose evaluation questions training must not see: training examples sharing
+    # a 13-word n-gram with one are dropped in the input pipeline and counted (flan_jax/commands/train.py).
+    exclude_overlap_with: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         errors.require_fields(
