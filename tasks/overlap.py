@@ -30,6 +30,7 @@ from flan_jax.errors import UserError
 from tasks import collection, registry, seqio_tasks, sources
 from tasks.family import RENDER_SEED, Source
 
+TEXT_BATCH = 1024  # Rows of a text task read at a time.
 EXCLUDED = "dropped_overlap"  # The SourceStats count of training examples dropped by `exclude_overlap`.
 
 
@@ -135,8 +136,12 @@ def _text_rows(source: Any, name: str) -> Iterator[tuple[str, str]]:
     """A text task's train split, unshuffled (a Flan Collection stream unthinned: every row it may draw)."""
     if isinstance(source, collection.StreamSource):
         source = collection.StreamSource(source.index, {k: 1.0 for k in source.keep}, name=source.name)
-    for row in source.get_dataset("train", shuffle=False).as_numpy_iterator():
-        yield (row["task_name"].decode() if "task_name" in row else name), example_text(row)
+    # Batched: tf.data hands rows to Python at half the speed one at a time; prefetched: reading overlaps matching.
+    batches = source.get_dataset("train", shuffle=False).batch(TEXT_BATCH).prefetch(2)
+    for batch in batches.as_numpy_iterator():
+        tasks = batch["task_name"] if "task_name" in batch else [name.encode()] * len(batch["inputs"])
+        for task, inputs, targets in zip(tasks, batch["inputs"], batch["targets"]):
+            yield task.decode(), example_text({"inputs": inputs, "targets": targets})
 
 
 def training_streams(task_names: Sequence[str]) -> list[TrainingStream]:
