@@ -11,7 +11,7 @@ evaluation task's own few-shot exemplars against its evaluation examples.
 `exclude_overlap(index)` installs the same test inside the training input
 pipeline (tasks/seqio_tasks.py `set_training_filter`): overlapping training
 examples are dropped and counted in `sources.stats(<source>)
-.counts[EXCLUDED]`.
+.counts[EXCLUDED]`, the examples checked in `.counts[CHECKED]`.
 
 Not a task module: it has no `register()`.
 """
@@ -31,7 +31,8 @@ from tasks import collection, registry, seqio_tasks, sources
 from tasks.family import RENDER_SEED, Source
 
 TEXT_BATCH = 1024  # Rows of a text task read at a time.
-EXCLUDED = "dropped_overlap"  # The SourceStats count of training examples dropped by `exclude_overlap`.
+EXCLUDED = "dropped_overlap"  # The SourceStats count of training examples dropped by `exclude_overlap`,
+CHECKED = "overlap_checked"  # and of those it checked (the pipeline reads lazily: what training has reached).
 
 
 def example_text(example: Mapping[str, Any]) -> str:
@@ -237,8 +238,10 @@ def exclude_overlap(index: decontamination.OverlapIndex | None) -> None:
         return
 
     def keep(source_name: str, example: Mapping[str, Any]) -> bool:
+        source_stats = sources.stats(source_name)
+        source_stats.count(CHECKED)
         if index.matches(example_text(example)):
-            sources.stats(source_name).count(EXCLUDED)
+            source_stats.count(EXCLUDED)
             return False
         return True
 
@@ -248,3 +251,8 @@ def exclude_overlap(index: decontamination.OverlapIndex | None) -> None:
 def excluded_counts() -> dict[str, int]:
     """Training examples dropped by `exclude_overlap` so far, by source (or text task)."""
     return {name: s.counts[EXCLUDED] for name, s in sources.all_stats().items() if s.counts.get(EXCLUDED)}
+
+
+def checked_count() -> int:
+    """Training examples `exclude_overlap` has checked so far, all sources together."""
+    return sum(s.counts.get(CHECKED, 0) for s in sources.all_stats().values())

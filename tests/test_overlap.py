@@ -85,7 +85,7 @@ def test_exclusion_drops_exactly_the_planted_rows_and_counts_them(planted, tmp_p
     assert overlap.excluded_counts() == {"planted": 6, TEXT_TASK: 1}  # Counted per pipeline built: two variants.
     train_command.report_excluded(("gsm8k_cot",), str(tmp_path))
     assert json.loads((tmp_path / train_command.EXCLUDED_FILE).read_text()) == {
-        "suites": ["gsm8k_cot"], "dropped": {"planted": 6, TEXT_TASK: 1}}
+        "suites": ["gsm8k_cot"], "checked": 56, "dropped": {"planted": 6, TEXT_TASK: 1}}
     overlap.exclude_overlap(None)
     ds = seqio.get_mixture_or_task(planted[0]).get_dataset(lengths, split="train", shuffle=False, use_cached=False,
                                                            num_epochs=1)

@@ -59,12 +59,17 @@ def exclude_overlap(suites: Sequence[str] | str) -> None:
 
 
 def report_excluded(suites: Sequence[str] | str, model_dir: str) -> dict[str, int]:
-    """Prints and writes (model_dir/excluded_overlap.json) the training examples dropped, by source."""
+    """Prints and writes (model_dir/excluded_overlap.json) the training examples read and those dropped, by source.
+
+    The pipeline reads ahead of training (shuffle and prefetch buffers), so
+    "read" counts what it reached, a little more than the steps consumed.
+    """
     from tasks import overlap
 
-    counts = overlap.excluded_counts()
-    print(f"exclude_overlap_with={_suite_names(suites)}: dropped {sum(counts.values())} training examples "
-          f"overlapping them" + (f" ({', '.join(f'{k}: {n}' for k, n in sorted(counts.items()))})" if counts else ""))
+    counts, checked = overlap.excluded_counts(), overlap.checked_count()
+    by_source = f" ({', '.join(f'{k}: {n}' for k, n in sorted(counts.items()))})" if counts else ""
+    print(f"exclude_overlap_with={_suite_names(suites)}: dropped {sum(counts.values())} of the {checked} training "
+          f"examples read, overlapping them{by_source}")
     with open(os.path.join(model_dir, EXCLUDED_FILE), "w") as f:
-        json.dump({"suites": _suite_names(suites).split(","), "dropped": counts}, f, indent=1)
+        json.dump({"suites": _suite_names(suites).split(","), "checked": checked, "dropped": counts}, f, indent=1)
     return counts
