@@ -100,7 +100,9 @@ def eval_index(tasks: Sequence[EvalTask]) -> decontamination.OverlapIndex:
 def exemplars_in_eval(task: EvalTask, index: decontamination.OverlapIndex) -> dict[str, Any]:
     """The task's distinct few-shot exemplars, and those whose question overlaps its evaluation examples.
 
-    {"exemplars": how many distinct, "in_eval": [{"exemplar": its question, "eval_indices": [...]}]}.
+    {"exemplars": how many distinct, "in_eval": [{"exemplar": its question, "eval_indices": those sharing an
+    n-gram with it, "identical": those whose question is the same, normalized}]}. Templated tasks (BBH's
+    logical deduction) share n-grams between different questions; "identical" is the exemplar itself.
     Zero-shot variants have none.
     """
     questions: dict[str, None] = {}
@@ -113,7 +115,10 @@ def exemplars_in_eval(task: EvalTask, index: decontamination.OverlapIndex) -> di
     for question in questions:
         hits = sorted(i for name, i in index.matches(question) if name == task.name)
         if hits:
-            found.append({"exemplar": question, "eval_indices": hits})
+            same = decontamination.words(question)
+            identical = [i for i in hits
+                         if decontamination.words(task.source.example(task.split, i)["question"]) == same]
+            found.append({"exemplar": question, "eval_indices": hits, "identical": identical})
     return {"exemplars": len(questions), "in_eval": found}
 
 
@@ -200,6 +205,7 @@ def overlap_report(mixture: str, suites: Sequence[evaluation.Suite | evaluation.
                  progress=progress)
     return {
         "mixture": mixture, "suites": [s.name for s in suites], "ngram": index.n, "min_words": index.min_words,
+        "max_shared": index.max_shared, "boilerplate_ngrams": index.boilerplate(),
         "eval_tasks": {t.name: {"split": t.split, "examples": t.size, "too_short": index.too_short.get(t.name, 0),
                                 **exemplars_in_eval(t, index)} for t in tasks},
         **report.as_dict(),
@@ -223,8 +229,11 @@ def format_report(result: Mapping[str, Any]) -> str:
         lines.append("no overlap found")
     for name, task in result["eval_tasks"].items():
         if task["in_eval"]:
-            lines.append(f"{name}: {len(task['in_eval'])} of its {task['exemplars']} few-shot exemplars overlap its "
-                         f"evaluation examples {sorted({i for e in task['in_eval'] for i in e['eval_indices']})}")
+            hit = {i for e in task["in_eval"] for i in e["eval_indices"]}
+            identical = sum(1 for e in task["in_eval"] if e["identical"])
+            lines.append(f"{name}: of its {task['exemplars']} few-shot exemplars, {identical} are evaluation "
+                         f"examples and {len(task['in_eval'])} share an n-gram with {len(hit)} of its "
+                         f"{task['examples']}")
     return "\n".join(lines)
 
 

@@ -124,3 +124,12 @@ def test_bad_names_are_one_line(args, named):
     errors = [line for line in result.stderr.splitlines() if line.startswith("flan-jax: error:")]
     assert len(errors) == 1 and named in errors[0], result.stderr  # TensorFlow's start-up lines aside.
     assert "Traceback" not in result.stderr
+
+
+def test_an_mmlu_cot_exemplar_that_is_a_test_question_is_found(planted):
+    """FLAN's 5-shot MMLU-CoT prompt for high-school physics holds MMLU test question 152 (the microwave oven)."""
+    tasks = [t for t in overlap.eval_tasks(catalog.get_suites("mmlu_cot")) if t.name == "mmlu_high_school_physics_cot"]
+    found = overlap.exemplars_in_eval(tasks[0], overlap.eval_index(tasks))
+    assert found["exemplars"] == 5
+    assert [(e["exemplar"].split(",")[0], e["identical"]) for e in found["in_eval"] if e["identical"]] == [
+        ("A microwave oven is connected to an outlet", [152])]

@@ -68,8 +68,8 @@ def report_excluded(suites: Sequence[str] | str, model_dir: str) -> dict[str, in
 
     counts, checked = overlap.excluded_counts(), overlap.checked_count()
     by_source = f" ({', '.join(f'{k}: {n}' for k, n in sorted(counts.items()))})" if counts else ""
-    print(f"exclude_overlap_with={_suite_names(suites)}: dropped {sum(counts.values())} of the {checked} training "
-          f"examples read, overlapping them{by_source}")
+    print(f"exclude_overlap_with={_suite_names(suites)}: dropped {sum(counts.values())} of {checked} training "
+          f"examples read{by_source}")
     with open(os.path.join(model_dir, EXCLUDED_FILE), "w") as f:
         json.dump({"suites": _suite_names(suites).split(","), "checked": checked, "dropped": counts}, f, indent=1)
     return counts
