@@ -1,8 +1,8 @@
 """Held out means held out: the catalog's side of n-gram decontamination (flan_jax/decontamination.py).
 
-`eval_index(suites)` indexes the query text of every task of some suites (a
-composite such as `flan_heldout` counts as its members): the source
-example's `question`, not the few-shot prompt around it. `training_streams`
+`eval_index(eval_tasks(suites))` indexes the query text of every task of
+some suites (a composite such as `flan_heldout` counts as its members): the
+source example's `question`, not the few-shot prompt around it. `training_streams`
 lists what a mixture trains on, one stream per source, so a source several
 variants share is read once, and `scan_mixture` streams them all past the
 index (memory: the evaluation side only). `exemplars_in_eval` checks each
