@@ -9,7 +9,11 @@ run of words.
 `OverlapIndex` holds the evaluation side only: the n-grams of every
 evaluation example, as hashes, mapped to the examples that contain them.
 Evaluation texts under 8 words are not checked (they would match by chance)
-and are counted as such. Training text is then streamed past it (`matches`), one example at a
+and are counted as such. An n-gram that more than `max_shared` (10)
+evaluation examples share is a task's boilerplate (BBH's "The following
+paragraphs each describe a set of seven objects arranged in a fixed order"),
+not an example's content: it is ignored, as GPT-3 ignored 13-grams found in
+more than 10 training documents. Training text is then streamed past it (`matches`), one example at a
 time, so memory is set by the evaluation side, whatever the training side's
 size (a whole Flan Collection export). `OverlapReport` counts, per (training
 task, evaluation task) pair, which evaluation examples were hit and how many
@@ -25,6 +29,7 @@ from collections.abc import Iterable
 
 NGRAM = 13
 MIN_WORDS = 8  # Shorter evaluation texts ("Sort: b a") would match everywhere by chance: not checked.
+MAX_SHARED = 10  # An n-gram of more evaluation examples than this is boilerplate: ignored.
 _WORD = re.compile(r"\w+")
 _UNKNOWN = -1  # A word no evaluation text has: no n-gram through it can match.
 
@@ -45,10 +50,12 @@ class OverlapIndex:
     on the evaluation side alone.
     """
 
-    def __init__(self, n: int = NGRAM, min_words: int = MIN_WORDS) -> None:
+    def __init__(self, n: int = NGRAM, min_words: int = MIN_WORDS, max_shared: int = MAX_SHARED) -> None:
         if not 0 < min_words <= n:
             raise ValueError(f"need 0 < min_words <= n, not min_words={min_words}, n={n}")
-        self.n, self.min_words = n, min_words
+        if max_shared < 1:
+            raise ValueError(f"need max_shared >= 1, not {max_shared}")
+        self.n, self.min_words, self.max_shared = n, min_words, max_shared
         self._vocabulary: dict[str, int] = {}
         self._grams: dict[int, set[EvalKey]] = collections.defaultdict(set)
         self._sizes: set[int] = set()  # Window sizes to look at: n, and the lengths of shorter texts.
@@ -84,9 +91,13 @@ class OverlapIndex:
             for size in self._sizes:
                 for start in range(len(run) - size + 1):
                     hit = self._grams.get(hash(run[start:start + size]))
-                    if hit:
+                    if hit and len(hit) <= self.max_shared:
                         found |= hit
         return found
+
+    def boilerplate(self) -> int:
+        """How many n-grams are ignored: shared by more than `max_shared` evaluation examples."""
+        return sum(1 for keys in self._grams.values() if len(keys) > self.max_shared)
 
 
 def _known_runs(ids: tuple[int, ...]) -> Iterable[tuple[int, ...]]:

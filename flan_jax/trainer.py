@@ -96,6 +96,9 @@ class TrainConfig:
     # accelerator's random-bit generator: faster, backend-specific bits).
     # Each is deterministic for a seed, so a resumed run repeats its masks.
     rng_impl: str = "threefry2x32"
+    # Suites (e.g. ("gsm8k_cot",)) whose evaluation questions training must not see: training examples sharing
+    # a 13-word n-gram with one are dropped in the input pipeline and counted (flan_jax/commands/train.py).
+    exclude_overlap_with: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         errors.require_fields(

@@ -49,6 +49,21 @@ SHUFFLE_BUFFER_SIZE = 64
 
 _vocabulary: seqio.Vocabulary | None = None  # That of the last `register_seqio`; None before the first.
 _count = 0  # Calls of `register_seqio` in this process.
+# (source or task name, example) -> whether training keeps it; None keeps all (see `set_training_filter`).
+TrainingFilter = Callable[[str, Mapping[str, Any]], bool]
+_training_filter: TrainingFilter | None = None
+
+
+def set_training_filter(keep: TrainingFilter | None) -> None:
+    """Filters the training examples of every dataset built from now on (None: no filter).
+
+    `keep(name, example)` sees a source's raw train examples (name: the
+    source's) and a text task's rows (name: the task's), before rendering.
+    tasks/overlap.py installs one that drops examples overlapping evaluation
+    suites and counts them.
+    """
+    global _training_filter
+    _training_filter = keep
 
 
 def register_seqio(vocabulary: seqio.Vocabulary) -> None:
@@ -121,7 +136,8 @@ def _register_text_task(name: str, source: seqio.DataSource, buffer_size: int, v
     seqio.TaskRegistry.remove(name)
     seqio.TaskRegistry.add(
         name, source=source, output_features=_features(vocabulary),
-        preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+        preprocessors=[functools.partial(_filter_text, task=name), seqio.preprocessors.tokenize,
+                       seqio.preprocessors.append_eos_after_trim],
         metric_fns=[t5.evaluation.metrics.accuracy], shuffle_buffer_size=buffer_size,
     )
 
@@ -172,7 +188,8 @@ def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *, sou
     Shuffling permutes the whole split (not just a buffer), so training sees
     every example once per epoch in a seed-determined order. Asking the size
     first reads a file source here, so a missing file fails when the dataset
-    is built, with its own message, not later inside TensorFlow.
+    is built, with its own message, not later inside TensorFlow. The train
+    split keeps only what `set_training_filter`'s filter keeps.
     """
     size = source.split_size(split)
 
@@ -193,7 +210,24 @@ def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *, sou
     ds = tf.data.Dataset.range(size)
     if shuffle_files:
         ds = ds.shuffle(size, seed=seed, reshuffle_each_iteration=True)
+    keep = _training_filter
+    if keep is not None and split == "train":
+        ds = ds.filter(_plain_tf(lambda index: tf.ensure_shape(tf.numpy_function(
+            lambda i: keep(source.name, source.example(split, int(i))), [index], tf.bool, stateful=False), [])))
     return ds.map(to_features)
+
+
+def _filter_text(dataset: tf.data.Dataset, *, task: str) -> tf.data.Dataset:
+    """A text task's rows that `set_training_filter`'s filter keeps (every split: text tasks are training data)."""
+    keep = _training_filter
+    if keep is None:
+        return dataset
+
+    def py_keep(inputs: bytes, targets: bytes) -> bool:
+        return keep(task, {"inputs": inputs.decode(), "targets": targets.decode()})
+
+    return dataset.filter(_plain_tf(lambda ex: tf.ensure_shape(
+        tf.numpy_function(py_keep, [ex["inputs"], ex["targets"]], tf.bool, stateful=False), [])))
 
 
 def _token_counter(feature: seqio.Feature) -> Callable[[str], int]:

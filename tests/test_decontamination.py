@@ -70,3 +70,13 @@ def test_report_counts_each_pair_and_plants_are_found_exactly():
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="min_words"):
         decontamination.OverlapIndex(n=5, min_words=8)
+
+
+def test_ngrams_many_evaluation_examples_share_are_boilerplate_and_ignored():
+    preamble = "the following paragraphs each describe a set of seven objects arranged in a fixed order"
+    index = decontamination.OverlapIndex(max_shared=3)
+    for i, colour in enumerate(["red", "green", "blue", "grey"]):
+        index.add("bbh", i, f"{preamble}. On a shelf there are a {colour} book, a white cup and a black pen.")
+    assert index.boilerplate() > 0
+    assert index.matches(f"Training text: {preamble}.") == set()  # In all four: boilerplate.
+    assert index.matches("shelf there are a green book, a white cup and a black pen and more") == {("bbh", 1)}

@@ -1,4 +1,7 @@
-"""`flan-jax data list | show TASK_MIXTURE_OR_FAMILY | stats TASK_OR_MIXTURE`: inspect registered tasks and mixtures.
+"""`flan-jax data list | show TASK_MIXTURE_OR_FAMILY | stats TASK_OR_MIXTURE | overlap`: inspect registered tasks.
+
+`data overlap --mixture=M --suite=S`: training examples sharing a 13-word
+n-gram with evaluation questions (tasks/overlap.py).
 
 The reports themselves are in `data_report` (imported when a command runs: it needs SeqIO and tasks/).
 """
@@ -6,6 +9,7 @@ The reports themselves are in `data_report` (imported when a command runs: it ne
 from __future__ import annotations
 
 import argparse
+import json
 
 from flan_jax import errors
 from flan_jax.commands import catalog, gin_flags, process
@@ -36,6 +40,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="with --fill: most share of examples a suggested length may cut (default 0.01)")
     stats.set_defaults(check=check_stats, run=run_stats)
 
+    overlap = data_commands.add_parser(
+        "overlap", help="evaluation examples that share a 13-word n-gram with training examples")
+    overlap.add_argument("--mixture", required=True, help="the training mixture or task")
+    overlap.add_argument("--suite", required=True, help="evaluation suites, comma-separated (e.g. flan_heldout)")
+    overlap.add_argument("--split", help="evaluation split (default: each suite's own)")
+    overlap.add_argument("--limit", type=int, help="only the first N evaluation examples of each task")
+    overlap.add_argument("--max_rows", type=int, help="only the first N training rows of each source")
+    overlap.add_argument("--output", help="write the report as JSON here")
+    overlap.set_defaults(check=check_overlap, run=run_overlap)
+
 
 def check_show(args: argparse.Namespace) -> None:
     if args.n is not None:
@@ -48,6 +62,12 @@ def check_stats(args: argparse.Namespace) -> None:
     if args.fill is not None:
         errors.require("--fill", args.fill, errors.Check("a number in (0, 1]", lambda v: 0 < v <= 1))
     errors.require("--max_truncated", args.max_truncated, errors.FRACTION)
+
+
+def check_overlap(args: argparse.Namespace) -> None:
+    for flag in ("limit", "max_rows"):
+        if getattr(args, flag) is not None:
+            errors.require(f"--{flag}", getattr(args, flag), errors.POSITIVE_INT)
 
 
 def _load(gin: gin_flags.GinFlags) -> None:
@@ -77,3 +97,17 @@ def run_stats(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
     lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
     data_report.stats(args.name, split=args.split, num_examples=args.num_examples, task_feature_lengths=lengths,
                       fill=args.fill, max_truncated=args.max_truncated)
+
+
+def run_overlap(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
+    suites = catalog.get_suites(args.suite)
+    _load(gin)
+    from tasks import overlap
+
+    result = overlap.overlap_report(args.mixture, suites, split=args.split, limit=args.limit,
+                                    max_rows=args.max_rows)
+    print(overlap.format_report(result))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=1, ensure_ascii=False)
+        print(f"wrote {args.output}")
