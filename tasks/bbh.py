@@ -31,7 +31,7 @@ import json
 import os
 import re
 
-from flan_jax import evaluation
+from flan_jax.suites import Suite
 from flan_jax.errors import UserError
 from tasks import registry, sources, templates
 from tasks.templates import ANSWER_PHRASE, COT_TRIGGER, TaskSpec, Template
@@ -152,7 +152,7 @@ def register() -> None:
             variant = "fs_cot" if mode == "cot" else "fs_noopt"
             names += registry.add_source(BbhSource(task, mode), {f"bbh_{task}_{mode}": variant})
         registry.add_mixture(f"bbh_{mode}", [(name, 1.0) for name in names])
-        registry.add_suite(evaluation.Suite(
+        registry.add_suite(Suite(
             f"bbh_{mode}", tuple(names), f"BIG-Bench Hard, 27 tasks, 3-shot, {'chain of thought' if mode == 'cot' else 'answer only'}",
             max_decode_length=256 if mode == "cot" else 128, chance=chance,
         ))

@@ -40,7 +40,7 @@ import re
 import unicodedata
 from typing import Any
 
-from flan_jax import evaluation
+from flan_jax.suites import Suite
 from flan_jax.errors import UserError
 from tasks import registry, sources
 from tasks.templates import TaskSpec, Template
@@ -199,7 +199,7 @@ def register() -> None:
     names = []
     for lang in LANGUAGES:
         names += registry.add_source(MgsmSource(lang), {f"mgsm_{lang}": "fs_noopt"})
-    registry.add_suite(evaluation.Suite(
+    registry.add_suite(Suite(
         "mgsm_cot", tuple(names), f"MGSM, {len(LANGUAGES)} languages, {NUM_SHOTS}-shot chain of thought with native "
         f"exemplars; the score averages the {len(TRANSLATED)} translated languages",
         max_decode_length=256, scored=tuple(f"mgsm_{lang}" for lang in TRANSLATED),

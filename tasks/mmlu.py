@@ -70,7 +70,7 @@ import logging
 import os
 import re
 
-from flan_jax import evaluation
+from flan_jax.suites import Suite
 from flan_jax.errors import UserError
 from tasks import registry, sources
 from tasks.templates import COT_TRIGGER, TaskSpec, Template
@@ -287,7 +287,7 @@ def register() -> None:
         ("mmlu_direct", direct, 8, "MMLU, 57 subjects, 5-shot, answer letter"),
         ("mmlu_cot", cot, 256, f"MMLU, 57 subjects, chain of thought (5-shot with {COT_PROMPTS_FILE}, else 0-shot)"),
     ):
-        registry.add_suite(evaluation.Suite(
+        registry.add_suite(Suite(
             name, tuple(tasks), description, max_decode_length=decode_length,
             categories={task: CATEGORIES[subject] for task, subject in zip(tasks, SUBJECTS)}, chance=chance,
         ))

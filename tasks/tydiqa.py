@@ -36,7 +36,7 @@ from typing import Any
 
 import t5.evaluation.metrics
 
-from flan_jax import evaluation
+from flan_jax.suites import Suite
 from flan_jax.errors import UserError
 from tasks import registry, sources
 from tasks.templates import TaskSpec, Template
@@ -174,7 +174,7 @@ def register() -> None:
     names = []
     for lang in sorted(LANGUAGES.values()):
         names += registry.add_source(TydiqaSource(lang), {f"tydiqa_{lang}": "fs_noopt"})
-    registry.add_suite(evaluation.Suite(
+    registry.add_suite(Suite(
         "tydiqa_direct", tuple(names), "TyDiQA GoldP, 9 languages, 1-shot, greedy, SQuAD exact match; the score "
         f"averages the paper's {len(PAPER_LANGUAGES)} (English excluded)",
         split="validation", max_decode_length=64, metric="em",
