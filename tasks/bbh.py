@@ -33,7 +33,7 @@ import re
 
 from flan_jax.suites import Suite
 from flan_jax.errors import UserError
-from tasks import registry, sources, templates
+from tasks import files, registry, sources, templates
 from tasks.templates import ANSWER_PHRASE, COT_TRIGGER, TaskSpec, Template
 
 PUBLISHED_AT = "https://github.com/suzgunmirac/BIG-Bench-Hard (bbh/ and cot-prompts/)"
@@ -107,7 +107,7 @@ class BbhSource(sources.LoadedSource):
         self.task, self.mode = task, mode
 
     def _read_files(self, location: str, stats: sources.SourceStats) -> dict[str, list[sources.Example]]:
-        path, data = sources.read_data_file(self.name, location, f"cot-prompts/{self.task}.txt",
+        path, data = files.read_data_file(self.name, location, f"cot-prompts/{self.task}.txt",
                                             sources.get_it_from(PUBLISHED_AT))
         try:
             description, exemplars, joiner = parse_prompt(data.decode("utf-8"), path)
@@ -115,7 +115,7 @@ class BbhSource(sources.LoadedSource):
             # Without its prompt a task cannot be evaluated as published: stop.
             raise UserError(f"{self.name}: unusable prompt file: {e}") from None
         self.spec = spec(self.task, self.mode, description, joiner)
-        path, data = sources.read_data_file(self.name, location, f"bbh/{self.task}.json",
+        path, data = files.read_data_file(self.name, location, f"bbh/{self.task}.json",
                                             sources.get_it_from(PUBLISHED_AT))
         try:
             rows = json.loads(data)["examples"]

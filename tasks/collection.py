@@ -70,7 +70,7 @@ from fsspec.implementations.cached import SimpleCacheFileSystem
 import tensorflow as tf
 
 from flan_jax.errors import UserError
-from tasks import sources
+from tasks import files, sources
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def collection_dir() -> str | None:
     if path := os.environ.get(COLLECTION_DIR_ENV):
         return path
     data = sources.data_dir()
-    if data and sources.isdir(os.path.join(data, "flan_collection")):
+    if data and files.isdir(os.path.join(data, "flan_collection")):
         return os.path.join(data, "flan_collection")
     return None
 
@@ -146,7 +146,7 @@ class SubmixIndex:
         for shard in self.shards:
             if shard.format == "parquet":
                 out += [(shard.path, g) for g in range(len(shard.row_groups))]
-            elif sources.is_native(shard.path):
+            elif files.is_native(shard.path):
                 out.append((shard.path, -1))
             else:
                 out += [(shard.path, b) for b in range(len(shard.blocks) - 1)]
@@ -159,10 +159,10 @@ def _format(path: str) -> str | None:
 
 def list_shards(directory: str) -> list[str]:
     """The shards under `directory` (any depth), sorted; a UserError if there are none."""
-    if not sources.isdir(directory):
+    if not files.isdir(directory):
         raise UserError(f"Flan Collection: {directory} is not a directory")
     try:
-        found = [path for path in sources.find_files(directory) if _format(path)]
+        found = [path for path in files.find_files(directory) if _format(path)]
     except OSError as e:  # A URL's store or server failing.
         raise UserError(f"Flan Collection: cannot list {directory}: {e}") from None
     if not found:
@@ -171,7 +171,7 @@ def list_shards(directory: str) -> list[str]:
 
 
 def _signature(paths: Sequence[str]) -> list[list[Any]]:
-    return [[path, *sources.file_version(path)] for path in paths]
+    return [[path, *files.file_version(path)] for path in paths]
 
 
 def _field(row: Mapping[str, Any], name: str) -> Any:
@@ -180,7 +180,7 @@ def _field(row: Mapping[str, Any], name: str) -> Any:
 
 @contextlib.contextmanager
 def _open(path: str) -> Iterator[io.BufferedIOBase]:
-    with sources.open_file(path) as raw:
+    with files.open_file(path) as raw:
         yield gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
 
 
@@ -188,7 +188,7 @@ def _parquet_file(path: str):  # -> pyarrow.parquet.ParquetFile
     import pyarrow.parquet as pq  # Only Parquet needs it.
 
     # Remote paths go through TensorFlow's or fsspec's file systems, as JSON Lines files do.
-    return pq.ParquetFile(path if "://" not in path else sources.open_file(path))
+    return pq.ParquetFile(path if "://" not in path else files.open_file(path))
 
 
 def _parquet_column(names: Iterable[str], field: str) -> str:
@@ -238,13 +238,13 @@ def _count_shard(path: str) -> tuple[Shard, Counter]:
 
 def _cache_path(directory: str) -> str:
     digest = hashlib.sha256(directory.encode()).hexdigest()[:16]
-    return os.path.join(sources.cache_dir(), "collection_index", f"{digest}.json")
+    return os.path.join(files.cache_dir(), "collection_index", f"{digest}.json")
 
 
 def _index_files(directory: str) -> list[str]:
     """Where the index is cached: beside the shards, then the cache directory (only there for URLs
     fsspec reads: their stores, the Hub's say, are not written to)."""
-    return ([os.path.join(directory, INDEX_FILE)] if sources.is_native(directory) else []) + [_cache_path(directory)]
+    return ([os.path.join(directory, INDEX_FILE)] if files.is_native(directory) else []) + [_cache_path(directory)]
 
 
 def _read_cached(path: str, signature: list) -> SubmixIndex | None:
@@ -325,19 +325,19 @@ def _mirror(root: str, directory: str, progress: bool) -> str | None:
     interrupted download) is fetched again.
     """
     url = f"{root.rstrip('/')}/{directory}/"
-    fs, _ = sources.filesystem(url)
+    fs, _ = files.filesystem(url)
     try:
-        files = [f for f in fs.find(url, maxdepth=3) if _format(f)] if fs.isdir(url) else []
+        listed = [f for f in fs.find(url, maxdepth=3) if _format(f)] if fs.isdir(url) else []
     except OSError as e:  # requests' errors too.
         raise UserError(f"Flan Collection: cannot list {url}: {e}") from None
-    if not files:
+    if not listed:
         return None
     from tqdm import tqdm
 
-    local = os.path.join(sources.cache_dir(), "collection_mirror", hashlib.sha256(root.encode()).hexdigest()[:16],
+    local = os.path.join(files.cache_dir(), "collection_mirror", hashlib.sha256(root.encode()).hexdigest()[:16],
                          directory)
     cache = SimpleCacheFileSystem(fs=fs, cache_storage=local, cache_mapper=_RelativeNames(url))
-    for file_url in tqdm(files, desc=f"mirroring {directory}", unit="file", disable=not progress):
+    for file_url in tqdm(listed, desc=f"mirroring {directory}", unit="file", disable=not progress):
         path = os.path.join(local, cache._mapper(file_url))
         try:
             if os.path.exists(path) and os.path.getsize(path) != fs.size(file_url):
@@ -359,19 +359,19 @@ def find_submixtures(root: str, *, progress: bool = True) -> dict[str, SubmixInd
     such an export is kept in fsspec's cache under the cache directory on
     first use and read from there.
     """
-    if sources.is_native(root) and not sources.isdir(root):
+    if files.is_native(root) and not files.isdir(root):
         raise UserError(f"Flan Collection: {root} is not a directory (set {COLLECTION_DIR_ENV} to the export)")
     present = {}
     for collection, (directory, _) in SUBMIXTURES.items():
-        if sources.is_http(root):
+        if files.is_http(root):
             local = _mirror(root, directory, progress)
         else:
             local = os.path.join(root, directory) if "://" not in root else f"{root.rstrip('/')}/{directory}"
-            local = local if sources.isdir(local) else None
+            local = local if files.isdir(local) else None
         if local is not None:
             present[collection] = index_submixture(local, progress=progress)
     if not present:
-        raise UserError(f"Flan Collection: {root} {'lists' if sources.is_http(root) else 'has'} none of the "
+        raise UserError(f"Flan Collection: {root} {'lists' if files.is_http(root) else 'has'} none of the "
                         f"submixture directories {', '.join(d for d, _ in SUBMIXTURES.values())}")
     return present
 
@@ -580,7 +580,7 @@ class StreamSource(seqio.DataSource):
         if by_unit:
             units = units[shard_index::num_shards]
         # TensorFlow reads its own file systems' JSON Lines files line by line, fsspec others' in blocks.
-        readers = {s.path: "parquet" if s.format == "parquet" else "lines" if sources.is_native(s.path) else "blocks"
+        readers = {s.path: "parquet" if s.format == "parquet" else "lines" if files.is_native(s.path) else "blocks"
                    for s in self.index.shards}
         streams, sizes = [], []
         for reader, read in (("lines", self._jsonl_unit), ("blocks", self._block_unit),

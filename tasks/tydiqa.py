@@ -38,7 +38,7 @@ import t5.evaluation.metrics
 
 from flan_jax.suites import Suite
 from flan_jax.errors import UserError
-from tasks import registry, sources
+from tasks import files, registry, sources
 from tasks.templates import TaskSpec, Template
 
 logger = logging.getLogger(__name__)
@@ -114,10 +114,10 @@ def read_files(where: str) -> tuple[dict[str, list[sources.Example]], dict[str, 
     if where not in _FILES_CACHE:
         stats = sources.stats("tydiqa")
         stats.reset()
-        path, data = sources.read_data_file("tydiqa", where, FILES["dev"], ADVICE)
+        path, data = files.read_data_file("tydiqa", where, FILES["dev"], ADVICE)
         dev = parse_goldp(data, path, stats)
         try:
-            path, data = sources.read_data_file("tydiqa", where, FILES["train"], ADVICE)
+            path, data = files.read_data_file("tydiqa", where, FILES["train"], ADVICE)
         except sources.MissingDataError:
             logger.warning("tydiqa: no %s in %s, so the first dev example of each language is its exemplar "
                            "(not scored). %s", FILES["train"], where, ADVICE)
