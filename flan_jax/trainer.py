@@ -30,6 +30,8 @@ from flan_jax import checkpoints as ckpt_lib
 from flan_jax import data as data_lib
 from flan_jax import errors
 from flan_jax import evaluation
+from flan_jax.suites import CompositeSuite, Suite
+from flan_jax.training_eval import Evaluator
 from flan_jax import flops
 from flan_jax import inference
 from flan_jax import optim
@@ -133,7 +135,7 @@ def train(
     partitioner: partitioning.Partitioner | None = None,
     checkpoint_config: ckpt_lib.CheckpointConfig | None = None,
     eval_config: evaluation.EvalConfig | None = None,
-    suites: Sequence[evaluation.Suite | evaluation.CompositeSuite] = (),
+    suites: Sequence[Suite | CompositeSuite] = (),
     show_progress: bool = True,
 ) -> TrainSummary:
     """Finetunes (or trains from scratch) a T5 on a SeqIO mixture; see module doc.
@@ -149,7 +151,7 @@ def train(
     vocabulary = _check_inputs(config, model_config, partitioner)
     if len(suites) != len(eval_config.suites):
         raise ValueError(f"EvalConfig.suites={eval_config.suites} needs the suites themselves (train(suites=...))")
-    evaluator = (evaluation.Evaluator(eval_config, dict(config.task_feature_lengths), suites)
+    evaluator = (Evaluator(eval_config, dict(config.task_feature_lengths), suites)
                  if eval_config.enabled else None)
     is_chief = jax.process_index() == 0
     module = Transformer(model_config)
@@ -205,7 +207,7 @@ class _Loop:
     """The training loop (`train`) and its periodic actions, which `due` alone schedules."""
 
     def __init__(self, config: TrainConfig, model: step_lib.Model, tx: optax.GradientTransformation,
-                 partitioner: partitioning.Partitioner, run: RunDir, evaluator: evaluation.Evaluator | None,
+                 partitioner: partitioning.Partitioner, run: RunDir, evaluator: Evaluator | None,
                  vocab_record: dict, show_progress: bool) -> None:
         self.config, self.model, self.partitioner, self.run = config, model, partitioner, run
         self.evaluator, self.vocab_record, self.show_progress = evaluator, vocab_record, show_progress

@@ -31,9 +31,9 @@ import json
 import os
 import re
 
-from flan_jax import evaluation
+from flan_jax.suites import Suite
 from flan_jax.errors import UserError
-from tasks import registry, sources, templates
+from tasks import files, registry, sources, templates
 from tasks.templates import ANSWER_PHRASE, COT_TRIGGER, TaskSpec, Template
 
 PUBLISHED_AT = "https://github.com/suzgunmirac/BIG-Bench-Hard (bbh/ and cot-prompts/)"
@@ -107,7 +107,7 @@ class BbhSource(sources.LoadedSource):
         self.task, self.mode = task, mode
 
     def _read_files(self, location: str, stats: sources.SourceStats) -> dict[str, list[sources.Example]]:
-        path, data = sources.read_data_file(self.name, location, f"cot-prompts/{self.task}.txt",
+        path, data = files.read_data_file(self.name, location, f"cot-prompts/{self.task}.txt",
                                             sources.get_it_from(PUBLISHED_AT))
         try:
             description, exemplars, joiner = parse_prompt(data.decode("utf-8"), path)
@@ -115,7 +115,7 @@ class BbhSource(sources.LoadedSource):
             # Without its prompt a task cannot be evaluated as published: stop.
             raise UserError(f"{self.name}: unusable prompt file: {e}") from None
         self.spec = spec(self.task, self.mode, description, joiner)
-        path, data = sources.read_data_file(self.name, location, f"bbh/{self.task}.json",
+        path, data = files.read_data_file(self.name, location, f"bbh/{self.task}.json",
                                             sources.get_it_from(PUBLISHED_AT))
         try:
             rows = json.loads(data)["examples"]
@@ -152,7 +152,7 @@ def register() -> None:
             variant = "fs_cot" if mode == "cot" else "fs_noopt"
             names += registry.add_source(BbhSource(task, mode), {f"bbh_{task}_{mode}": variant})
         registry.add_mixture(f"bbh_{mode}", [(name, 1.0) for name in names])
-        registry.add_suite(evaluation.Suite(
+        registry.add_suite(Suite(
             f"bbh_{mode}", tuple(names), f"BIG-Bench Hard, 27 tasks, 3-shot, {'chain of thought' if mode == 'cot' else 'answer only'}",
             max_decode_length=256 if mode == "cot" else 128, chance=chance,
         ))

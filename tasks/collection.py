@@ -18,12 +18,9 @@ with the fields `inputs`, `targets`, `task_source`, `task_name` and
 `template_type` in every row (copies that prefix them with "_", as some
 do, are read too). Submixtures that are absent are simply not there.
 
-Index. Mixing needs each task's example count, which no shard states, so the
-first use of a submixture makes one counting pass (Parquet: only the two
-name columns) and caches the result as `flan_jax_index.json` in its
-directory, or under the cache directory when that is read-only or a URL
-fsspec reads. The cache is keyed by the shards' names, sizes and
-modification times (or versions).
+Index (tasks/collection_index.py). Mixing needs each task's example count,
+which no shard states, so the first use of a submixture makes one counting
+pass and caches the result (`index_submixture`).
 
 Reading (`StreamSource`). Nothing is loaded whole: units (a JSON Lines file
 TensorFlow reads line by line, a block of BLOCK_LINES lines of one fsspec
@@ -49,30 +46,29 @@ read every shard once per task.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import gzip
-import hashlib
-import io
 import json
-import logging
 import os
 import re
-import urllib.parse
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import seqio
-from fsspec.implementations.cache_mapper import AbstractCacheMapper
-from fsspec.implementations.cached import SimpleCacheFileSystem
 import tensorflow as tf
 
 from flan_jax.errors import UserError
-from tasks import sources
-
-logger = logging.getLogger(__name__)
+from tasks import files, sources
+from tasks.collection_index import (
+    SubmixIndex,
+    Triple,
+    index_submixture,
+    mirror,
+    open_shard,
+    parquet_column,
+    parquet_file,
+    row_field,
+)
 
 # Recipe collection (tasks/mixing.py FLAN_2022) -> (directory of the export, prefix of its task names).
 SUBMIXTURES: dict[str, tuple[str, str]] = {
@@ -82,16 +78,9 @@ SUBMIXTURES: dict[str, tuple[str, str]] = {
     "cot": ("cot_submix_original", "cot"),
     "dialog": ("dialog_submix_original", "dialog"),
 }
-FIELDS = ("inputs", "targets", "task_source", "task_name", "template_type")
-SUFFIXES = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".parquet": "parquet"}
-INDEX_FILE = "flan_jax_index.json"
-INDEX_VERSION = 2
 COLLECTION_DIR_ENV = "FLAN_JAX_COLLECTION_DIR"
 PARSE_BATCH = 256  # Rows parsed per Python call: amortises the call, bounds memory.
 CYCLE_LENGTH = 4  # Units read at a time; with Parquet, row groups held in memory.
-BLOCK_LINES = 4096  # Lines of a JSON Lines unit read through fsspec: rows held in memory per unit.
-
-Triple = tuple[str, str]  # (task_name, template_type) within one submixture.
 
 
 def collection_dir() -> str | None:
@@ -99,7 +88,7 @@ def collection_dir() -> str | None:
     if path := os.environ.get(COLLECTION_DIR_ENV):
         return path
     data = sources.data_dir()
-    if data and sources.isdir(os.path.join(data, "flan_collection")):
+    if data and files.isdir(os.path.join(data, "flan_collection")):
         return os.path.join(data, "flan_collection")
     return None
 
@@ -107,246 +96,6 @@ def collection_dir() -> str | None:
 def task_name(prefix: str, task: str, template_type: str) -> str:
     """The SeqIO task of one (task, template type), e.g. 'flan2021_glue_cola_2_0_0_zs_opt'."""
     return "_".join(re.sub(r"[^0-9A-Za-z]+", "_", part).strip("_") for part in (prefix, task, template_type))
-
-
-# --- the index --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Shard:
-    """One file of a submixture: its path, format, rows, and (Parquet) rows per row group.
-
-    `blocks` (JSON Lines): the (byte offset, line number) where every
-    BLOCK_LINES-th line starts, then the end's; fsspec reads a block at a time.
-    """
-
-    path: str
-    format: str
-    rows: int
-    row_groups: tuple[int, ...] = ()
-    blocks: tuple[tuple[int, int], ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class SubmixIndex:
-    """What the counting pass learns of one submixture directory."""
-
-    directory: str
-    shards: tuple[Shard, ...]
-    counts: dict[Triple, int]
-
-    @property
-    def rows(self) -> int:
-        return sum(s.rows for s in self.shards)
-
-    def units(self) -> list[tuple[str, int]]:
-        """(path, part) read as one piece: a whole JSON Lines file TensorFlow reads (part -1), a block of
-        one that fsspec reads, or one Parquet row group."""
-        out = []
-        for shard in self.shards:
-            if shard.format == "parquet":
-                out += [(shard.path, g) for g in range(len(shard.row_groups))]
-            elif sources.is_native(shard.path):
-                out.append((shard.path, -1))
-            else:
-                out += [(shard.path, b) for b in range(len(shard.blocks) - 1)]
-        return out
-
-
-def _format(path: str) -> str | None:
-    return next((fmt for suffix, fmt in SUFFIXES.items() if path.endswith(suffix)), None)
-
-
-def list_shards(directory: str) -> list[str]:
-    """The shards under `directory` (any depth), sorted; a UserError if there are none."""
-    if not sources.isdir(directory):
-        raise UserError(f"Flan Collection: {directory} is not a directory")
-    try:
-        found = [path for path in sources.find_files(directory) if _format(path)]
-    except OSError as e:  # A URL's store or server failing.
-        raise UserError(f"Flan Collection: cannot list {directory}: {e}") from None
-    if not found:
-        raise UserError(f"Flan Collection: no .jsonl, .jsonl.gz or .parquet files under {directory}")
-    return sorted(found)
-
-
-def _signature(paths: Sequence[str]) -> list[list[Any]]:
-    return [[path, *sources.file_version(path)] for path in paths]
-
-
-def _field(row: Mapping[str, Any], name: str) -> Any:
-    return row[name] if name in row else row.get("_" + name)
-
-
-@contextlib.contextmanager
-def _open(path: str) -> Iterator[io.BufferedIOBase]:
-    with sources.open_file(path) as raw:
-        yield gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
-
-
-def _parquet_file(path: str):  # -> pyarrow.parquet.ParquetFile
-    import pyarrow.parquet as pq  # Only Parquet needs it.
-
-    # Remote paths go through TensorFlow's or fsspec's file systems, as JSON Lines files do.
-    return pq.ParquetFile(path if "://" not in path else sources.open_file(path))
-
-
-def _parquet_column(names: Iterable[str], field: str) -> str:
-    names = list(names)
-    for candidate in (field, "_" + field):
-        if candidate in names:
-            return candidate
-    raise UserError(f"Flan Collection: no column {field!r} (nor {'_' + field!r}); the file has {names}")
-
-
-def _count_shard(path: str) -> tuple[Shard, Counter]:
-    """One shard's rows and (task, template type) counts."""
-    counts: Counter = Counter()
-    if _format(path) == "parquet":
-        try:
-            parquet = _parquet_file(path)
-            names = parquet.schema_arrow.names
-            columns = [_parquet_column(names, "task_name"), _parquet_column(names, "template_type")]
-            meta = parquet.metadata
-            groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-            for i in range(meta.num_row_groups):
-                table = parquet.read_row_group(i, columns=columns)
-                counts.update(zip(*(table.column(c).to_pylist() for c in columns)))
-        except UserError as e:
-            raise UserError(f"{path}: {e}") from None
-        except Exception as e:  # pyarrow raises many types for a bad file.
-            raise UserError(f"Flan Collection: {path} is not a readable Parquet file: {e}") from None
-        return Shard(path, "parquet", sum(groups), groups), counts
-    rows = offset = line_number = 0
-    blocks = []
-    with _open(path) as f:
-        for line_number, line in enumerate(f, 1):
-            if line_number % BLOCK_LINES == 1:
-                blocks.append((offset, line_number))
-            offset += len(line)
-            if not line.strip():
-                continue
-            rows += 1
-            try:
-                row = json.loads(line)
-                counts[(str(_field(row, "task_name")), str(_field(row, "template_type")))] += 1
-            except (ValueError, AttributeError, TypeError):
-                counts[("", "")] += 1  # Counted as a row; skipped with its line number when read.
-    blocks.append((offset, line_number + 1))
-    return Shard(path, "jsonl", rows, blocks=tuple(blocks)), counts
-
-
-def _cache_path(directory: str) -> str:
-    digest = hashlib.sha256(directory.encode()).hexdigest()[:16]
-    return os.path.join(sources.cache_dir(), "collection_index", f"{digest}.json")
-
-
-def _index_files(directory: str) -> list[str]:
-    """Where the index is cached: beside the shards, then the cache directory (only there for URLs
-    fsspec reads: their stores, the Hub's say, are not written to)."""
-    return ([os.path.join(directory, INDEX_FILE)] if sources.is_native(directory) else []) + [_cache_path(directory)]
-
-
-def _read_cached(path: str, signature: list) -> SubmixIndex | None:
-    try:
-        with tf.io.gfile.GFile(path) as f:
-            saved = json.load(f)
-    except (tf.errors.OpError, OSError, ValueError):
-        return None
-    if saved.get("version") != INDEX_VERSION or saved.get("signature") != signature:
-        return None
-    shards = tuple(Shard(s["path"], s["format"], s["rows"], tuple(s["row_groups"]), tuple(map(tuple, s["blocks"])))
-                   for s in saved["shards"])
-    counts = {(task, template): n for task, template, n in saved["counts"]}
-    return SubmixIndex(saved["directory"], shards, counts)
-
-
-def index_submixture(directory: str, *, progress: bool = True) -> SubmixIndex:
-    """The index of one submixture directory: read from its cache, else counted once and cached."""
-    paths = list_shards(directory)
-    signature = _signature(paths)
-    for cached in _index_files(directory):
-        if (index := _read_cached(cached, signature)) is not None:
-            return index
-    from tqdm import tqdm
-
-    logger.info("Flan Collection: counting the examples of %s (%d shards, once)", directory, len(paths))
-    shards, counts = [], Counter()
-    for path in tqdm(paths, desc=f"indexing {os.path.basename(directory.rstrip('/'))}", unit="shard",
-                     disable=not progress):
-        shard, shard_counts = _count_shard(path)
-        shards.append(shard)
-        counts.update(shard_counts)
-    counts.pop(("", ""), None)
-    index = SubmixIndex(directory, tuple(shards), dict(counts))
-    record = {
-        "version": INDEX_VERSION, "directory": directory, "signature": signature,
-        "shards": [dataclasses.asdict(s) for s in shards],
-        "counts": sorted([task, template, n] for (task, template), n in counts.items()),
-    }
-    for target in _index_files(directory):
-        try:
-            tf.io.gfile.makedirs(os.path.dirname(target))
-            with tf.io.gfile.GFile(target + ".tmp", "w") as f:
-                json.dump(record, f)
-            tf.io.gfile.rename(target + ".tmp", target, overwrite=True)
-            break
-        except (tf.errors.OpError, OSError):
-            continue  # Read-only data: the cache directory instead.
-    return index
-
-
-# --- http(s) roots: kept in fsspec's cache --------------------------------------------
-
-
-class _RelativeNames(AbstractCacheMapper):
-    """Names a cached file by its path under `url`, so the cache has the server's layout."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__()
-        self.url = url
-
-    def __call__(self, path: str) -> str:
-        return urllib.parse.unquote(path[len(self.url):])
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _RelativeNames) and other.url == self.url
-
-    def __hash__(self) -> int:
-        return hash(self.url)
-
-
-def _mirror(root: str, directory: str, progress: bool) -> str | None:
-    """A local copy of the submixture `directory` of the export at URL `root`; None if it has none.
-
-    The files are listed from the server's index pages and fetched once into
-    fsspec's whole-file cache, under the cache directory (streamed to disk:
-    memory stays flat). A cached file whose size is not the server's (an
-    interrupted download) is fetched again.
-    """
-    url = f"{root.rstrip('/')}/{directory}/"
-    fs, _ = sources.filesystem(url)
-    try:
-        files = [f for f in fs.find(url, maxdepth=3) if _format(f)] if fs.isdir(url) else []
-    except OSError as e:  # requests' errors too.
-        raise UserError(f"Flan Collection: cannot list {url}: {e}") from None
-    if not files:
-        return None
-    from tqdm import tqdm
-
-    local = os.path.join(sources.cache_dir(), "collection_mirror", hashlib.sha256(root.encode()).hexdigest()[:16],
-                         directory)
-    cache = SimpleCacheFileSystem(fs=fs, cache_storage=local, cache_mapper=_RelativeNames(url))
-    for file_url in tqdm(files, desc=f"mirroring {directory}", unit="file", disable=not progress):
-        path = os.path.join(local, cache._mapper(file_url))
-        try:
-            if os.path.exists(path) and os.path.getsize(path) != fs.size(file_url):
-                os.remove(path)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            cache.open(file_url, "rb").close()
-        except OSError as e:  # requests' errors too.
-            raise UserError(f"Flan Collection: cannot download {file_url}: {e}") from None
-    return local
 
 
 def find_submixtures(root: str, *, progress: bool = True) -> dict[str, SubmixIndex]:
@@ -359,19 +108,19 @@ def find_submixtures(root: str, *, progress: bool = True) -> dict[str, SubmixInd
     such an export is kept in fsspec's cache under the cache directory on
     first use and read from there.
     """
-    if sources.is_native(root) and not sources.isdir(root):
+    if files.is_native(root) and not files.isdir(root):
         raise UserError(f"Flan Collection: {root} is not a directory (set {COLLECTION_DIR_ENV} to the export)")
     present = {}
     for collection, (directory, _) in SUBMIXTURES.items():
-        if sources.is_http(root):
-            local = _mirror(root, directory, progress)
+        if files.is_http(root):
+            local = mirror(root, directory, progress)
         else:
             local = os.path.join(root, directory) if "://" not in root else f"{root.rstrip('/')}/{directory}"
-            local = local if sources.isdir(local) else None
+            local = local if files.isdir(local) else None
         if local is not None:
             present[collection] = index_submixture(local, progress=progress)
     if not present:
-        raise UserError(f"Flan Collection: {root} {'lists' if sources.is_http(root) else 'has'} none of the "
+        raise UserError(f"Flan Collection: {root} {'lists' if files.is_http(root) else 'has'} none of the "
                         f"submixture directories {', '.join(d for d, _ in SUBMIXTURES.values())}")
     return present
 
@@ -475,7 +224,7 @@ class StreamSource(seqio.DataSource):
             if row is None:
                 stats.skip(place, "not a JSON object")
                 continue
-            values = {k: _field(row, k) for k in ("inputs", "targets", "task_name", "template_type")}
+            values = {k: row_field(row, k) for k in ("inputs", "targets", "task_name", "template_type")}
             if not all(isinstance(v, str) for v in values.values()):
                 missing = [k for k, v in values.items() if not isinstance(v, str)]
                 stats.skip(place, f"no text field(s) {', '.join(missing)}")
@@ -506,16 +255,16 @@ class StreamSource(seqio.DataSource):
         name = path.decode()
         shard = next(s for s in self.index.shards if s.path == name)
         (start, first_line), (end, _) = shard.blocks[int(part)], shard.blocks[int(part) + 1]
-        with _open(name) as f:
+        with open_shard(name) as f:
             f.seek(start)  # gzip: decompresses up to the block.
             lines = f.read(end - start).split(b"\n")
         return [np.arange(first_line - 1, first_line - 1 + len(lines), dtype=np.int64), np.array(lines, dtype=object)]
 
     def _read_row_group(self, path: bytes, group: np.int64) -> list[np.ndarray]:
         name = path.decode()
-        parquet = _parquet_file(name)
+        parquet = parquet_file(name)
         names = parquet.schema_arrow.names
-        columns = {k: _parquet_column(names, k) for k in ("inputs", "targets", "task_name", "template_type")}
+        columns = {k: parquet_column(names, k) for k in ("inputs", "targets", "task_name", "template_type")}
         table = parquet.read_row_group(int(group), columns=list(columns.values()))
         values = {k: table.column(c).to_pylist() for k, c in columns.items()}
         rows = [dict(zip(values, row)) for row in zip(*values.values())]
@@ -580,7 +329,7 @@ class StreamSource(seqio.DataSource):
         if by_unit:
             units = units[shard_index::num_shards]
         # TensorFlow reads its own file systems' JSON Lines files line by line, fsspec others' in blocks.
-        readers = {s.path: "parquet" if s.format == "parquet" else "lines" if sources.is_native(s.path) else "blocks"
+        readers = {s.path: "parquet" if s.format == "parquet" else "lines" if files.is_native(s.path) else "blocks"
                    for s in self.index.shards}
         streams, sizes = [], []
         for reader, read in (("lines", self._jsonl_unit), ("blocks", self._block_unit),

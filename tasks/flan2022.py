@@ -26,13 +26,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from tasks import collection, flan_cot, mixing, registry
+from tasks import collection, collection_index, flan_cot, mixing, registry
 
 MIXTURE = "flan2022"
 FLAN_COT_TASKS = [flan_cot.task_name(d.name, v) for d in flan_cot.DATASETS for v in d.spec.variants]
 
 _registered: list[str] = []  # Text tasks of the last `register`, removed by the next.
-_submixtures: dict[str, collection.SubmixIndex] = {}
+_submixtures: dict[str, collection_index.SubmixIndex] = {}
 
 
 def register(root: str | None = None, recipe: Mapping[str, mixing.Collection] = mixing.FLAN_2022, *,
@@ -68,6 +68,6 @@ def register(root: str | None = None, recipe: Mapping[str, mixing.Collection] = 
     return mixing.add_recipe(name, {"cot": FLAN_COT_TASKS}, recipe, streams=streams, warn=False)
 
 
-def submixtures() -> dict[str, collection.SubmixIndex]:
+def submixtures() -> dict[str, collection_index.SubmixIndex]:
     """The export's submixtures in the mixture, by collection."""
     return dict(_submixtures)

@@ -47,7 +47,7 @@ from collections.abc import Sequence
 
 import gin
 
-from tasks import registry, sources
+from tasks import files, registry, sources
 from tasks.templates import TaskSpec, Template
 
 MIXTURE = "flan_cot"
@@ -179,7 +179,7 @@ def parse_row(row: sources.Row, dataset: Dataset) -> sources.Example:
 
 def read(dataset: Dataset, location: str, stats: sources.SourceStats) -> dict[str, list[sources.Example]]:
     """Reads one dataset's file from `location`; returns its train and validation splits."""
-    path, data = sources.read_data_file(dataset.spec.name, location, dataset.file_name,
+    path, data = files.read_data_file(dataset.spec.name, location, dataset.file_name,
                                         sources.get_it_from(PUBLISHED_AT))
     examples = sources.parse_file(data, path, "tsv", lambda row: parse_row(row, dataset), stats)
     return sources.hold_out(examples)

@@ -26,9 +26,9 @@ from __future__ import annotations
 import os
 import re
 
-from flan_jax import evaluation
+from flan_jax.suites import Suite
 from flan_jax.errors import UserError
-from tasks import mgsm, registry, sources
+from tasks import files, mgsm, registry, sources
 from tasks.mgsm import final_number  # GSM8K's postprocess_fn; one number extraction for GSM8K and MGSM.
 from tasks.templates import TaskSpec, Template
 
@@ -54,7 +54,7 @@ def parse_row(row: sources.Row) -> sources.Example:
 
 
 def read(location: str, stats: sources.SourceStats) -> dict[str, list[sources.Example]]:
-    path, data = sources.read_data_file(NAME, location, "test.jsonl", sources.get_it_from(PUBLISHED_AT))
+    path, data = files.read_data_file(NAME, location, "test.jsonl", sources.get_it_from(PUBLISHED_AT))
     examples = sources.parse_file(data, path, "jsonl", parse_row, stats)
     english = mgsm.read_exemplars(NAME, mgsm.location()).get("en")
     if english is None:
@@ -73,5 +73,5 @@ def register() -> None:
                                   fixed_exemplars=True, postprocess_fn=final_number)
     registry.add_source(source, {NAME: "fs_noopt"})
     description = f"GSM8K test, {NUM_SHOTS}-shot chain of thought (Wei et al.'s exemplars)"
-    registry.add_suite(evaluation.Suite(NAME, (NAME,), description, max_decode_length=256))
+    registry.add_suite(Suite(NAME, (NAME,), description, max_decode_length=256))
 

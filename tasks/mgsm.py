@@ -40,9 +40,9 @@ import re
 import unicodedata
 from typing import Any
 
-from flan_jax import evaluation
+from flan_jax.suites import Suite
 from flan_jax.errors import UserError
-from tasks import registry, sources
+from tasks import files, registry, sources
 from tasks.templates import TaskSpec, Template
 
 PUBLISHED_AT = "https://github.com/google-research/url-nlp (mgsm/)"
@@ -142,7 +142,7 @@ _EXEMPLARS_CACHE: dict[str, dict[str, Exemplars]] = {}
 def read_exemplars(source: str, location: str) -> dict[str, Exemplars]:
     """{lang: Exemplars} of `location/exemplars.py` (read once per location)."""
     if location not in _EXEMPLARS_CACHE:
-        path, data = sources.read_data_file(source, location, EXEMPLARS_FILE, sources.get_it_from(PUBLISHED_AT))
+        path, data = files.read_data_file(source, location, EXEMPLARS_FILE, sources.get_it_from(PUBLISHED_AT))
         literals = read_literals(data, path)
         if "MGSM_EXEMPLARS" not in literals:
             raise UserError(f"{path}: no MGSM_EXEMPLARS assignment")
@@ -182,7 +182,7 @@ class MgsmSource(sources.LoadedSource):
         if exemplars is None:
             raise UserError(f"{self.name}: {path} has no exemplars for {self.lang!r}")
         self.spec = spec(self.lang, exemplars)
-        path, data = sources.read_data_file(self.name, location, f"mgsm_{self.lang}.tsv",
+        path, data = files.read_data_file(self.name, location, f"mgsm_{self.lang}.tsv",
                                             sources.get_it_from(PUBLISHED_AT))
         examples = [{**ex, "question": exemplars.question_prefix + ex["question"]}
                     for ex in sources.parse_file(data, path, "tsv", parse_row, stats)]
@@ -199,7 +199,7 @@ def register() -> None:
     names = []
     for lang in LANGUAGES:
         names += registry.add_source(MgsmSource(lang), {f"mgsm_{lang}": "fs_noopt"})
-    registry.add_suite(evaluation.Suite(
+    registry.add_suite(Suite(
         "mgsm_cot", tuple(names), f"MGSM, {len(LANGUAGES)} languages, {NUM_SHOTS}-shot chain of thought with native "
         f"exemplars; the score averages the {len(TRANSLATED)} translated languages",
         max_decode_length=256, scored=tuple(f"mgsm_{lang}" for lang in TRANSLATED),

@@ -70,9 +70,9 @@ import logging
 import os
 import re
 
-from flan_jax import evaluation
+from flan_jax.suites import Suite
 from flan_jax.errors import UserError
-from tasks import registry, sources
+from tasks import files, registry, sources
 from tasks.templates import COT_TRIGGER, TaskSpec, Template
 
 logger = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def read(subject: str, location: str, stats: sources.SourceStats) -> dict[str, l
     """Reads a subject's dev (few-shot pool), val and test files."""
     splits = {}
     for split, directory in SPLIT_DIRS.items():
-        path, data = sources.read_data_file(f"mmlu_{subject}", location, f"{directory}/{subject}_{directory}.csv",
+        path, data = files.read_data_file(f"mmlu_{subject}", location, f"{directory}/{subject}_{directory}.csv",
                                             sources.get_it_from(PUBLISHED_AT))
         splits[split] = sources.parse_file(data, path, "csv", parse_row, stats)
     return splits
@@ -249,7 +249,7 @@ def _cot_prompts(location: str) -> tuple[str, dict[str, str] | None]:
     """(path, {subject: prompt}) of `location/mmlu-cot.json`; None (with a warning) when it is not there."""
     if location not in _PROMPTS_CACHE:
         try:
-            path, data = sources.read_data_file("mmlu_cot", location, COT_PROMPTS_FILE, "")
+            path, data = files.read_data_file("mmlu_cot", location, COT_PROMPTS_FILE, "")
         except sources.MissingDataError:
             logger.warning("mmlu_cot: no %s in %s, so chain of thought is zero-shot. For FLAN's 5-shot CoT "
                            "prompts get it from %s.", COT_PROMPTS_FILE, location, COT_PROMPTS_AT)
@@ -287,7 +287,7 @@ def register() -> None:
         ("mmlu_direct", direct, 8, "MMLU, 57 subjects, 5-shot, answer letter"),
         ("mmlu_cot", cot, 256, f"MMLU, 57 subjects, chain of thought (5-shot with {COT_PROMPTS_FILE}, else 0-shot)"),
     ):
-        registry.add_suite(evaluation.Suite(
+        registry.add_suite(Suite(
             name, tuple(tasks), description, max_decode_length=decode_length,
             categories={task: CATEGORIES[subject] for task, subject in zip(tasks, SUBJECTS)}, chance=chance,
         ))

@@ -19,7 +19,7 @@ is read, tokenized or trained until a dataset is built.
                                  entries name tasks or mixtures; a rate may be
                                  a function of the task (tasks/mixing.py)
   add_suite(suite)               a held-out benchmark for `flan-jax eval
-                                 --suite` (flan_jax/evaluation.py)
+                                 --suite` (flan_jax/suites.py)
 
 Adding under a name already present replaces the entry. Removing a task's
 entry also unregisters its SeqIO tasks, so nothing removed lingers in SeqIO.
@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import seqio
 
-from flan_jax import evaluation
+from flan_jax.suites import CompositeSuite, Suite
 from flan_jax.errors import UserError
 from tasks.family import RENDER_SEED, Example, Family, Source, postprocess, render_example, task_name
 
@@ -51,7 +51,7 @@ MixtureRate = float | Callable[[seqio.Task], float]
 _FAMILIES: dict[str, Family] = {}
 _SOURCES: dict[str, tuple[Source, dict[str, str]]] = {}  # By source name: (source, {task name: variant}).
 _MIXTURES: dict[str, list[tuple[str, MixtureRate]]] = {}
-_SUITES: dict[str, evaluation.Suite | evaluation.CompositeSuite] = {}
+_SUITES: dict[str, Suite | CompositeSuite] = {}
 _TEXT_TASKS: dict[str, tuple[seqio.DataSource, int]] = {}  # By task name: (source, shuffle buffer).
 
 
@@ -163,17 +163,17 @@ def mixtures() -> dict[str, list[tuple[str, MixtureRate]]]:
 # --- suites -----------------------------------------------------------------------------
 
 
-def add_suite(suite: evaluation.Suite | evaluation.CompositeSuite) -> None:
+def add_suite(suite: Suite | CompositeSuite) -> None:
     """Records a held-out benchmark for `flan-jax eval --suite` (its tasks must be recorded too)."""
     _SUITES[suite.name] = suite
 
 
-def suites() -> dict[str, evaluation.Suite | evaluation.CompositeSuite]:
+def suites() -> dict[str, Suite | CompositeSuite]:
     """Every recorded suite, by name."""
     return dict(_SUITES)
 
 
-def get_suite(name: str) -> evaluation.Suite | evaluation.CompositeSuite:
+def get_suite(name: str) -> Suite | CompositeSuite:
     if name not in _SUITES:
         raise UserError(f"unknown suite {name!r}; known: {', '.join(sorted(_SUITES)) or 'none'}")
     return _SUITES[name]

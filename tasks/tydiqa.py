@@ -36,9 +36,9 @@ from typing import Any
 
 import t5.evaluation.metrics
 
-from flan_jax import evaluation
+from flan_jax.suites import Suite
 from flan_jax.errors import UserError
-from tasks import registry, sources
+from tasks import files, registry, sources
 from tasks.templates import TaskSpec, Template
 
 logger = logging.getLogger(__name__)
@@ -114,10 +114,10 @@ def read_files(where: str) -> tuple[dict[str, list[sources.Example]], dict[str, 
     if where not in _FILES_CACHE:
         stats = sources.stats("tydiqa")
         stats.reset()
-        path, data = sources.read_data_file("tydiqa", where, FILES["dev"], ADVICE)
+        path, data = files.read_data_file("tydiqa", where, FILES["dev"], ADVICE)
         dev = parse_goldp(data, path, stats)
         try:
-            path, data = sources.read_data_file("tydiqa", where, FILES["train"], ADVICE)
+            path, data = files.read_data_file("tydiqa", where, FILES["train"], ADVICE)
         except sources.MissingDataError:
             logger.warning("tydiqa: no %s in %s, so the first dev example of each language is its exemplar "
                            "(not scored). %s", FILES["train"], where, ADVICE)
@@ -174,7 +174,7 @@ def register() -> None:
     names = []
     for lang in sorted(LANGUAGES.values()):
         names += registry.add_source(TydiqaSource(lang), {f"tydiqa_{lang}": "fs_noopt"})
-    registry.add_suite(evaluation.Suite(
+    registry.add_suite(Suite(
         "tydiqa_direct", tuple(names), "TyDiQA GoldP, 9 languages, 1-shot, greedy, SQuAD exact match; the score "
         f"averages the paper's {len(PAPER_LANGUAGES)} (English excluded)",
         split="validation", max_decode_length=64, metric="em",

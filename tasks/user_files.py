@@ -36,7 +36,7 @@ Splits: one file becomes "train" plus a "validation" split held out by a
 hash of the question (`sources.hold_out`); or pass {split: path}. Few-shot
 exemplars are drawn from "train". The whole file is held in memory. Paths
 may be URLs (gs://, s3://, http(s)://, hf://datasets/OWNER/NAME/FILE; see
-`sources.read_data_file`).
+`files.read_data_file`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flan_jax.errors import UserError
-from tasks import registry, seqio_tasks, sources
+from tasks import files, registry, seqio_tasks, sources
 from tasks.templates import TaskSpec, Template
 
 FieldRef = str | int | Callable[[Any], Any]  # A key, dotted path or header name; a column number; a function.
@@ -172,7 +172,7 @@ def register_file_task(
 ) -> list[str]:
     """Registers SeqIO tasks `{name}_{variant}` reading one file, local or a URL; returns their names.
 
-    The path may be any URL `sources.read_data_file` reads: gs://, s3://,
+    The path may be any URL `files.read_data_file` reads: gs://, s3://,
     http(s)://, hf://datasets/OWNER/NAME/FILE, ...
 
     Args:
@@ -207,7 +207,7 @@ def register_file_task(
                 raise UserError(f"{name}: cannot tell the format of {file_path}; pass format=")
             cut = file_path.rindex("/") + 1  # "memory://x.jsonl" -> "memory://", "x.jsonl"
             location, file_name = file_path[:cut], file_path[cut:]
-            where, data = sources.read_data_file(name, location, file_name, _ADVICE)
+            where, data = files.read_data_file(name, location, file_name, _ADVICE)
             splits[split] = sources.parse_file(data, where, file_format, parse, stats, header=has_header)
         if set(paths) == {"train"}:
             return sources.hold_out(splits["train"], validation_percent)

@@ -29,7 +29,7 @@ import gin
 import seqio
 import sentencepiece as spm
 
-from tasks import builtin, sources
+from tasks import builtin, files
 from tasks.family import render_example
 
 EXAMPLES_PER_VARIANT = 40
@@ -100,7 +100,7 @@ def train(sentences: list[str], path: str, options: dict = TRAINER_OPTIONS) -> N
 def default_vocabulary_path() -> str:
     """The cached model's path, training it first if it is not there yet."""
     sentences = corpus()
-    path = os.path.join(sources.cache_dir(), model_name(sentences))
+    path = os.path.join(files.cache_dir(), model_name(sentences))
     if not os.path.exists(path):
         train(sentences, path)
     return path

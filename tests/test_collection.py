@@ -17,7 +17,7 @@ import tasks
 from flan_jax import data
 from flan_jax.commands import bench_collection
 from flan_jax.errors import UserError
-from tasks import collection, flan2022, mixing, sources, user_files
+from tasks import collection, collection_index, flan2022, mixing, sources, user_files
 
 tasks.register()  # Every task module's tasks, registered with SeqIO (once per process).
 
@@ -142,8 +142,8 @@ def test_every_format_reads_each_row_once_and_shards_split_them(exports, fmt, tm
     assert set(indexes) == set(COUNTS)
     for c, index in indexes.items():
         assert index.counts == COUNTS[c]  # The counting pass ...
-        assert os.path.exists(os.path.join(index.directory, collection.INDEX_FILE))  # ... is cached next to the data
-        assert collection.index_submixture(index.directory) == index  # ... and read back.
+        assert os.path.exists(os.path.join(index.directory, collection_index.INDEX_FILE))  # ... is cached next to the data
+        assert collection_index.index_submixture(index.directory) == index  # ... and read back.
         everything = {k: 1.0 for k in index.counts}
         source = collection.StreamSource(index, everything, name=f"mt_{c}")
         all_rows = sorted(row["inputs"].encode() for row in rows[c])
@@ -211,7 +211,7 @@ def test_bad_rows_are_skipped_with_file_and_line_and_bad_paths_are_named(tmp_pat
     legacy = {"_" + k: v for k, v in good.items()}  # Some copies prefix the fields with "_".
     (directory / "a.jsonl").write_text("\n".join([json.dumps(good), "{not json", json.dumps(legacy),
                                                   json.dumps({**good, "targets": None})]) + "\n")
-    index = collection.index_submixture(str(directory), progress=False)
+    index = collection_index.index_submixture(str(directory), progress=False)
     source = collection.StreamSource(index, {("t", "zs_opt"): 1.0}, name="mt_bad_rows")
     sources.reset_stats("mt_bad_rows")
     assert [ex["inputs"] for ex in source.get_dataset("train", shuffle=False).as_numpy_iterator()] == [b"q", b"q"]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import tasks
-from flan_jax import evaluation, formats, inference
+from flan_jax import evaluation, formats, inference, suites, training_eval
 from flan_jax.model import T5Config, Transformer
 from tasks import bbh, gsm8k, mmlu, registry, vocab
 
@@ -154,7 +154,7 @@ def test_answer_extraction_and_chance():
     assert bbh.chance(prompt, "(B)") == pytest.approx(1 / 3)
     assert bbh.chance("Q: x\nA:", "So the answer is valid.") == 0.5
     assert bbh.chance("Q: 2 + 2 =\nA:", "4") == 0.0
-    assert evaluation.normalize(50.0, 25.0) == pytest.approx(100 / 3)
+    assert suites.normalize(50.0, 25.0) == pytest.approx(100 / 3)
 
 
 def _tiny_model(vocab_size: int) -> tuple[Transformer, dict]:
@@ -212,7 +212,7 @@ def test_training_evaluation_ranks_multiple_choice_tasks_and_generates_the_rest(
     ranked, generated = "flan_cot_qasc_zs_opt", "flan_cot_qasc_zs_cot"
     registry.add_mixture("test_rank_mixture", [(ranked, 1.0), (generated, 1.0)])
     tasks.register(again=True)
-    evaluator = evaluation.Evaluator(
+    evaluator = training_eval.Evaluator(
         evaluation.EvalConfig("test_rank_mixture", num_examples=5, batch_size=4, method="rank"),
         {"inputs": 256, "targets": 64},
     )

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import tasks
-from flan_jax import evaluation, formats
+from flan_jax import evaluation, formats, suites
 from flan_jax.errors import UserError
 from flan_jax.model import T5Config, Transformer
 from tasks import heldout, mgsm, registry, sources, tydiqa, vocab
@@ -234,10 +234,10 @@ def test_flan_heldout_is_the_six_with_mmlu_on_validation_and_suites_run_once():
     assert [s.name for s in members] == list(heldout.MEMBERS)
     assert {s.name: s.split for s in members}["mmlu_direct"] == "validation"
     assert {s.split for s in registry.get_suite("flan_heldout_mmlu_test").members() if "mmlu" in s.name} == {"test"}
-    flat, composites = evaluation.expand_suites([composite, registry.get_suite("bbh_cot")])
+    flat, composites = suites.expand_suites([composite, registry.get_suite("bbh_cot")])
     assert [s.name for s in flat] == list(heldout.MEMBERS) and composites == {"flan_heldout": list(heldout.MEMBERS)}
     with pytest.raises(UserError, match="mmlu_direct.*two splits"):
-        evaluation.expand_suites([composite, registry.get_suite("mmlu_direct")])
+        suites.expand_suites([composite, registry.get_suite("mmlu_direct")])
     with pytest.raises(UserError, match="unknown suite 'flan_nope'"):
         registry.get_suite("flan_nope")
 

@@ -364,7 +364,7 @@ def test_remat_and_dropout_under_scan():
 def test_broadcast_over_batch_sums_its_gradient_over_the_batch(batch):
     """The shared attention bias's gradient (summed by halving, not XLA's
     reduce) equals the plain broadcast's, odd batch sizes included."""
-    from flan_jax.model.layers import broadcast_over_batch
+    from flan_jax.model.attention import broadcast_over_batch
 
     rng = np.random.default_rng(batch)
     bias = jnp.asarray(rng.normal(size=(1, 2, 3, 4)), jnp.float32)

@@ -32,7 +32,7 @@ import seqio
 from fsspec.implementations.memory import MemoryFileSystem
 
 import tasks
-from tasks import collection, flan2022, registry, sources, user_files
+from tasks import collection, collection_index, flan2022, registry, sources, user_files
 from tasks.templates import TaskSpec, Template
 
 tasks.register()  # Every task module's tasks, registered with SeqIO (once per process).
@@ -238,7 +238,7 @@ def _write_export(fs: fsspec.AbstractFileSystem, root: str) -> None:
 @pytest.fixture
 def memory_export(tmp_path, monkeypatch) -> Iterator[str]:
     """EXPORT at memory://export; small blocks, so JSON Lines files have several."""
-    monkeypatch.setattr(collection, "BLOCK_LINES", 4)
+    monkeypatch.setattr(collection_index, "BLOCK_LINES", 4)
     monkeypatch.setenv("FLAN_JAX_CACHE_DIR", str(tmp_path / "cache"))
     _write_export(_memory_fs(), "/export")
     yield "memory://export"
@@ -252,7 +252,7 @@ def _inputs(source: collection.StreamSource, shard_info: seqio.ShardInfo | None 
 def test_the_collection_streams_from_memory_in_blocks_and_shards_split_them(memory_export):
     indexes = collection.find_submixtures(memory_export, progress=False)
     assert {c: index.counts for c, index in indexes.items()} == COUNTS
-    assert collection.index_submixture(indexes["flan"].directory) == indexes["flan"]  # Cached (in the cache directory).
+    assert collection_index.index_submixture(indexes["flan"].directory) == indexes["flan"]  # Cached (in the cache directory).
     for c in ("flan", "t0", "niv2"):  # JSON Lines, gzip (both in blocks of 4 lines), Parquet.
         rows = sorted(row["inputs"].encode() for row in _export_rows(c))
         source = collection.StreamSource(indexes[c], {k: 1.0 for k in COUNTS[c]}, name=f"own_mem_{c}")
@@ -263,11 +263,11 @@ def test_the_collection_streams_from_memory_in_blocks_and_shards_split_them(memo
 
 
 def test_bad_rows_in_a_block_keep_their_line_numbers(monkeypatch):
-    monkeypatch.setattr(collection, "BLOCK_LINES", 2)
+    monkeypatch.setattr(collection_index, "BLOCK_LINES", 2)
     good = {"inputs": "q", "targets": "a", "task_source": "cot", "task_name": "t", "template_type": "zs_opt"}
     lines = [json.dumps(good)] * 3 + ["{not json", json.dumps(good), json.dumps({**good, "targets": None})]
     _memory_fs().pipe("/bad_rows/cot_submix_original/a.jsonl", ("\n".join(lines) + "\n").encode())
-    index = collection.index_submixture("memory://bad_rows/cot_submix_original", progress=False)
+    index = collection_index.index_submixture("memory://bad_rows/cot_submix_original", progress=False)
     source = collection.StreamSource(index, {("t", "zs_opt"): 1.0}, name="own_mem_bad_rows")
     sources.reset_stats("own_mem_bad_rows")
     assert _inputs(source) == [b"q"] * 4

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flan_jax.model import T5Config, Transformer, layers, scan
+from flan_jax.model import T5Config, Transformer, attention, layers, scan
 from flan_jax.model.pallas_attention import bias_runs, t5_attention
 from flan_jax.model.relpos import relative_bias, relative_position_bucket
 
@@ -37,7 +37,7 @@ def _einsum_attention(q, k, v, q_seg, k_seg, table, causal):
     bias = jnp.where(mask, 0.0, -1e10)
     if table is not None:
         bias = bias + relative_bias(table, q.shape[1], k.shape[1], not causal, NUM_BUCKETS, MAX_DISTANCE)
-    return layers.dot_product_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), bias, float32_logits=False)
+    return attention.dot_product_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), bias, float32_logits=False)
 
 
 def test_bias_runs_reproduce_the_buckets():
@@ -158,9 +158,9 @@ def test_cudnn_kernel_falls_back_to_xla_with_one_warning(caplog):
         False,
     )
     batch = _packed_batch(np.random.default_rng(2))
-    layers._warned.clear()
+    attention._warned.clear()
     want_loss, want_grads = _loss_and_grads(TINY, params, batch, dropout=False)
-    with caplog.at_level(logging.WARNING, logger="flan_jax.model.layers"):
+    with caplog.at_level(logging.WARNING, logger="flan_jax.model.attention"):
         got_loss, got_grads = _loss_and_grads(dataclasses.replace(TINY, attention_kernel="cudnn"), params, batch, False)
     warnings = [r for r in caplog.records if "attention_kernel='cudnn'" in r.getMessage()]
     assert len(warnings) == 1, caplog.text

@@ -72,7 +72,7 @@ def bench_collection(
     """Streams every row of the export under `directory` once (made first if `generate_gb`); prints figures."""
     import tensorflow as tf
 
-    from tasks import collection
+    from tasks import collection, collection_index
 
     rss_start = _rss_mb()
     if generate_gb and not tf.io.gfile.exists(directory):
@@ -84,7 +84,7 @@ def bench_collection(
         print(f"generated {generate_gb} GB ({file_format}) in {time.perf_counter() - begin:.0f} s under {directory}")
     size = sum(tf.io.gfile.stat(p).length for c in collection.SUBMIXTURES
                if tf.io.gfile.isdir(d := os.path.join(directory, collection.SUBMIXTURES[c][0]))
-               for p in collection.list_shards(d))
+               for p in collection_index.list_shards(d))
     _reset_peak_rss()
     begin = time.perf_counter()
     indexes = collection.find_submixtures(directory)
@@ -132,7 +132,7 @@ def write_shards(directory: str, rows: Iterable[Mapping[str, str]], file_format:
     """
     import tensorflow as tf
 
-    from tasks.collection import FIELDS
+    from tasks.collection_index import FIELDS
 
     if file_format not in EXPORT_FORMATS:
         raise ValueError(f"file_format={file_format!r}: expected one of {EXPORT_FORMATS}")

@@ -45,10 +45,10 @@ def check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
     process.quiet_backends()
     gin_flags.parse(gin)
-    from flan_jax import evaluation
+    from flan_jax.suites import compare_results, read_results
 
     if args.compare:
-        print(evaluation.compare_results([(path, evaluation.read_results(path)) for path in args.compare]))
+        print(compare_results([(path, read_results(path)) for path in args.compare]))
     elif args.suite:
         _eval_suites(args)
     else:
@@ -74,6 +74,7 @@ def _train_setting(name: str) -> Any:
 def _eval_configured(args: argparse.Namespace) -> None:
     """`eval` without --suite: EvalConfig's tasks, at the training lengths unless EvalConfig sets its own."""
     from flan_jax import evaluation, inference
+    from flan_jax.training_eval import Evaluator
 
     model_dir = args.checkpoint or _train_setting("model_dir")
     if model_dir is dataclasses.MISSING:
@@ -83,7 +84,7 @@ def _eval_configured(args: argparse.Namespace) -> None:
     eval_config = evaluation.EvalConfig()
     if args.method:
         eval_config = dataclasses.replace(eval_config, method=args.method)
-    evaluator = evaluation.Evaluator(eval_config, _train_setting("task_feature_lengths"))
+    evaluator = Evaluator(eval_config, _train_setting("task_feature_lengths"))
     metrics = evaluator.evaluate(inference.ModelRunner(model.module, model.partitioner).fns(model.params), model.step,
                                  show_progress=True)
     print(f"step {model.step}")
@@ -97,7 +98,8 @@ def _eval_suites(args: argparse.Namespace) -> None:
 
     from clu import metric_writers
 
-    from flan_jax import evaluation, inference
+    from flan_jax import inference
+    from flan_jax.suites import format_results, run_suites, tensorboard_scalars
 
     suites = catalog.get_suites(args.suite)
     if not args.checkpoint:
@@ -111,7 +113,7 @@ def _eval_suites(args: argparse.Namespace) -> None:
         "eval_results", f"{Path(os.path.abspath(args.checkpoint)).name}-step{model.step}.json")
     tb_dir = args.tb_dir or os.path.splitext(output)[0] + "_tb"
     print(f"Evaluating {args.checkpoint} ({model.format}, step {model.step}) on {', '.join(s.name for s in suites)}")
-    results = evaluation.run_suites(
+    results = run_suites(
         suites, inference.ModelRunner(model.module, model.partitioner).fns(model.params),
         lengths={"inputs": args.input_length, "targets": args.target_length}, method=args.method or "generate",
         batch_size=args.batch_size, limit=args.limit,
@@ -121,7 +123,7 @@ def _eval_suites(args: argparse.Namespace) -> None:
     with open(output, "w") as f:
         json.dump(results, f, indent=1)
     writer = metric_writers.create_default_writer(tb_dir)
-    writer.write_scalars(model.step, evaluation.tensorboard_scalars(results))
+    writer.write_scalars(model.step, tensorboard_scalars(results))
     writer.close()
-    print(evaluation.format_results(results))
+    print(format_results(results))
     print(f"results      {output}\ntensorboard  {tb_dir}")

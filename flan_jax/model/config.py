@@ -8,7 +8,8 @@ import gin
 import jax.numpy as jnp
 
 from flan_jax import errors
-from flan_jax.model.layers import _ACTIVATIONS, ATTENTION_KERNELS
+from flan_jax.model.attention import ATTENTION_KERNELS
+from flan_jax.model.layers import _ACTIVATIONS
 
 
 REMAT_POLICIES = ("none", "full", "dots")

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flan_jax.model import layers
+from flan_jax.model import attention, layers
 from flan_jax.model.config import T5Config
 
 Array = jax.Array
@@ -32,8 +32,8 @@ def _norm(config: T5Config, name: str) -> layers.RMSNorm:
     return layers.RMSNorm(epsilon=config.layer_norm_epsilon, dtype=config.activation_dtype, name=name)
 
 
-def _attention(config: T5Config, name: str, causal: bool = False) -> layers.MultiHeadDotProductAttention:
-    return layers.MultiHeadDotProductAttention(
+def _attention(config: T5Config, name: str, causal: bool = False) -> attention.MultiHeadDotProductAttention:
+    return attention.MultiHeadDotProductAttention(
         num_heads=config.num_heads,
         head_dim=config.head_dim,
         dtype=config.activation_dtype,

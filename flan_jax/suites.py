@@ -1,0 +1,323 @@
+"""Held-out suites: named lists of tasks scored, averaged and normalized the
+way the Flan-T5 paper reports them (`flan-jax eval --suite`).
+
+A `Suite` is a named list of tasks with what its report needs: categories,
+each example's random-guess accuracy, which tasks its score averages (MGSM:
+the translated languages, not English) and other named averages. Its report
+holds per-task, per-category and macro-averaged scores, and the *normalized*
+score 100 * (score - chance) / (100 - chance), averaged over tasks. A
+`CompositeSuite` runs several suites and averages their normalized scores:
+`flan_heldout` (tasks/heldout.py), the paper's "normalized average" of six.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from flan_jax.errors import UserError
+from flan_jax.evaluation import ModelFns, TaskExamples, TaskResult, check_method, evaluate_tasks, load_task_examples
+
+
+def no_chance(inputs: str, target: str) -> float:
+    """Random guessing never gets a free-form answer right."""
+    del inputs, target
+    return 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """A held-out benchmark: its tasks and what its report needs.
+
+    chance: (rendered prompt, target) -> the probability that a uniformly random
+    guess among the example's answer choices is right (0 for free-form answers).
+    scored: the tasks whose macro average is the suite's score (and normalized
+    score); empty means all of them. The others are evaluated and listed
+    beside it (MGSM's English, the source the ten languages were translated from).
+    averages: more named macro averages reported beside the score, e.g.
+    {"all_languages": every task}.
+    notes: called after evaluation; what the report must say about how it was
+    evaluated (e.g. where TyDiQA's exemplars came from).
+    list_tasks: the printed table has a row per task (per language).
+    """
+
+    name: str
+    tasks: tuple[str, ...]
+    description: str
+    split: str = "test"
+    max_decode_length: int = 256
+    categories: Mapping[str, str] = dataclasses.field(default_factory=dict)  # task -> category
+    chance: Callable[[str, str], float] = no_chance
+    metric: str = "accuracy"
+    scored: tuple[str, ...] = ()
+    averages: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    notes: Callable[[], Mapping[str, str]] = dict
+    list_tasks: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class CompositeSuite:
+    """Several suites run together and summarized by one normalized average over them.
+
+    The Flan-T5 paper's headline (`flan_heldout`, tasks/heldout.py) is the
+    macro average of six suites' normalized scores. `members` is called when
+    the composite is run, so it may name suites registered after it.
+    """
+
+    name: str
+    description: str
+    members: Callable[[], Sequence[Suite]]
+
+
+def expand_suites(suites: Sequence[Suite | CompositeSuite]) -> tuple[list[Suite], dict[str, list[str]]]:
+    """The suites to run, each once, and each composite's member names.
+
+    A suite named twice with different splits (e.g. MMLU in `flan_heldout`,
+    validation, and alone, test) would give two reports of one name: refused.
+    """
+    flat: dict[str, Suite] = {}
+    composites: dict[str, list[str]] = {}
+    for entry in suites:
+        if isinstance(entry, CompositeSuite):
+            members = list(entry.members())
+            composites[entry.name] = [m.name for m in members]
+        else:
+            members = [entry]
+        for suite in members:
+            known = flat.setdefault(suite.name, suite)
+            if known.split != suite.split:
+                raise UserError(f"suite {suite.name!r} is asked for on two splits ({known.split}, {suite.split}); "
+                                f"evaluate them in separate runs")
+    return list(flat.values()), composites
+
+
+def normalize(score: float, chance: float) -> float:
+    """The score's share of the way from random guessing (0) to perfect (100)."""
+    return 100.0 * (score - chance) / (100.0 - chance) if chance < 100.0 else 0.0
+
+
+def suite_report(suite: Suite, examples: Sequence[TaskExamples], results: Mapping[str, TaskResult]) -> dict:
+    """Per-task, per-category and macro-averaged scores of one suite, raw and normalized."""
+    tasks = {}
+    for task in examples:
+        result = results[task.name]
+        chance = 100.0 * float(np.mean([suite.chance(i, t) for i, t in zip(task.texts("inputs"), task.texts("targets"))]
+                                       )) if task.features else 0.0
+        score = result.metrics.get(suite.metric, math.nan)
+        tasks[task.name] = {
+            "score": score, "chance": chance, "normalized": normalize(score, chance),
+            "category": suite.categories.get(task.name, ""), **dataclasses.asdict(result),
+        }
+    categories: dict[str, list[str]] = {}
+    for name, row in tasks.items():
+        if row["category"]:
+            categories.setdefault(row["category"], []).append(name)
+    scored = [name for name in tasks if name in suite.scored] if suite.scored else list(tasks)
+
+    def mean(key: str, names: Sequence[str]) -> float:
+        return float(np.mean([tasks[n][key] for n in names])) if names else math.nan
+
+    def average(names: Sequence[str]) -> dict:
+        return {"score": mean("score", names), "normalized": mean("normalized", names), "num_tasks": len(names)}
+
+    metric_names = dict.fromkeys(m for n in scored for m in tasks[n]["metrics"])
+    return {
+        "suite": suite.name,
+        "description": suite.description,
+        "metric": suite.metric,
+        "split": suite.split,
+        "num_tasks": len(tasks),
+        "num_examples": sum(r["num_examples"] for r in tasks.values()),
+        "score": mean("score", scored),
+        "chance": mean("chance", scored),
+        "normalized": mean("normalized", scored),
+        "scored_tasks": scored,
+        "metrics": {m: float(np.mean([tasks[n]["metrics"].get(m, math.nan) for n in scored])) for m in metric_names},
+        "averages": {name: average([n for n in names if n in tasks]) for name, names in suite.averages.items()},
+        "notes": dict(suite.notes()),
+        "over_length": sum(r["over_length"] for r in tasks.values()),
+        "truncated": sum(r["truncated"] for r in tasks.values()),
+        "methods": sorted({r["method"] for r in tasks.values()}),
+        "categories": {c: average(n) for c, n in sorted(categories.items())},
+        "list_tasks": suite.list_tasks,
+        "tasks": tasks,
+    }
+
+
+@dataclasses.dataclass
+class LoadedSuites:
+    """Suites' examples, loaded once (`load_suites`), to evaluate any number of times (`run_suites`)."""
+
+    suites: list[Suite]  # each suite once, composites expanded
+    composites: dict[str, list[str]]  # composite name -> member suite names
+    examples: dict[str, list[TaskExamples]]  # suite name -> its tasks' examples
+    lengths: dict[str, int]
+    limit: int | None
+
+
+def load_suites(
+    suites: Sequence[Suite | CompositeSuite], lengths: Mapping[str, int], limit: int | None = None,
+    log: Callable[[str], None] = print,
+) -> LoadedSuites:
+    """Loads (renders and tokenizes) the first `limit` examples of every task of `suites`."""
+    to_run, composites = expand_suites(suites)
+    examples = {}
+    for suite in to_run:
+        log(f"{suite.name}: loading {len(suite.tasks)} tasks ({suite.split} split"
+            f"{f', first {limit} examples each' if limit else ''})...")
+        examples[suite.name] = [load_task_examples(name, suite.split, lengths, limit) for name in suite.tasks]
+    return LoadedSuites(to_run, composites, examples, dict(lengths), limit)
+
+
+def run_suites(
+    suites: Sequence[Suite | CompositeSuite],
+    fns: ModelFns,
+    *,
+    lengths: Mapping[str, int],
+    method: str = "generate",
+    batch_size: int = 32,
+    limit: int | None = None,
+    show_progress: bool = True,
+    log: Callable[[str], None] = print,
+    loaded: LoadedSuites | None = None,
+) -> dict:
+    """Evaluates each suite; returns {"suites": {name: report}, "normalized_average", "seconds", ...}.
+
+    lengths: {"inputs", "targets"}; "targets" caps option targets (rank) and each
+    suite's decode length. With composites among `suites`, "normalized_average"
+    is the mean over their members' normalized scores, and suites asked for
+    beside them are "extras", reported but not averaged (GSM8K beside
+    `flan_heldout`); without, it is the mean over every suite. Each composite
+    also gets its own entry in "composites". `loaded` (from `load_suites`
+    with the same suites, lengths and limit) skips loading the examples again.
+    """
+    check_method(method, "--method")
+    start = time.perf_counter()
+    loaded = loaded or load_suites(suites, lengths, limit, log)
+    reports, composites = {}, loaded.composites
+    for suite in loaded.suites:
+        t0 = time.perf_counter()
+        examples = loaded.examples[suite.name]
+        results = evaluate_tasks(
+            examples, fns, method=method, batch_size=batch_size,
+            max_decode_length=min(suite.max_decode_length, lengths["targets"]),
+            target_length=lengths["targets"], description=suite.name, show_progress=show_progress,
+        )
+        reports[suite.name] = suite_report(suite, examples, results)
+        reports[suite.name]["seconds"] = time.perf_counter() - t0
+    averaged = list(dict.fromkeys(n for names in composites.values() for n in names)) or list(reports)
+    return {
+        "suites": reports,
+        "normalized_average": _mean_normalized(reports, averaged),
+        "averaged_suites": averaged,
+        "extras": [name for name in reports if name not in averaged],
+        "composites": {
+            name: {"suites": names, "normalized_average": _mean_normalized(reports, names),
+                   "scores": {n: {k: reports[n][k] for k in ("score", "chance", "normalized", "split")} for n in names}}
+            for name, names in composites.items()
+        },
+        "method": method,
+        "lengths": dict(lengths),
+        "limit": limit,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _mean_normalized(reports: Mapping[str, Mapping[str, Any]], names: Sequence[str]) -> float:
+    return float(np.mean([reports[n]["normalized"] for n in names])) if names else math.nan
+
+
+def tensorboard_scalars(results: Mapping[str, Any]) -> dict[str, float]:
+    """The scores of `run_suites`' results as flat TensorBoard scalar names."""
+    scalars = {"eval_suites/normalized_average": results["normalized_average"]}
+    for name, composite in results.get("composites", {}).items():
+        scalars[f"eval_suites/{name}/normalized_average"] = composite["normalized_average"]
+    for name, report in results["suites"].items():
+        for key in ("score", "normalized"):
+            scalars[f"eval_suites/{name}/{key}"] = report[key]
+        for average, row in {**report["categories"], **report.get("averages", {})}.items():
+            scalars[f"eval_suites/{name}/category/{average}"] = row["score"]
+        for task, row in report["tasks"].items():
+            scalars[f"eval_suites/{name}/task/{task}"] = row["score"]
+    return scalars
+
+
+def format_results(results: Mapping[str, Any]) -> str:
+    """One table: a line per suite (and per category, average or task), then the normalized averages."""
+    header = f"{'suite':<24} {'tasks':>5} {'examples':>8} {'score':>7} {'chance':>7} {'normalized':>10} " \
+             f"{'over-length':>11} {'truncated':>9}"
+    lines = [header, "-" * len(header)]
+    for name, r in results["suites"].items():
+        label = name if name not in results.get("extras", ()) else f"{name} (extra)"
+        lines.append(f"{label:<24} {r['num_tasks']:>5} {r['num_examples']:>8} {r['score']:>7.2f} {r['chance']:>7.2f} "
+                     f"{r['normalized']:>10.2f} {r['over_length']:>11} {r['truncated']:>9}")
+        rows = {**r["categories"], **r.get("averages", {})}
+        for row_name, row in rows.items():
+            lines.append(f"  {row_name:<22} {row['num_tasks']:>5} {'':>8} {row['score']:>7.2f} {'':>7} "
+                         f"{row['normalized']:>10.2f}")
+        for task, row in r["tasks"].items() if r.get("list_tasks") else ():
+            scored = "" if task in r.get("scored_tasks", r["tasks"]) else " *"
+            lines.append(f"  {task + scored:<22} {'':>5} {row['num_examples']:>8} {row['score']:>7.2f} "
+                         f"{row['chance']:>7.2f} {row['normalized']:>10.2f} {row['over_length']:>11} {row['truncated']:>9}")
+        if r.get("list_tasks") and len(r.get("scored_tasks", r["tasks"])) < len(r["tasks"]):
+            lines.append("  * listed beside the score, not in it")
+        lines += [f"  note: {key}: {text}" for key, text in r.get("notes", {}).items()]
+    lines.append("-" * len(header))
+    for name, composite in results.get("composites", {}).items():
+        label = f"{name} normalized average ({len(composite['suites'])} suites)"
+        lines.append(f"{label:<55} {composite['normalized_average']:>10.2f}")
+    lines.append(f"{'normalized average':<24} {'':>5} {'':>8} {'':>7} {'':>7} {results['normalized_average']:>10.2f}")
+    if results.get("extras") and results.get("composites"):
+        lines.append(f"extras, not in the normalized average: {', '.join(results['extras'])}")
+    if any(r["over_length"] for r in results["suites"].values()):
+        lines.append("over-length: prompts that needed more than the input length with all their exemplars "
+                     "(exemplars were dropped); truncated: cut even so. Raise --input_length to score them whole.")
+    return "\n".join(lines)
+
+
+def read_results(path: str) -> dict:
+    """A results file written by `flan-jax eval --suite`."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such results file") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a results file ({e})") from None
+    if not isinstance(results, dict) or not isinstance(results.get("suites"), dict):
+        raise UserError(f"{path}: not a results file of `flan-jax eval --suite` (no 'suites')")
+    return results
+
+
+def compare_results(named: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    """Results side by side: a row per suite and split (score / normalized), a column per file."""
+    names = [os.path.basename(n) for n, _ in named]
+    width = max(18, *(len(n) for n in names))
+
+    def label(suite: str, report: Mapping[str, Any]) -> str:
+        split = report.get("split", "test")
+        return suite if split == "test" else f"{suite} [{split}]"
+
+    rows = {label(s, report): s for _, r in named for s, report in r["suites"].items()}
+    lines = [f"{'suite':<28} " + " ".join(f"{n:>{width}}" for n in names),
+             f"{'':<28} " + " ".join(f"{'score / normalized':>{width}}" for _ in names)]
+    for row_label, suite in rows.items():
+        cells = []
+        for _, r in named:
+            row = r["suites"].get(suite)
+            same = row is not None and label(suite, row) == row_label
+            cells.append(f"{row['score']:7.2f} / {row['normalized']:6.2f}" if same else "-")
+        lines.append(f"{row_label:<28} " + " ".join(f"{c:>{width}}" for c in cells))
+    for composite in dict.fromkeys(c for _, r in named for c in r.get("composites", {})):
+        cells = [r.get("composites", {}).get(composite) for _, r in named]
+        lines.append(f"{composite + ' normalized avg':<28} "
+                     + " ".join(f"{c['normalized_average']:>{width}.2f}" if c else f"{'-':>{width}}" for c in cells))
+    lines.append(f"{'normalized average':<28} " + " ".join(f"{r['normalized_average']:>{width}.2f}" for _, r in named))
+    return "\n".join(lines)
