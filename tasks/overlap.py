@@ -26,6 +26,7 @@ from typing import Any
 import tqdm
 
 from flan_jax import decontamination, evaluation
+from flan_jax.suites import CompositeSuite, Suite, expand_suites
 from flan_jax.errors import UserError
 from tasks import collection, registry, seqio_tasks, sources
 from tasks.family import RENDER_SEED, Source
@@ -68,10 +69,10 @@ def _task_sources() -> dict[str, tuple[Source, str]]:
     return out
 
 
-def eval_tasks(suites: Sequence[evaluation.Suite | evaluation.CompositeSuite], *, split: str | None = None,
+def eval_tasks(suites: Sequence[Suite | CompositeSuite], *, split: str | None = None,
                limit: int | None = None) -> list[EvalTask]:
     """The tasks of `suites` (composites expanded), each on `split` (default: its suite's) and its first `limit`."""
-    flat, _ = evaluation.expand_suites(suites)
+    flat, _ = expand_suites(suites)
     known = _task_sources()
     out = []
     for suite in flat:
@@ -191,7 +192,7 @@ def scan_mixture(index: decontamination.OverlapIndex, streams: Sequence[Training
 # --- the report ---------------------------------------------------------------------------
 
 
-def overlap_report(mixture: str, suites: Sequence[evaluation.Suite | evaluation.CompositeSuite], *,
+def overlap_report(mixture: str, suites: Sequence[Suite | CompositeSuite], *,
                    split: str | None = None, limit: int | None = None, max_rows: int | None = None,
                    progress: bool = True) -> dict[str, Any]:
     """What `flan-jax data overlap` reports: overlapping pairs, exemplars found among evaluation examples.
