@@ -89,6 +89,7 @@ def flan_cot_data():
 #    xdist, keeps pytest's file order.
 
 EXPECTED_SECONDS = {
+    "tests/test_robustness.py::test_each_dropout_rng_impl_trains_and_resumes_exactly": 240,
     "tests/test_cli.py::test_resume_restores_the_saved_input_state": 200,
     "tests/test_cli.py::test_convert_infer_and_finetune_from_any_format": 170,
     "tests/test_robustness.py::test_sigterm_saves_where_it_stopped_and_the_rerun_matches": 130,
@@ -121,6 +122,10 @@ EXPECTED_SECONDS = {
     "tests/test_collection.py::test_flan2022_shares_follow_the_rates_caps_and_template_types": 25,
     "tests/test_collection.py::test_iteration_is_deterministic_and_resumes_at_a_saved_position": 15,
     "tests/test_collection.py::test_your_own_task_mixes_in_beside_the_collection": 9,
+    "tests/test_heldout.py::test_flan_heldout_end_to_end_on_a_tiny_random_model": 45,
+    "tests/test_training_eval.py::test_training_evaluates_suites_logs_their_normalized_average_and_keeps_the_best_by_it": 40,
+    "tests/test_pallas_attention.py::test_pallas_kernel_and_fused_adafactor_under_fsdp_on_8_devices": 30,
+    "tests/test_own_data.py::test_a_partly_bad_file_trains_and_reports_its_skips": 30,
 }
 # Per file, for tests not listed above.
 FILE_DEFAULT_SECONDS = {
@@ -135,6 +140,11 @@ FILE_DEFAULT_SECONDS = {
     "tests/test_t5x_optimizer_state.py": 5,
     "tests/test_inference.py": 12,
     "tests/test_catalog.py": 12,  # fresh interpreters importing the catalog
+    "tests/test_own_data.py": 15,  # flan-jax subprocesses
+    "tests/test_pallas_attention.py": 8,  # Pallas in interpret mode
+    "tests/test_overlap.py": 10,
+    "tests/test_heldout.py": 5,
+    "tests/test_accel_options.py": 6,
 }
 
 
