@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flan_jax import losses, partitioning
-from flan_jax.model import Transformer
+from flan_jax import losses, partitioning, peft
+from flan_jax.model import T5Config, Transformer
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -35,11 +35,17 @@ class LossConfig:
 
 @dataclasses.dataclass
 class Model:
-    """The module plus the shardings of its parameters and optimizer state."""
+    """The module plus the shardings of its parameters (all of them, frozen
+    ones included) and of the optimizer state (of the trained ones: see
+    `flan_jax.peft`)."""
 
     module: Transformer
     params_shardings: PyTree
     opt_state_shardings: PyTree
+
+    @property
+    def config(self) -> T5Config:
+        return self.module.config
 
 
 def dummy_batch(lengths: Mapping[str, int], batch_size: int = 1) -> dict[str, jnp.ndarray]:
@@ -60,13 +66,20 @@ def abstract_state(
     lengths: Mapping[str, int],
 ) -> tuple[Model, PyTree, PyTree]:
     """The model's shardings and the shapes of its params and optimizer state
-    (ShapeDtypeStructs carrying their shardings); nothing is allocated, so a
-    step can be compiled for any model size (see `bench train --compile_only`)."""
+    (ShapeDtypeStructs carrying their shardings; frozen parameters in their
+    dtype); nothing is allocated, so a step can be compiled for any model size
+    (see `bench train --compile_only`)."""
+    config = module.config
     boxed = jax.eval_shape(_init_fn(module, lengths), jax.random.key(0))
     params_shardings = partitioner.params_shardings(boxed)
     abstract_params = nn.unbox(boxed)
-    abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
-    opt_state_shardings = partitioner.state_shardings(params_shardings, abstract_params, abstract_opt_state)
+    peft.check_targets(config, abstract_params)
+    abstract_params = peft.cast_frozen(config, abstract_params)
+    trained = peft.trainable(config, abstract_params)
+    abstract_opt_state = jax.eval_shape(tx.init, trained)
+    opt_state_shardings = partitioner.state_shardings(
+        peft.trainable(config, params_shardings), trained, abstract_opt_state
+    )
 
     def with_shardings(tree: PyTree, shardings: PyTree) -> PyTree:
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
@@ -88,10 +101,12 @@ def initialize(
     """Initialises params and optimizer state directly into their shardings
     (no device ever holds a full copy unless the rules replicate it)."""
     model, _, _ = abstract_state(module, tx, partitioner, lengths)
-    init = _init_fn(module, lengths)
+    init, config = _init_fn(module, lengths), module.config
     with partitioner.activate():
-        params = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=model.params_shardings)(jax.random.key(seed))
-        opt_state = jax.jit(tx.init, out_shardings=model.opt_state_shardings)(params)
+        params = jax.jit(lambda rng: peft.cast_frozen(config, nn.unbox(init(rng))), out_shardings=model.params_shardings)(
+            jax.random.key(seed)
+        )
+        opt_state = jax.jit(tx.init, out_shardings=model.opt_state_shardings)(peft.trainable(config, params))
     return model, params, opt_state
 
 
@@ -127,8 +142,9 @@ def make_train_step(
 ) -> StepFn:
     """A jit-compiled (params, opt_state, batch, rng, step) -> (params, opt_state, metrics).
 
-    A step whose loss or gradient norm is not finite applies no update and
-    reports `skipped` = 1 in its metrics.
+    Only the trained parameters (`peft.split`: all of them without adapters)
+    get gradients and updates; the frozen ones pass through unchanged. A step
+    whose loss or gradient norm is not finite applies no update and reports `skipped` = 1 in its metrics.
 
     With `num_microbatches` > 1 the batch is split and the gradients of the
     summed token losses are accumulated in a `lax.scan`, then normalised once
@@ -136,9 +152,11 @@ def make_train_step(
     (dropout aside: each microbatch draws its own masks).
     """
 
-    def summed_loss(params: PyTree, batch: Batch, dropout_rng: jax.Array) -> tuple[jax.Array, dict]:
+    config = model.config
+
+    def summed_loss(trained: PyTree, frozen: PyTree, batch: Batch, dropout_rng: jax.Array) -> tuple[jax.Array, dict]:
         logits = model.module.apply(
-            {"params": params},
+            {"params": peft.combine(trained, frozen)},
             batch["encoder_input_tokens"],
             batch["decoder_input_tokens"],
             batch["decoder_target_tokens"],
@@ -161,26 +179,29 @@ def make_train_step(
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
-    def accumulated(params: PyTree, batch: Batch, dropout_rng: jax.Array) -> tuple[PyTree, dict]:
+    def accumulated(trained: PyTree, frozen: PyTree, batch: Batch, dropout_rng: jax.Array) -> tuple[PyTree, dict]:
         if num_microbatches == 1:
-            (_, metrics), grads = grad_fn(params, batch, dropout_rng)
+            (_, metrics), grads = grad_fn(trained, frozen, batch, dropout_rng)
             return grads, metrics
         micro = _split_microbatches(batch, num_microbatches, partitioner.sharding(jax.sharding.PartitionSpec(None, "data")))
 
         def body(carry, xs):
             index, microbatch = xs
-            (_, metrics), grads = grad_fn(params, microbatch, jax.random.fold_in(dropout_rng, index))
+            (_, metrics), grads = grad_fn(trained, frozen, microbatch, jax.random.fold_in(dropout_rng, index))
             return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
         first = jax.tree.map(lambda x: x[0], micro)
-        metrics_shape = jax.eval_shape(summed_loss, params, first, dropout_rng)[1]
-        zero_grads = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), model.params_shardings)
+        metrics_shape = jax.eval_shape(summed_loss, trained, frozen, first, dropout_rng)[1]
+        zero_grads = jax.lax.with_sharding_constraint(
+            jax.tree.map(jnp.zeros_like, trained), peft.trainable(config, model.params_shardings)
+        )
         init = (zero_grads, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape))
         (grads, metrics), _ = jax.lax.scan(body, init, (jnp.arange(num_microbatches), micro))
         return grads, metrics
 
     def train_step(params, opt_state, batch, rng, step):
-        grads, metrics = accumulated(params, batch, jax.random.fold_in(rng, step))
+        params, frozen = peft.split(config, params)
+        grads, metrics = accumulated(params, frozen, batch, jax.random.fold_in(rng, step))
         denominator = metrics["num_tokens"]
         if loss_config.loss_normalizing_factor is not None:
             denominator = jnp.asarray(loss_config.loss_normalizing_factor, jnp.float32)
@@ -200,7 +221,7 @@ def make_train_step(
                 lambda new, old: jnp.where(finite, new, old), (new_params, new_opt_state), (params, opt_state)
             )
         metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=1.0 - finite.astype(jnp.float32))
-        return params, opt_state, metrics
+        return peft.combine(params, frozen), opt_state, metrics
 
     batch_sharding = partitioner.batch_sharding()
     replicated = partitioner.replicated()

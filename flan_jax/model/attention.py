@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -28,6 +28,9 @@ from flan_jax.model.layers import (
     segments_mask,
 )
 from flan_jax.model.relpos import relative_bias
+
+if TYPE_CHECKING:
+    from flan_jax.model.config import LoraConfig
 
 # Large but finite, so that fully masked rows stay NaN-free.
 _MASK_VALUE = -1e10
@@ -199,16 +202,18 @@ class MultiHeadDotProductAttention(nn.Module):
     kernel: str = "xla"
     num_buckets: int = 32
     max_distance: int = 128
+    lora: LoraConfig | None = None
 
-    def _project(self, name: str, x: Array, kernel_init: Initializer) -> Array:
+    def _project(self, name: str, x: Array, kernel_init: Initializer, deterministic: bool = True) -> Array:
         """[b, l, e] -> [b, l, h, d]."""
-        y = Dense(self.num_heads * self.head_dim, ("embed", "joined_kv"), kernel_init, self.dtype, name=name)(x)
+        dense = Dense(self.num_heads * self.head_dim, ("embed", "joined_kv"), kernel_init, self.dtype, self.lora, name=name)
+        y = dense(x, deterministic)
         y = y.reshape(*y.shape[:-1], self.num_heads, self.head_dim)
         return constrain(y, ("batch", "length", "heads", "kv"))
 
-    def _project_heads_first(self, name: str, x: Array) -> Array:
+    def _project_heads_first(self, name: str, x: Array, deterministic: bool = True) -> Array:
         """[b, k, e] -> [b, h, k, d] (keys and values)."""
-        return self._project(name, x, self.kernel_init).transpose(0, 2, 1, 3)
+        return self._project(name, x, self.kernel_init, deterministic).transpose(0, 2, 1, 3)
 
     @nn.compact
     def __call__(
@@ -233,26 +238,26 @@ class MultiHeadDotProductAttention(nn.Module):
             # T5X folds 1/sqrt(head_dim) into the initial query kernel.
             return base_init(*args) * depth_scaling
 
-        query = self._project("query", inputs_q, query_init)
+        query = self._project("query", inputs_q, query_init, deterministic)
         keep = self._value_dropout(inputs_kv.shape[:2], deterministic)  # [b, h, k, 1] or None
         if self.kernel != "xla" and not decode:
-            key = self._project("key", inputs_kv, self.kernel_init)  # [b, k, h, d]
-            value = self._project("value", inputs_kv, self.kernel_init)
+            key = self._project("key", inputs_kv, self.kernel_init, deterministic)  # [b, k, h, d]
+            value = self._project("value", inputs_kv, self.kernel_init, deterministic)
             if keep is not None:
                 value = value * keep.transpose(0, 2, 1, 3)
-            return self._output(self._kernel_attention(query, key, value, mask, bias), inputs_q.shape[-1])
+            return self._output(self._kernel_attention(query, key, value, mask, bias), inputs_q.shape[-1], deterministic)
         if self.fused and not decode:
-            key = self._project("key", inputs_kv, self.kernel_init)  # [b, k, h, d]
-            value = self._project("value", inputs_kv, self.kernel_init)
+            key = self._project("key", inputs_kv, self.kernel_init, deterministic)  # [b, k, h, d]
+            value = self._project("value", inputs_kv, self.kernel_init, deterministic)
             if keep is not None:
                 value = value * keep.transpose(0, 2, 1, 3)
             x = fused_dot_product_attention(query, key, value, mask, bias)
-            return self._output(x, inputs_q.shape[-1])
+            return self._output(x, inputs_q.shape[-1], deterministic)
         if decode and not self.causal:
             key, value = self._cross_attention_cache(inputs_kv)
         else:
-            key = self._project_heads_first("key", inputs_kv)
-            value = self._project_heads_first("value", inputs_kv)
+            key = self._project_heads_first("key", inputs_kv, deterministic)
+            value = self._project_heads_first("value", inputs_kv, deterministic)
         if decode and self.causal:
             if cache_length is None:
                 raise ValueError("decoder self-attention in decode mode needs cache_length")
@@ -267,7 +272,7 @@ class MultiHeadDotProductAttention(nn.Module):
         if keep is not None:
             value = value * keep
         x = dot_product_attention(query, key, value, attention_bias, float32_logits=self.float32_logits)  # [b, q, h, d]
-        return self._output(x, inputs_q.shape[-1])
+        return self._output(x, inputs_q.shape[-1], deterministic)
 
     def _kernel_attention(self, query: Array, key: Array, value: Array, segments: Segments, table: Array | None):
         """[b, q, h, d], [b, k, h, d] x2 -> [b, q, h, d] through the Pallas or cuDNN route.
@@ -299,10 +304,10 @@ class MultiHeadDotProductAttention(nn.Module):
         ones = jnp.ones((batch, self.num_heads, length, 1), self.dtype)
         return nn.Dropout(rate=self.dropout_rate)(ones, deterministic=False)
 
-    def _output(self, x: Array, features: int) -> Array:
+    def _output(self, x: Array, features: int, deterministic: bool) -> Array:
         """[b, q, h, d] -> [b, q, e]."""
         x = x.reshape(*x.shape[:-2], self.num_heads * self.head_dim)
-        out = Dense(features, ("joined_kv", "embed"), self.kernel_init, self.dtype, name="out")(x)
+        out = Dense(features, ("joined_kv", "embed"), self.kernel_init, self.dtype, self.lora, name="out")(x, deterministic)
         return constrain(out, ("batch", "length", "embed"))
 
     def _cross_attention_cache(self, inputs_kv: Array) -> tuple[Array, Array]:

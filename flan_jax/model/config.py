@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import gin
 import jax.numpy as jnp
@@ -13,6 +14,12 @@ from flan_jax.model.layers import _ACTIVATIONS
 
 
 REMAT_POLICIES = ("none", "full", "dots")
+
+# LoRA targets (regular expressions searched in T5X parameter paths such as
+# `encoder/layers_0/attention/query/kernel`; scanned layers read `layers/`).
+LORA_QUERY_VALUE = ("attention/query/kernel$", "attention/value/kernel$")
+LORA_ATTENTION = ("attention/(query|key|value|out)/kernel$",)
+LORA_ATTENTION_MLP = (*LORA_ATTENTION, "mlp/wi(_[0-9]+)?/kernel$", "mlp/wo/kernel$")
 
 
 def _is_float_dtype(name: object) -> bool:
@@ -27,6 +34,48 @@ ACTIVATIONS = errors.Check(
     f"a non-empty list of activations from {', '.join(map(repr, _ACTIVATIONS))}",
     lambda v: isinstance(v, (list, tuple)) and bool(v) and all(isinstance(a, str) and a in _ACTIVATIONS for a in v),
 )
+
+
+def _is_pattern(value: object) -> bool:
+    try:
+        return isinstance(value, str) and bool(value) and re.compile(value) is not None
+    except re.error:
+        return False
+
+
+PATTERNS = errors.Check(
+    "a non-empty list of regular expressions over parameter paths",
+    lambda v: isinstance(v, (list, tuple)) and bool(v) and all(map(_is_pattern, v)),
+)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA (Hu et al. 2021): each targeted kernel W [in, out] computes
+    x W + (alpha / rank) * dropout(x) A B with A [in, rank] and B [rank, out];
+    B starts at zero, so an untrained adapter leaves the model unchanged.
+    Bind it as `T5Config.lora = @LoraConfig()` (see gin/peft/)."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    # Kernels that get adapters; every pattern must match at least one.
+    targets: tuple[str, ...] = LORA_QUERY_VALUE
+
+    def __post_init__(self) -> None:
+        errors.require_fields(
+            self, rank=errors.POSITIVE_INT, alpha=errors.POSITIVE_NUMBER, dropout=errors.FRACTION, targets=PATTERNS
+        )
+        object.__setattr__(self, "targets", tuple(self.targets))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def targets_path(self, path: str) -> bool:
+        """Whether the kernel at `path` ('encoder/layers_0/attention/query/kernel') gets an adapter."""
+        return any(re.search(pattern, path) for pattern in self.targets)
 
 
 @gin.configurable
@@ -79,6 +128,13 @@ class T5Config:
     # stacked either way; unrolling trades compile time for the loop's
     # per-iteration slicing of the stacked weights.
     scan_unroll: int = 1
+    # Parameter-efficient finetuning (`flan_jax.peft`): LoRA adapters, and/or
+    # `prompt_length` learned prompt vectors in front of every encoder input
+    # (prompt tuning). With either, only they are trained; the other
+    # ("frozen") parameters are held in `frozen_dtype`.
+    lora: LoraConfig | None = None
+    prompt_length: int = 0
+    frozen_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         errors.require_fields(
@@ -90,9 +146,19 @@ class T5Config:
             relative_attention_max_distance=errors.POSITIVE_INT, layer_norm_epsilon=errors.POSITIVE_NUMBER,
             scan_layers=errors.BOOL, remat_policy=errors.one_of(*REMAT_POLICIES), fused_attention=errors.BOOL,
             attention_kernel=errors.one_of(*ATTENTION_KERNELS), scan_unroll=errors.POSITIVE_INT,
+            prompt_length=errors.NON_NEGATIVE_INT, frozen_dtype=FLOAT_DTYPE,
         )
+        if isinstance(self.lora, dict):  # the JSON form in a checkpoint's metadata
+            object.__setattr__(self, "lora", LoraConfig(**self.lora))
+        elif self.lora is not None and not isinstance(self.lora, LoraConfig):
+            raise errors.UserError(f"T5Config.lora={self.lora!r}: expected @LoraConfig() or None")
         # gin and JSON may hand over lists; a tuple keeps the config hashable.
         object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
+
+    @property
+    def has_adapters(self) -> bool:
+        """Whether only adapters (LoRA, prompt) are trained and the rest is frozen."""
+        return self.lora is not None or self.prompt_length > 0
 
     @property
     def activation_dtype(self) -> jnp.dtype:

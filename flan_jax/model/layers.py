@@ -11,7 +11,7 @@ unless logical axis rules are active.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -19,6 +19,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from flan_jax.model.relpos import relative_bias
+
+if TYPE_CHECKING:
+    from flan_jax.model.config import LoraConfig
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -89,26 +92,72 @@ class RMSNorm(nn.Module):
         return (x * scale).astype(self.dtype)
 
 
+class DenseWeights(NamedTuple):
+    """A Dense layer's parameters: the kernel and, when LoRA targets it, the adapter."""
+
+    kernel: Array  # [in, out] float32 (or the frozen dtype)
+    lora_a: Array | None  # [in, rank]
+    lora_b: Array | None  # [rank, out], zero at initialisation
+
+
+# PEFT's initialisation of A (kaiming-uniform with a = sqrt(5)): U(+-1/sqrt(in)).
+lora_a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
 class Dense(nn.Module):
-    """x[..., in] @ kernel[in, features], no bias; kernel float32, math in `dtype`."""
+    """x[..., in] @ kernel[in, features], no bias; kernel float32, math in `dtype`.
+
+    With `lora` and a path it targets, adds the low-rank update (LoraConfig).
+    """
 
     features: int
     kernel_axes: tuple[str, str]
     kernel_init: Initializer = mlp_kernel_init
     dtype: Dtype = jnp.float32
+    lora: LoraConfig | None = None
 
     @nn.compact
-    def kernel(self, in_features: int) -> Array:
-        """The float32 kernel [in_features, features] alone, for callers that fuse products."""
-        return self.param(
+    def weights(self, in_features: int) -> DenseWeights:
+        """The parameters, for callers that fuse products (see MlpBlock)."""
+        kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
             (in_features, self.features),
             jnp.float32,
         )
+        if self.lora is None or not self.lora.targets_path("/".join(self.path) + "/kernel"):
+            return DenseWeights(kernel, None, None)
+        rank, (in_axis, out_axis) = self.lora.rank, self.kernel_axes
+        lora_a = self.param(
+            "lora_a", nn.with_logical_partitioning(lora_a_init, (in_axis, None)), (in_features, rank), jnp.float32
+        )
+        lora_b = self.param(
+            "lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (None, out_axis)), (rank, self.features),
+            jnp.float32,
+        )
+        return DenseWeights(kernel, lora_a, lora_b)
 
-    def __call__(self, x: Array) -> Array:
-        return jnp.dot(x.astype(self.dtype), self.kernel(x.shape[-1]).astype(self.dtype))
+    def kernel(self, in_features: int) -> Array:
+        """The kernel [in_features, features] alone."""
+        return self.weights(in_features).kernel
+
+    def lora_delta(self, x: Array, deterministic: bool = True) -> Array | None:
+        """x [..., in] -> scale * dropout(x) A B [..., features]; None without an adapter."""
+        _, lora_a, lora_b = self.weights(x.shape[-1])
+        if lora_a is None:
+            return None
+        x = x.astype(self.dtype)
+        rate = self.lora.dropout
+        if not deterministic and rate > 0.0:
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, x.shape)
+            x = jnp.where(keep, x / (1.0 - rate), 0.0).astype(self.dtype)
+        low_rank = jnp.dot(x, lora_a.astype(self.dtype))  # [..., rank]
+        return jnp.dot(low_rank, lora_b.astype(self.dtype)) * jnp.asarray(self.lora.scale, self.dtype)
+
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel(x.shape[-1]).astype(self.dtype))
+        delta = self.lora_delta(x, deterministic)
+        return y if delta is None else y + delta
 
 
 class Embed(nn.Module):
@@ -180,25 +229,31 @@ class MlpBlock(nn.Module):
     activations: Sequence[str] = ("relu",)
     dtype: Dtype = jnp.float32
     dropout_rate: float = 0.0
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
         """[b, l, e] -> [b, l, e]."""
         if len(self.activations) == 1:
-            hidden = _ACTIVATIONS[self.activations[0]](Dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype, name="wi")(x))
+            wi = Dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype, lora=self.lora, name="wi")
+            hidden = _ACTIVATIONS[self.activations[0]](wi(x, deterministic))
         else:
             # All branches in one product against the stacked kernels [e, n, m]:
             # the gradient for x is then one matmul, not a sum of n (plus a
             # layout copy on CPU), and the matmul is n times larger.
-            kernels = [
-                Dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype, name=f"wi_{i}").kernel(x.shape[-1])
+            wis = [
+                Dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype, lora=self.lora, name=f"wi_{i}")
                 for i in range(len(self.activations))
             ]
-            branches = jnp.einsum("ble,enm->blnm", x.astype(self.dtype), jnp.stack(kernels, axis=1).astype(self.dtype))
+            kernels = jnp.stack([wi.kernel(x.shape[-1]) for wi in wis], axis=1)
+            branches = jnp.einsum("ble,enm->blnm", x.astype(self.dtype), kernels.astype(self.dtype))
             hidden = None
-            for i, name in enumerate(self.activations):
-                branch = _ACTIVATIONS[name](branches[:, :, i])
+            for i, (name, wi) in enumerate(zip(self.activations, wis)):
+                branch = branches[:, :, i]
+                delta = wi.lora_delta(x, deterministic)
+                branch = _ACTIVATIONS[name](branch if delta is None else branch + delta)
                 hidden = branch if hidden is None else hidden * branch  # [b, l, m]
         hidden = nn.Dropout(rate=self.dropout_rate, broadcast_dims=(-2,))(hidden, deterministic=deterministic)
         hidden = constrain(hidden, ("batch", "length", "mlp"))
-        return Dense(x.shape[-1], ("mlp", "embed"), dtype=self.dtype, name="wo")(hidden)
+        wo = Dense(x.shape[-1], ("mlp", "embed"), dtype=self.dtype, lora=self.lora, name="wo")
+        return wo(hidden, deterministic)

@@ -44,6 +44,7 @@ def _attention(config: T5Config, name: str, causal: bool = False) -> attention.M
         kernel=config.attention_kernel,
         num_buckets=config.relative_attention_num_buckets,
         max_distance=config.relative_attention_max_distance,
+        lora=config.lora,
         name=name,
     )
 
@@ -54,6 +55,7 @@ def _mlp(config: T5Config) -> layers.MlpBlock:
         activations=config.mlp_activations,
         dtype=config.activation_dtype,
         dropout_rate=config.dropout_rate,
+        lora=config.lora,
         name="mlp",
     )
 
