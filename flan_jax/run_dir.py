@@ -4,6 +4,7 @@
       config.gin            the operative gin config (config_resumed_at_<step>.gin
                             when a resume runs with another one)
       metrics.jsonl         one JSON object per logged step: {"step", "loss", ...}
+                            (and the input pipeline's counts, `pipeline_metrics`)
       tb/                   TensorBoard event files (the same scalars)
       checkpoints/          orbax steps (flan_jax.checkpoints)
 
@@ -20,7 +21,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import gin
@@ -171,8 +172,14 @@ class Throughput:
 class RunDir:
     """config.gin, metrics.jsonl, TensorBoard and the checkpointer of one run (module doc)."""
 
-    def __init__(self, model_dir: str, checkpoint_config: ckpt_lib.CheckpointConfig, *, is_chief: bool) -> None:
+    def __init__(self, model_dir: str, checkpoint_config: ckpt_lib.CheckpointConfig, *, is_chief: bool,
+                 pipeline_metrics: Callable[[], Mapping[str, float]] | None = None) -> None:
+        """`pipeline_metrics()`, if given, returns the input pipeline's running counts (say
+        `data/overlap_excluded`), logged with each train step's scalars. The tf.data pipeline
+        reads ahead of training, so they count what it has processed so far in this process,
+        a little more than the steps consumed."""
         self.model_dir, self.checkpoint_config, self.is_chief = model_dir, checkpoint_config, is_chief
+        self.pipeline_metrics = pipeline_metrics
         self.checkpoint_dir = os.path.join(model_dir, "checkpoints")
         self.metrics_path = os.path.join(model_dir, "metrics.jsonl")
         self.tb_dir = os.path.join(model_dir, "tb")
@@ -212,8 +219,9 @@ class RunDir:
         self.throughput = Throughput(flops_per_step, peak_flops)
 
     def log_train(self, step: int, host_batch: Mapping[str, np.ndarray]) -> dict[str, float]:
-        """Logs the window's averages, throughput and fill rates (call after `window.sync()`)."""
-        scalars = {**self.window.scalars(), **self.throughput.window(), **data_lib.fill_rates(host_batch)}
+        """Logs the window's averages, throughput, fill rates and pipeline counts (call after `window.sync()`)."""
+        scalars = {**self.window.scalars(), **self.throughput.window(), **data_lib.fill_rates(host_batch),
+                   **(self.pipeline_metrics() if self.pipeline_metrics else {})}
         self.write(step, scalars)
         self.last_loss = scalars["loss"]
         return scalars

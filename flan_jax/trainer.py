@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import gin
 import jax
@@ -137,11 +137,14 @@ def train(
     eval_config: evaluation.EvalConfig | None = None,
     suites: Sequence[Suite | CompositeSuite] = (),
     show_progress: bool = True,
+    pipeline_metrics: Callable[[], Mapping[str, float]] | None = None,
 ) -> TrainSummary:
     """Finetunes (or trains from scratch) a T5 on a SeqIO mixture; see module doc.
 
     `suites` are EvalConfig.suites resolved (the train command looks them up
-    in the task catalog, which this library does not import).
+    in the task catalog, which this library does not import). `pipeline_metrics`
+    returns the input pipeline's running counts, logged at each log step
+    (run_dir.RunDir; the train command's overlap exclusion counts).
     """
     config = config or TrainConfig()
     model_config = model_config or T5Config()
@@ -155,7 +158,8 @@ def train(
                  if eval_config.enabled else None)
     is_chief = jax.process_index() == 0
     module = Transformer(model_config)
-    with RunDir(config.model_dir, checkpoint_config or ckpt_lib.CheckpointConfig(), is_chief=is_chief) as run:
+    with RunDir(config.model_dir, checkpoint_config or ckpt_lib.CheckpointConfig(), is_chief=is_chief,
+                pipeline_metrics=pipeline_metrics) as run:
         pretrained = train_state.Pretrained(config.init_checkpoint, config.init_optimizer_state) if config.init_checkpoint else None
         model, state = train_state.init_or_restore(
             module, tx, partitioner, dict(config.task_feature_lengths), seed=config.seed,

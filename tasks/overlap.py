@@ -11,7 +11,8 @@ evaluation task's own few-shot exemplars against its evaluation examples.
 `exclude_overlap(index)` installs the same test inside the training input
 pipeline (tasks/seqio_tasks.py `set_training_filter`): overlapping training
 examples are dropped and counted in `sources.stats(<source>)
-.counts[EXCLUDED]`, the examples checked in `.counts[CHECKED]`.
+.counts[EXCLUDED]`, the examples checked in `.counts[CHECKED]`;
+`exclusion_metrics()` gives them as the scalars training logs.
 
 Not a task module: it has no `register()`.
 """
@@ -266,3 +267,16 @@ def excluded_counts() -> dict[str, int]:
 def checked_count() -> int:
     """Training examples `exclude_overlap` has checked so far, all sources together."""
     return sum(s.counts.get(CHECKED, 0) for s in sources.all_stats().values())
+
+
+def exclusion_metrics() -> dict[str, float]:
+    """The counts so far as training scalars: `data/overlap_checked`, `data/overlap_excluded` and
+    `data/overlap_excluded/<source>` (by training source, as in excluded_overlap.json).
+
+    The tf.data pipeline reads ahead of the training step (shuffle and prefetch
+    buffers), so these are the examples the pipeline has checked so far, not
+    those the steps logged so far consumed.
+    """
+    counts = excluded_counts()
+    return {"data/overlap_checked": float(checked_count()), "data/overlap_excluded": float(sum(counts.values())),
+            **{f"data/overlap_excluded/{name}": float(n) for name, n in sorted(counts.items())}}

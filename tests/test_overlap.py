@@ -92,6 +92,45 @@ def test_exclusion_drops_exactly_the_planted_rows_and_counts_them(planted, tmp_p
     assert sum(1 for _ in ds.as_numpy_iterator()) == 23
 
 
+def test_training_logs_the_running_exclusion_counts(planted, tmp_path, tiny_config):
+    """Every train record of metrics.jsonl carries the counts so far; the last one's are at most the final
+    ones of excluded_overlap.json (the pipeline reads ahead), and each planted source has dropped by then."""
+    import dataclasses
+
+    from flan_jax import checkpoints, data, optim, trainer
+
+    sources.reset_stats()
+    pipeline_metrics = train_command.exclude_overlap(("gsm8k_cot",))
+    vocab_size = data.targets_vocabulary(seqio.get_mixture_or_task(MIXTURE)).vocab_size
+    config = trainer.TrainConfig(model_dir=str(tmp_path), mixture_or_task_name=MIXTURE, num_steps=3, batch_size=2,
+                                 log_every=2, task_feature_lengths={"inputs": 64, "targets": 8})
+    try:
+        trainer.train(config, model_config=dataclasses.replace(tiny_config, vocab_size=vocab_size),
+                      optimizer=optim.adafactor(learning_rate=1e-2), show_progress=False,
+                      checkpoint_config=checkpoints.CheckpointConfig(save_every=100, best_metric=None),
+                      pipeline_metrics=pipeline_metrics)
+        train_command.report_excluded(("gsm8k_cot",), str(tmp_path))
+    finally:
+        overlap.exclude_overlap(None)
+    written = json.loads((tmp_path / train_command.EXCLUDED_FILE).read_text())
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    checked = [r["data/overlap_checked"] for r in train]
+    assert checked == sorted(checked) and 0 < checked[-1] <= written["checked"]
+    last = train[-1]
+    by_source = {k.removeprefix("data/overlap_excluded/"): v for k, v in last.items()
+                 if k.startswith("data/overlap_excluded/")}
+    assert set(by_source) == set(written["dropped"]) == {"planted", TEXT_TASK}
+    assert all(0 < by_source[name] <= written["dropped"][name] for name in by_source)
+    assert last["data/overlap_excluded"] == sum(by_source.values())
+    assert last["data/overlap_excluded"] < last["data/overlap_checked"]
+    events = [e for path in (tmp_path / "tb").glob("events.*") for e in tf.compat.v1.train.summary_iterator(str(path))]
+    tensorboard = {v.tag: float(tf.make_ndarray(v.tensor)) for e in events if e.step == 3 for v in e.summary.value}
+    assert {k: v for k, v in tensorboard.items() if k.startswith("data/")} == {
+        k: v for k, v in last.items() if k.startswith("data/")}
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flan_jax.cli", "data", "overlap", *args], cwd=REPO,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True, text=True, timeout=600)

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from flan_jax.commands import catalog, gin_flags, process
 from flan_jax.errors import UserError
@@ -31,12 +31,12 @@ def run(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
         config = trainer.TrainConfig()
     except TypeError as e:  # gin adds lines on what it had bound; the first one names what is missing.
         raise UserError(f"incomplete gin config: {str(e).splitlines()[0]}") from None
-    exclude_overlap(config.exclude_overlap_with)
+    pipeline_metrics = exclude_overlap(config.exclude_overlap_with)
     from flan_jax import evaluation
 
     eval_config = evaluation.EvalConfig()
     suites = catalog.get_suites(",".join(eval_config.suites)) if eval_config.suites else []
-    summary = trainer.train(config, eval_config=eval_config, suites=suites)
+    summary = trainer.train(config, eval_config=eval_config, suites=suites, pipeline_metrics=pipeline_metrics)
     print(summary.format())
     if config.exclude_overlap_with:
         report_excluded(config.exclude_overlap_with, config.model_dir)
@@ -50,16 +50,21 @@ def _suite_names(suites: Sequence[str] | str) -> str:
     return suites if isinstance(suites, str) else ",".join(suites)  # gin may bind one name as a string.
 
 
-def exclude_overlap(suites: Sequence[str] | str) -> None:
-    """Drops training examples overlapping `suites`' evaluation questions in every training pipeline built next."""
+def exclude_overlap(suites: Sequence[str] | str) -> Callable[[], Mapping[str, float]] | None:
+    """Drops training examples overlapping `suites`' evaluation questions in every training pipeline built next.
+
+    Returns what reads the running counts for the training log (`trainer.train(pipeline_metrics=)`);
+    None when `suites` is empty.
+    """
     from tasks import overlap
 
     if not suites:
         overlap.exclude_overlap(None)
-        return
+        return None
     index = overlap.eval_index(overlap.eval_tasks(catalog.get_suites(_suite_names(suites))))
     logger.info("exclude_overlap_with: %d evaluation questions of %s indexed", len(index), _suite_names(suites))
     overlap.exclude_overlap(index)
+    return overlap.exclusion_metrics
 
 
 def report_excluded(suites: Sequence[str] | str, model_dir: str) -> dict[str, int]:
