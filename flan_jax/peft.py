@@ -93,6 +93,23 @@ def check_targets(config: T5Config, params: PyTree) -> None:
             )
 
 
+PROMPT_PATH = ("encoder", "prompt", "prompt")
+
+
+def abstract_adapters(config: T5Config, base: PyTree) -> PyTree:
+    """The adapters' shapes (float32 ShapeDtypeStructs) for a base tree of
+    shapes in `config`'s layer layout, as `Transformer(config)` makes them."""
+    flat: dict[tuple[str, ...], jax.ShapeDtypeStruct] = {}
+    for path, kernel in traverse_util.flatten_dict(base).items():
+        if config.lora is not None and path[-1] == "kernel" and config.lora.targets_path("/".join(path)):
+            *lead, fan_in, fan_out = kernel.shape  # lead: the layers axis of a scanned stack
+            flat[(*path[:-1], "lora_a")] = jax.ShapeDtypeStruct((*lead, fan_in, config.lora.rank), jnp.float32)
+            flat[(*path[:-1], "lora_b")] = jax.ShapeDtypeStruct((*lead, config.lora.rank, fan_out), jnp.float32)
+    if config.prompt_length:
+        flat[PROMPT_PATH] = jax.ShapeDtypeStruct((config.prompt_length, config.emb_dim), jnp.float32)
+    return traverse_util.unflatten_dict(flat)
+
+
 def merge_lora(config: T5Config, params: PyTree) -> tuple[T5Config, PyTree]:
     """Folds every LoRA adapter into its kernel (W + scale A B, in float32) and
     drops the adapters; the config loses `lora`. Prompt vectors stay."""

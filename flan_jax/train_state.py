@@ -8,7 +8,10 @@
      or flan-jax run continued when `Pretrained.optimizer_state` asks for it;
   3. scratch: fresh parameters from the seed.
 Layer layouts (scanned or unrolled) are converted on the way in
-(`formats.restore_in_layout`). The metadata saved with each step is
+(`formats.restore_in_layout`). With adapters (`flan_jax.peft`) "pretrained"
+is the frozen base, steps hold only the adapters, and a resume loads the base
+again (from `Pretrained.path`, else the path the steps record) and refuses
+one whose fingerprint differs. The metadata saved with each step is
 `formats.StepMeta`: one writer (`to_dict`), one reader (`from_dict`).
 """
 
@@ -25,7 +28,7 @@ import optax
 from flan_jax import checkpoints as ckpt_lib
 from flan_jax import formats
 from flan_jax import optim
-from flan_jax import partitioning
+from flan_jax import partitioning, peft
 from flan_jax import step as step_lib
 from flan_jax.errors import UserError
 from flan_jax.formats import StepMeta
@@ -42,6 +45,7 @@ class TrainState:
     params: PyTree
     opt_state: PyTree
     meta: StepMeta | None = None  # the checkpoint's, when resumed from the run's own checkpoints
+    base: peft.BaseRef | None = None  # with adapters: the frozen base, recorded in every step saved
 
     def replace(self, **changes: Any) -> TrainState:
         return dataclasses.replace(self, **changes)
@@ -72,25 +76,43 @@ def init_or_restore(
 ) -> tuple[step_lib.Model, TrainState]:
     """The model's shardings and the state to train from: resumed, pretrained or fresh (module doc)."""
     model, params, opt_state = step_lib.initialize(module, tx, partitioner, lengths, seed)
-    fresh = TrainState(0, params, opt_state)
+    config = module.config
+    random_base = peft.BaseRef(None, peft.fingerprint(peft.split(config, params)[1])) if config.has_adapters else None
+    fresh = TrainState(0, params, opt_state, base=random_base)
     if checkpointer.all_steps():
         # The newest readable step; unreadable ones are reported and set aside.
-        _, state = checkpointer.read_newest(lambda step: restore(checkpointer, step, model, fresh))
+        _, state = checkpointer.read_newest(lambda step: restore(checkpointer, step, model, fresh, pretrained))
         return model, state
     if pretrained is not None:
         return model, load_pretrained(pretrained, model, tx, fresh)
     return model, fresh
 
 
-def restore(checkpointer: ckpt_lib.Checkpointer, step: int, model: step_lib.Model, like: TrainState) -> TrainState:
-    """A step of `checkpointer` onto the shardings and layer layout of `like`."""
+def restore(checkpointer: ckpt_lib.Checkpointer, step: int, model: step_lib.Model, like: TrainState,
+            pretrained: Pretrained | None = None) -> TrainState:
+    """A step of `checkpointer` onto the shardings and layer layout of `like`
+    (with adapters: the step's adapters on the base they were trained on)."""
+    config = model.config
     params, opt_state, meta = formats.restore_in_layout(
-        checkpointer, step, ckpt_lib.abstract_like(like.params), ckpt_lib.abstract_like(like.opt_state)
+        checkpointer, step, ckpt_lib.abstract_like(peft.trainable(config, like.params)),
+        ckpt_lib.abstract_like(like.opt_state),
     )
-    scanned = model.module.config.scan_layers
+    scanned = config.scan_layers
     if meta.model_config.scan_layers != scanned:
         print(f"Step {step} was saved with scan_layers={meta.model_config.scan_layers}; converting to scan_layers={scanned}.")
-    return TrainState(step, params, opt_state, meta)
+    if not config.has_adapters:
+        return TrainState(step, params, opt_state, meta)
+    where = f"step {step} in {checkpointer.directory}"
+    if meta.base is None:
+        raise UserError(f"{where} holds no record of the base its adapters belong to")
+    path = pretrained.path if pretrained is not None else meta.base.path
+    if path is None:  # trained on the seed's random base: made again by `initialize`
+        base, frozen = like.base, peft.split(config, like.params)[1]
+    else:
+        loaded = formats.load_base(path, config, model.params_shardings)
+        base, frozen = loaded.ref, peft.cast_frozen(config, loaded.params)
+    meta.base.check_same(base, where)
+    return TrainState(step, peft.combine(params, frozen), opt_state, meta, base)
 
 
 def load_pretrained(
@@ -98,8 +120,15 @@ def load_pretrained(
 ) -> TrainState:
     """Params from a pretrained checkpoint (any format), placed on the mesh, plus the optimizer
     state: the checkpoint's when it has one and `pretrained.optimizer_state`, else `fresh`'s.
-    The step count starts at 0."""
+    The step count starts at 0. With adapters `pretrained` is the frozen base
+    and the adapters (and their optimizer state) start fresh."""
     config = model.module.config
+    if config.has_adapters:
+        base = formats.load_base(pretrained.path, config, model.params_shardings)
+        params = peft.combine(peft.trainable(config, fresh.params), peft.cast_frozen(config, base.params))
+        print(f"Initialised the frozen base from {base.loaded.format} checkpoint {pretrained.path} "
+              f"(its step {base.loaded.step}); the adapters start fresh.")
+        return fresh.replace(params=params, base=base.ref)
     # load_checkpoint checks every parameter's name and shape against the config.
     loaded = formats.load_checkpoint(pretrained.path, config=config, shardings=model.params_shardings)
     params = jax.tree.map(lambda x, ref: x.astype(ref.dtype), loaded.params, fresh.params)

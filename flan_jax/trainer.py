@@ -36,6 +36,7 @@ from flan_jax import flops
 from flan_jax import inference
 from flan_jax import optim
 from flan_jax import partitioning
+from flan_jax import peft
 from flan_jax import preemption
 from flan_jax import step as step_lib
 from flan_jax import train_state
@@ -301,10 +302,12 @@ class _Loop:
         start = time.perf_counter()
         config, checkpointer = self.config, self.run.checkpointer
         meta = StepMeta(
-            state.step, self.model.module.config, self.vocab_record,
-            DataPosition(config.mixture_or_task_name, config.seed, state.step), self.run.window.state(),
+            state.step, self.model.config, self.vocab_record,
+            DataPosition(config.mixture_or_task_name, config.seed, state.step), self.run.window.state(), state.base,
         )
-        checkpointer.save(state.step, state.params, state.opt_state, meta.to_dict(), metrics=metrics)
+        # With adapters only they are saved; the frozen base is `state.base`.
+        trained = peft.trainable(self.model.config, state.params)
+        checkpointer.save(state.step, trained, state.opt_state, meta.to_dict(), metrics=metrics)
         batches.save(keep=checkpointer.all_steps())
         self.run.save_stalls.append(time.perf_counter() - start)
 

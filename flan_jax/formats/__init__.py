@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from flan_jax import checkpoints as ckpt_lib
+from flan_jax import peft
 from flan_jax.errors import UserError
 from flan_jax.formats import hf, t5x
 from flan_jax.model import T5Config, scan
@@ -96,7 +97,8 @@ def config_from_params(params: PyTree, source: str = "checkpoint") -> T5Config:
 
 def abstract_params(config: T5Config, shardings: PyTree | None = None) -> PyTree:
     """A jax.ShapeDtypeStruct (float32, on `shardings` if given) per parameter of
-    `Transformer(config)`, in its layer layout; computed from the config alone."""
+    `Transformer(config)`, adapters included, in its layer layout; computed
+    from the config alone."""
     tree: dict = {}
     for path, shape in hf.param_shapes(config).items():
         node = tree
@@ -105,6 +107,8 @@ def abstract_params(config: T5Config, shardings: PyTree | None = None) -> PyTree
         node[path[-1]] = jax.ShapeDtypeStruct(shape, np.float32)
     if config.scan_layers:
         tree = jax.eval_shape(scan.stack_layers, tree)
+    if config.has_adapters:
+        tree = peft.combine(peft.abstract_adapters(config, tree), tree)
     if shardings is not None:
         tree = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
     return tree
@@ -149,9 +153,12 @@ class StepMeta:
     vocabulary: dict | None = None  # see flan_jax.data.load_vocabulary
     data: DataPosition | None = None
     metrics_window: dict | None = None
+    base: peft.BaseRef | None = None  # with adapters: the base they were trained on (the step holds only them)
 
     def to_dict(self) -> dict[str, Any]:
         fields = {"step": self.step, "model_config": dataclasses.asdict(self.model_config), "vocabulary": self.vocabulary}
+        if self.base is not None:
+            fields["base"] = self.base.to_dict()
         if self.data is not None:
             fields["data"] = dataclasses.asdict(self.data)
         if self.metrics_window is not None:
@@ -182,7 +189,8 @@ class StepMeta:
             _field(window, "num_steps", int, f"{source}: metrics_window")
             _field(window, "skipped_total", int, f"{source}: metrics_window")
         config = config_from_dict(fields["model_config"], f"{source}: model_config")
-        return cls(step, config, vocabulary, data, window)
+        base = peft.BaseRef.from_dict(fields["base"], source) if fields.get("base") is not None else None
+        return cls(step, config, vocabulary, data, window, base)
 
 
 _JSON_NAMES = {int: "integer", str: "string", dict: "object"}
@@ -251,6 +259,8 @@ def _load_flan_jax(path: str, config: T5Config | None, shardings: Shardings, ste
 
     def read(step: int) -> tuple[T5Config, PyTree, StepMeta]:
         wanted = config or _read_meta(ckpt, step).model_config
+        if wanted.has_adapters:
+            return wanted, *_load_adapters_and_base(ckpt, step, wanted, _resolve(shardings, wanted))
         params, _, meta = restore_in_layout(ckpt, step, abstract_params(wanted, _resolve(shardings, wanted)))
         return wanted, params, meta
 
@@ -267,6 +277,43 @@ def _load_flan_jax(path: str, config: T5Config | None, shardings: Shardings, ste
     finally:
         ckpt.close()
     return LoadedCheckpoint("flan_jax", loaded_config, params, meta.vocabulary, run_dir, step)
+
+
+def _load_adapters_and_base(
+    ckpt: ckpt_lib.Checkpointer, step: int, config: T5Config, shardings: PyTree | None
+) -> tuple[PyTree, StepMeta]:
+    """A step that holds only adapters (see flan_jax.peft), combined with the
+    base recorded in its metadata, whose fingerprint must match."""
+    where = f"step {step} in {ckpt.directory}"
+    meta = _read_meta(ckpt, step)
+    if meta.base is None or meta.base.path is None:
+        raise UserError(
+            f"{where} holds adapters, but " + ("no record of their base" if meta.base is None else
+                                               "they were trained on a random base, which is not saved")
+        )
+    base = load_base(meta.base.path, config, shardings)
+    meta.base.check_same(base.ref, where)
+    like = abstract_params(config, shardings)
+    adapters, _, _ = restore_in_layout(ckpt, step, peft.trainable(config, like))
+    return peft.combine(adapters, base.params), meta
+
+
+@dataclasses.dataclass
+class LoadedBase:
+    """A base model for adapters: its parameters (float32, as loaded) and its record."""
+
+    params: PyTree
+    ref: peft.BaseRef
+    loaded: LoadedCheckpoint
+
+
+def load_base(path: str, config: T5Config, shardings: PyTree | None = None) -> LoadedBase:
+    """The base of an adapter `config` from `path` (any format), on the frozen
+    half of `shardings` (a tree for the whole model) when given."""
+    path = path if "://" in path else os.path.abspath(path)
+    base_shardings = None if shardings is None else peft.split(config, shardings)[1]
+    loaded = load_checkpoint(path, config=peft.base_config(config), shardings=base_shardings)
+    return LoadedBase(loaded.params, peft.BaseRef(path, peft.fingerprint(loaded.params)), loaded)
 
 
 def load_checkpoint(
