@@ -163,3 +163,8 @@ class T5Config:
     @property
     def activation_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
+
+
+gin.constant("flan_jax.model.LORA_QUERY_VALUE", LORA_QUERY_VALUE)
+gin.constant("flan_jax.model.LORA_ATTENTION", LORA_ATTENTION)
+gin.constant("flan_jax.model.LORA_ATTENTION_MLP", LORA_ATTENTION_MLP)
