@@ -109,7 +109,10 @@ def restore(checkpointer: ckpt_lib.Checkpointer, step: int, model: step_lib.Mode
     if path is None:  # trained on the seed's random base: made again by `initialize`
         base, frozen = like.base, peft.split(config, like.params)[1]
     else:
-        loaded = formats.load_base(path, config, model.params_shardings)
+        try:
+            loaded = formats.load_base(path, config, model.params_shardings)
+        except ckpt_lib.UnreadableStepError as e:  # the base's step, not this run's: nothing to set aside here
+            raise UserError(f"the base of {where} cannot be read: {e}") from e
         base, frozen = loaded.ref, peft.cast_frozen(config, loaded.params)
     meta.base.check_same(base, where)
     return TrainState(step, peft.combine(params, frozen), opt_state, meta, base)

@@ -218,7 +218,10 @@ def _load_adapters_and_base(
             f"{where} holds adapters, but " + ("no record of their base" if meta.base is None else
                                                "they were trained on a random base, which is not saved")
         )
-    base = load_base(meta.base.path, config, shardings)
+    try:
+        base = load_base(meta.base.path, config, shardings)
+    except ckpt_lib.UnreadableStepError as e:  # the base's step: not to be set aside as this run's
+        raise UserError(f"the base of {where} cannot be read: {e}") from e
     meta.base.check_same(base.ref, where)
     like = abstract_params(config, shardings)
     adapters, _, _ = restore_in_layout(ckpt, step, peft.trainable(config, like))
