@@ -24,7 +24,7 @@ import numpy as np
 
 from flan_jax import checkpoints as ckpt_lib
 from flan_jax.errors import UserError
-from flan_jax.formats import hf, t5x
+from flan_jax.formats import hf, hf_peft, t5x
 from flan_jax.model import T5Config, scan
 
 PyTree = Any
@@ -43,9 +43,12 @@ class LoadedCheckpoint:
 
 
 def detect_format(path: str) -> str:
-    """'hf', 't5x_legacy', 't5x_orbax' or 'flan_jax'; UserError naming the path otherwise."""
+    """'hf', 'hf_peft' (a PEFT adapter directory, see `hf_peft`), 't5x_legacy', 't5x_orbax'
+    or 'flan_jax'; UserError naming the path otherwise."""
     if not os.path.exists(path):
         raise UserError(f"checkpoint path {path!r} does not exist")
+    if hf_peft.is_adapter_directory(path):
+        return "hf_peft"
     if hf.is_hf_directory(path):
         return "hf"
     layout = t5x.detect_layout(path)
@@ -289,6 +292,8 @@ def load_checkpoint(
     """
     path = path if "://" in path else os.path.abspath(path)  # orbax and tensorstore want absolute paths
     fmt = detect_format(path)
+    if fmt == "hf_peft":  # hf_peft.load_onto_base reads it with its base
+        raise UserError(f"{path} is a Hugging Face PEFT adapter directory: give its base model too (--base=PATH)")
     if fmt == "hf":
         hf_config, params, vocab_file = hf.load_hf_directory(path)
         config = config or hf_config
