@@ -73,12 +73,12 @@ def _init(config: T5Config, seed: int = 0):
     return nn.unbox(init(jax.random.key(seed), ones, ones, ones)["params"])
 
 
-def _random_adapters(config: T5Config, seed: int = 1):
-    """The adapters of `Transformer(config)`, with lora_b random (it starts at zero) so that they matter."""
-    keys = iter(jax.random.split(jax.random.key(seed + 1), 1000))
+def _randomise_lora_b(params, seed: int = 1):
+    """`params` with every lora_b random (it starts at zero), so that the adapters matter."""
+    keys = iter(jax.random.split(jax.random.key(seed), 1000))
     flat = {
         path: jax.random.normal(next(keys), x.shape) * 0.05 if path[-1] == "lora_b" else x
-        for path, x in traverse_util.flatten_dict(peft.trainable(config, _init(config, seed))).items()
+        for path, x in traverse_util.flatten_dict(params).items()
     }
     return traverse_util.unflatten_dict(flat)
 
@@ -87,7 +87,8 @@ def _lora_model(targets=LORA_QUERY_VALUE, scan_layers: bool = False, seed: int =
     """(HF base model, LoRA config, full flan-jax params: the HF base's weights plus random adapters)."""
     model = _hf_model(seed)
     config = dataclasses.replace(BASE, scan_layers=scan_layers, lora=dataclasses.replace(LORA, targets=targets))
-    return model, config, peft.combine(_random_adapters(config), _base_params(model, config))
+    adapters = _randomise_lora_b(peft.trainable(config, _init(config)))
+    return model, config, peft.combine(adapters, _base_params(model, config))
 
 
 @pytest.mark.parametrize(
@@ -148,7 +149,7 @@ def test_adapter_made_by_peft_reads_into_flan_jax_with_the_same_logits(use_rslor
 def test_merged_adapters_give_the_unmerged_logits(scan_layers):
     # flan-jax's initialisation: logits of a few units (f32 rounding grows with their size).
     config = dataclasses.replace(BASE, scan_layers=scan_layers, lora=dataclasses.replace(LORA, targets=LORA_ATTENTION_MLP))
-    params = peft.combine(_random_adapters(config), _init(config))
+    params = _randomise_lora_b(_init(config))
     unmerged = _logits(config, params)
     assert np.abs(unmerged - _logits(peft.base_config(config), peft.split(config, params)[1])).max() > 0.5
     merged_config, merged = peft.merge_lora(config, params)

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import safetensors.numpy
@@ -26,6 +26,9 @@ from flan_jax.errors import UserError
 from flan_jax.formats import hf
 from flan_jax.model import T5Config, scan
 from flan_jax.model.config import LoraConfig
+
+if TYPE_CHECKING:
+    from flan_jax.formats import LoadedCheckpoint
 
 PyTree = Any
 CONFIG_FILE = "adapter_config.json"
@@ -73,9 +76,11 @@ def _targets(config: T5Config, targeted: set[tuple[str, ...]], source: str) -> t
     unrolled kernel paths: one per module kind ('attention/query/kernel$') when every layer
     has it, else one exact path per kernel."""
     kernels = list(_adapted_modules(config))
-    kinds = {path[-2] for path in targeted}
+    kinds = {path[-2] for path in targeted}  # query, ..., wi_0, wo
     if {path for path in kernels if path[-2] in kinds} == targeted:
-        return tuple(f"{'mlp' if kind.startswith('w') else 'attention'}/{kind}/kernel$" for kind in sorted(kinds))
+        # 'attention/' covers self_attention/ and encoder_decoder_attention/ too.
+        parents = {(path[-2], "mlp" if path[-3] == "mlp" else "attention") for path in targeted}
+        return tuple(f"{parent}/{kind}/kernel$" for kind, parent in sorted(parents))
     if not config.scan_layers:
         return tuple(f"^{'/'.join(path)}$" for path in sorted(targeted))
     # Scanned layers share one adapter shape, so a kernel is adapted in all of its stack's layers or none.
@@ -106,11 +111,14 @@ def save_hf_peft(directory: str, config: T5Config, params: PyTree, base_model_na
     if os.path.exists(directory) and os.listdir(directory):
         raise UserError(f"{directory} exists and is not empty; refusing to overwrite it")
     flat = traverse_util.flatten_dict(scan.to_layout(_adapters_only(params), scanned=False))
+    if not flat:
+        raise UserError("the parameters hold no LoRA adapters (lora_a / lora_b): nothing to write as a PEFT adapter")
     modules = _adapted_modules(config)
     tensors = {}
     for path, value in flat.items():
         module = modules[path[:-1] + ("kernel",)]
-        tensors[f"{_PREFIX}{module}.{_OURS_TO_PEFT[path[-1]]}.weight"] = np.ascontiguousarray(np.asarray(value, np.float32).T)
+        value = np.asarray(value, np.float32).T  # PEFT's orientation: lora_A [r, in], lora_B [out, r]
+        tensors[f"{_PREFIX}{module}.{_OURS_TO_PEFT[path[-1]]}.weight"] = np.ascontiguousarray(value)
     targeted = {modules[path[:-1] + ("kernel",)] for path in flat}
     target_modules = _suffixes_if_exact(targeted, list(modules.values())) or sorted(targeted)
     os.makedirs(directory, exist_ok=True)
@@ -228,7 +236,7 @@ def _adapter_tree(tensors: dict[str, np.ndarray], config: T5Config, rank: int, s
 # ----------------------------------------------------------- onto a base
 
 
-def load_onto_base(adapter_dir: str, base_path: str, config: T5Config | None = None) -> Any:
+def load_onto_base(adapter_dir: str, base_path: str, config: T5Config | None = None) -> LoadedCheckpoint:
     """A `formats.LoadedCheckpoint` (format 'hf_peft'): the base checkpoint at `base_path`
     (any format) with the PEFT adapter of `adapter_dir` beside its kernels, and the
     base's config with the adapter's LoraConfig. `config` (optional) is the wanted
@@ -239,6 +247,8 @@ def load_onto_base(adapter_dir: str, base_path: str, config: T5Config | None = N
 
     wanted = None if config is None else dataclasses.replace(config, lora=None)
     base = formats.load_checkpoint(base_path, config=wanted)
+    if base.config.lora is not None:
+        raise UserError(f"{base_path} has LoRA adapters of its own: merge them (flan-jax convert) to make it a base")
     lora, adapters = load_hf_peft(adapter_dir, base.config)
     if config is not None and config.lora is not None:
         _check_same_lora(config, lora, adapter_dir)
