@@ -119,6 +119,15 @@ def test_adapter_written_by_flan_jax_loads_in_peft_with_the_same_logits(targets,
     back = dataclasses.replace(BASE, lora=lora)
     np.testing.assert_allclose(_logits(back, peft.combine(adapters, peft.split(config, params)[1])), ours, atol=1e-6)
 
+    # Read for a scanned model: its patterns create adapters at exactly the stacked paths read.
+    scanned = dataclasses.replace(BASE, scan_layers=True)
+    lora, adapters = hf_peft.load_hf_peft(str(tmp_path), scanned)
+    ones = jnp.ones((1, 4), jnp.int32)
+    with_lora = dataclasses.replace(scanned, lora=lora)
+    shapes = jax.eval_shape(Transformer(with_lora).init, jax.random.key(0), ones, ones, ones)
+    created = traverse_util.flatten_dict(peft.trainable(with_lora, nn.unbox(shapes["params"])))
+    assert {k: v.shape for k, v in created.items()} == {k: v.shape for k, v in traverse_util.flatten_dict(adapters).items()}
+
 
 @pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
 def test_adapter_made_by_peft_reads_into_flan_jax_with_the_same_logits(use_rslora, tmp_path):
@@ -229,6 +238,10 @@ def test_bad_adapter_directories_are_one_line_each(tmp_path):
     assert "r=0" in _one_line_error(_bad_dir(tmp_path / "rank", {"r": 0}))
     wrong_rank = _one_line_error(_bad_dir(tmp_path / "shape", {"r": 8}))
     assert "has shape (4, 32), expected (8, 32)" in wrong_rank
+    _, config, params = _lora_model(("^encoder/layers_0/attention/query/kernel$",))
+    hf_peft.save_hf_peft(str(tmp_path / "layer0"), config, params, None)
+    with pytest.raises(UserError, match=r"adapts attention/query/kernel in only some encoder layers \(not layers \[1\]\)"):
+        hf_peft.load_hf_peft(str(tmp_path / "layer0"), dataclasses.replace(BASE, scan_layers=True))
     (tmp_path / "empty").mkdir()
     assert "no adapter_config.json" in _one_line_error(str(tmp_path / "empty"))
 

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
 
     adapter_src = formats.detect_format(args.src) == "hf_peft"
     if args.base and not adapter_src and args.to != "hf_peft":
-        raise UserError("--base names the base of a PEFT adapter SRC, or the one recorded by --to=hf_peft; neither applies")
+        raise UserError(f"--base: {args.src} is no PEFT adapter directory and --to is not hf_peft; it has no use here")
     if adapter_src and args.base:
         loaded = hf_peft.load_onto_base(args.src, args.base)
     else:
@@ -48,7 +48,8 @@ def run(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
     vocab_file = args.vocab or formats.vocab_file_of(loaded)
     if args.to == "hf_peft":
         hf_peft.save_hf_peft(args.dst, loaded.config, jax.device_get(loaded.params), args.base)
-        print(f"{args.src} ({loaded.format}, step {loaded.step}) -> {args.dst} (hf_peft, LoRA rank {loaded.config.lora.rank})")
+        rank = loaded.config.lora.rank
+        print(f"{args.src} ({loaded.format}, step {loaded.step}) -> {args.dst} (hf_peft, LoRA rank {rank})")
         return
     # The full formats hold a plain model: fold the adapters into the kernels.
     config, params = peft.merge_lora(loaded.config, loaded.params)

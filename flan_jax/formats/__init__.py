@@ -57,8 +57,8 @@ def detect_format(path: str) -> str:
     if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isdir(os.path.join(path, "params")):
         return "flan_jax"
     raise UserError(
-        f"{path}: not a recognised checkpoint (expected a HF directory with config.json, a T5X "
-        "checkpoint_<step>/ directory, or a flan-jax run or step directory)"
+        f"{path}: not a recognised checkpoint (expected a HF directory with config.json, a HF PEFT adapter "
+        "directory with adapter_config.json, a T5X checkpoint_<step>/ directory, or a flan-jax run or step directory)"
     )
 
 
