@@ -52,6 +52,7 @@ setup(
             "transformers>=4.40",
             "torch==2.13.0",
             "safetensors>=0.4",
+            "peft>=0.13",  # tests/test_peft_interop.py
         ],
     },
     entry_points={"console_scripts": ["flan-jax=flan_jax.cli:run"]},

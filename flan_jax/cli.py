@@ -7,7 +7,7 @@
   flan-jax eval  --compare A.json B.json [...]
   flan-jax infer --checkpoint=PATH [--decode=greedy|beam|sample] [PROMPT ...]   (stdin if none)
                  [--input_file=prompts.jsonl --output=predictions.jsonl --batch_size=32]
-  flan-jax convert SRC DST [--to=flan-jax|hf]
+  flan-jax convert SRC DST [--to=flan-jax|hf|hf_peft] [--base=PATH]   (PATH: the base of a PEFT adapter SRC)
   flan-jax bench decode|data
   flan-jax bench collection --dir=DIR [--generate_gb=2 --format=jsonl]
   flan-jax bench train --gin_file=models/flan_t5_base.gin [--batch_size=32 --lengths=1024,256 --compare_hf]

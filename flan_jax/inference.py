@@ -38,12 +38,14 @@ def load_model(
     step: int | None = None,
     vocab_path: str | None = None,
     partitioner: partitioning.Partitioner | None = None,
+    base: str | None = None,
 ) -> LoadedModel:
     """A model from a flan-jax run, a HF directory or a T5X checkpoint, plus its vocabulary.
 
     The params are read onto the partitioner's mesh (default: the gin-bound
     `Partitioner`), so with FSDP or tensor-parallel rules each device holds
-    only its share of a model too large for one.
+    only its share of a model too large for one. A PEFT adapter directory is
+    read onto `base` (see `formats.load_checkpoint`).
     """
     partitioner = partitioner or partitioning.Partitioner()
     shardings = None
@@ -51,7 +53,7 @@ def load_model(
         # On one device, orbax's plain read: its sharded read of a corrupt step leaves tensorstore
         # callbacks printing "Event loop is closed" tracebacks after the step has been set aside.
         shardings = lambda config: step_lib.param_shardings(Transformer(config), partitioner)  # noqa: E731
-    ckpt = formats.load_checkpoint(path, step=step, shardings=shardings)
+    ckpt = formats.load_checkpoint(path, step=step, shardings=shardings, base=base)
     if vocab_path:
         vocab = seqio.SentencePieceVocabulary(vocab_path)
     elif ckpt.vocab_record:

@@ -31,7 +31,7 @@ from flan_jax import optim
 from flan_jax import partitioning, peft
 from flan_jax import step as step_lib
 from flan_jax.errors import UserError
-from flan_jax.formats import StepMeta
+from flan_jax.formats import StepMeta, hf_peft
 from flan_jax.model import T5Config, Transformer, scan
 
 PyTree = Any
@@ -127,11 +127,7 @@ def load_pretrained(
     and the adapters (and their optimizer state) start fresh."""
     config = model.module.config
     if config.has_adapters:
-        base = formats.load_base(pretrained.path, config, model.params_shardings)
-        params = peft.combine(peft.trainable(config, fresh.params), peft.cast_frozen(config, base.params))
-        print(f"Initialised the frozen base from {base.loaded.format} checkpoint {pretrained.path} "
-              f"(its step {base.loaded.step}); the adapters start fresh.")
-        return fresh.replace(params=params, base=base.ref)
+        return _load_base(pretrained.path, model, fresh)
     # load_checkpoint checks every parameter's name and shape against the config.
     loaded = formats.load_checkpoint(pretrained.path, config=config, shardings=model.params_shardings)
     params = jax.tree.map(lambda x, ref: x.astype(ref.dtype), loaded.params, fresh.params)
@@ -147,6 +143,22 @@ def load_pretrained(
             continued = f"; Adafactor statistics continue from its step {t5x_state[1]}"
     print(f"Initialised from {loaded.format} checkpoint {pretrained.path} (its step {loaded.step}){continued}.")
     return fresh.replace(params=params, opt_state=opt_state)
+
+
+def _load_base(path: str, model: step_lib.Model, fresh: TrainState) -> TrainState:
+    """`fresh` on the frozen base at `path`, with fresh adapters; or, for a HF PEFT
+    adapter directory, its adapters on the base it records (to continue them)."""
+    config, adapters = model.config, peft.trainable(model.config, fresh.params)
+    origin = "fresh"
+    if formats.detect_format(path) == "hf_peft":
+        read = hf_peft.read_adapters(path, config)
+        adapters = jax.device_put(read, peft.trainable(config, model.params_shardings))
+        path, origin = hf_peft.recorded_base(path), f"from {path}"
+    base = formats.load_base(path, config, model.params_shardings)
+    params = peft.combine(adapters, peft.cast_frozen(config, base.params))
+    print(f"Initialised the frozen base from {base.loaded.format} checkpoint {path} (its step {base.loaded.step}); "
+          f"the adapters start {origin}.")
+    return fresh.replace(params=params, base=base.ref)
 
 
 def _flan_jax_opt_state(path: str, step: int, model: step_lib.Model, like: TrainState) -> PyTree | None:

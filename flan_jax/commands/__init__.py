@@ -9,4 +9,6 @@ cheap. Shared by the commands: `gin_flags` (gin files and bindings),
 imports tasks/) and `process` (set-up of the process itself).
 """
 
-CHECKPOINT_HELP = "a flan-jax run or step directory, a HF model directory or a T5X checkpoint_<step>/"
+CHECKPOINT_HELP = ("a flan-jax run or step directory, a HF model directory, a T5X checkpoint_<step>/ "
+                   "or a HF PEFT adapter directory (with --base)")
+BASE_HELP = "the base model of a HF PEFT adapter directory (default: the local path its adapter_config.json records)"

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from flan_jax import errors
-from flan_jax.commands import CHECKPOINT_HELP, catalog, gin_flags, process
+from flan_jax.commands import BASE_HELP, CHECKPOINT_HELP, catalog, gin_flags, process
 from flan_jax.errors import UserError
 
 
@@ -17,6 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="evaluate a checkpoint on held-out suites, or on EvalConfig's tasks")
     parser.add_argument("--checkpoint", "--model_dir", help=CHECKPOINT_HELP + " (default: TrainConfig.model_dir)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: best, else latest)")
+    parser.add_argument("--base", help=BASE_HELP)
     parser.add_argument("--vocab", help="spiece.model, for checkpoints that carry none")
     parser.add_argument("--suite", help="comma-separated suites: flan_heldout (the paper's six and their normalized "
                         "average; flan_heldout_mmlu_test: MMLU's test split), mmlu_direct, mmlu_cot, bbh_direct, "
@@ -80,7 +81,7 @@ def _eval_configured(args: argparse.Namespace) -> None:
     if model_dir is dataclasses.MISSING:
         raise UserError("eval needs --checkpoint=PATH, --suite or a gin config that binds TrainConfig.model_dir")
     catalog.load_tasks()
-    model = inference.load_model(model_dir, step=args.step, vocab_path=args.vocab)
+    model = inference.load_model(model_dir, step=args.step, vocab_path=args.vocab, base=args.base)
     eval_config = evaluation.EvalConfig()
     if args.method:
         eval_config = dataclasses.replace(eval_config, method=args.method)
@@ -104,7 +105,7 @@ def _eval_suites(args: argparse.Namespace) -> None:
     suites = catalog.get_suites(args.suite)
     if not args.checkpoint:
         raise UserError("--suite needs --checkpoint=PATH (a flan-jax run, a HF directory or a T5X checkpoint)")
-    model = inference.load_model(args.checkpoint, step=args.step, vocab_path=args.vocab)
+    model = inference.load_model(args.checkpoint, step=args.step, vocab_path=args.vocab, base=args.base)
     if model.vocabulary.vocab_size > model.module.config.vocab_size:
         raise UserError(f"the vocabulary has {model.vocabulary.vocab_size} ids but the model only "
                         f"{model.module.config.vocab_size}; pass the model's own with --vocab")

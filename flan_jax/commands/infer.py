@@ -7,7 +7,7 @@ import os
 import sys
 
 from flan_jax import errors
-from flan_jax.commands import CHECKPOINT_HELP, gin_flags, process
+from flan_jax.commands import BASE_HELP, CHECKPOINT_HELP, gin_flags, process
 from flan_jax.errors import UserError
 
 
@@ -15,6 +15,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("infer", help="answer prompts with a trained model")
     parser.add_argument("--checkpoint", "--model_dir", required=True, help=CHECKPOINT_HELP)
     parser.add_argument("--step", type=int, help="checkpoint step (default: best, else latest)")
+    parser.add_argument("--base", help=BASE_HELP)
     parser.add_argument("--vocab", help="spiece.model, for checkpoints that carry none")
     parser.add_argument("--decode", choices=["greedy", "beam", "sample"], default="greedy")
     parser.add_argument("--num_beams", type=int, default=4)
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
         raise SystemExit("flan-jax: error: no prompt given (pass it as an argument, on stdin or with --input_file)")
     if args.output and os.path.exists(args.output):
         raise UserError(f"{args.output} exists; refusing to overwrite it")
-    model = inference.load_model(args.checkpoint, step=args.step, vocab_path=args.vocab)
+    model = inference.load_model(args.checkpoint, step=args.step, vocab_path=args.vocab, base=args.base)
     with tqdm.tqdm(total=len(records), unit="prompt", desc=f"{args.decode} decoding", dynamic_ncols=True,
                    disable=len(records) <= args.batch_size) as bar:
         answers = inference.generate(

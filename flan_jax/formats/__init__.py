@@ -25,7 +25,7 @@ import numpy as np
 from flan_jax import checkpoints as ckpt_lib
 from flan_jax import peft
 from flan_jax.errors import UserError
-from flan_jax.formats import hf, t5x
+from flan_jax.formats import hf, hf_peft, t5x
 from flan_jax.formats.meta import DataPosition, StepMeta, config_from_dict
 from flan_jax.model import T5Config, scan
 
@@ -45,9 +45,12 @@ class LoadedCheckpoint:
 
 
 def detect_format(path: str) -> str:
-    """'hf', 't5x_legacy', 't5x_orbax' or 'flan_jax'; UserError naming the path otherwise."""
+    """'hf', 'hf_peft' (a PEFT adapter directory, see `hf_peft`), 't5x_legacy', 't5x_orbax'
+    or 'flan_jax'; UserError naming the path otherwise."""
     if not os.path.exists(path):
         raise UserError(f"checkpoint path {path!r} does not exist")
+    if hf_peft.is_adapter_directory(path):
+        return "hf_peft"
     if hf.is_hf_directory(path):
         return "hf"
     layout = t5x.detect_layout(path)
@@ -56,8 +59,8 @@ def detect_format(path: str) -> str:
     if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isdir(os.path.join(path, "params")):
         return "flan_jax"
     raise UserError(
-        f"{path}: not a recognised checkpoint (expected a HF directory with config.json, a T5X "
-        "checkpoint_<step>/ directory, or a flan-jax run or step directory)"
+        f"{path}: not a recognised checkpoint (expected a HF directory with config.json, a HF PEFT adapter "
+        "directory with adapter_config.json, a T5X checkpoint_<step>/ directory, or a flan-jax run or step directory)"
     )
 
 
@@ -185,8 +188,9 @@ def _load_flan_jax(path: str, config: T5Config | None, shardings: Shardings, ste
     ckpt = ckpt_lib.open_for_reading(checkpoint_dir)
 
     def read(step: int) -> tuple[T5Config, PyTree, StepMeta]:
-        wanted = config or _read_meta(ckpt, step).model_config
-        if wanted.has_adapters:
+        meta = _read_meta(ckpt, step)
+        wanted = config or meta.model_config
+        if meta.base is not None:  # a run with adapters: its steps hold only them
             return wanted, *_load_adapters_and_base(ckpt, step, wanted, _resolve(shardings, wanted))
         params, _, meta = restore_in_layout(ckpt, step, abstract_params(wanted, _resolve(shardings, wanted)))
         return wanted, params, meta
@@ -213,11 +217,8 @@ def _load_adapters_and_base(
     base recorded in its metadata, whose fingerprint must match."""
     where = f"step {step} in {ckpt.directory}"
     meta = _read_meta(ckpt, step)
-    if meta.base is None or meta.base.path is None:
-        raise UserError(
-            f"{where} holds adapters, but " + ("no record of their base" if meta.base is None else
-                                               "they were trained on a random base, which is not saved")
-        )
+    if meta.base.path is None:
+        raise UserError(f"{where} holds adapters trained on a random base, which is not saved")
     try:
         base = load_base(meta.base.path, config, shardings)
     except ckpt_lib.UnreadableStepError as e:  # the base's step: not to be set aside as this run's
@@ -252,6 +253,7 @@ def load_checkpoint(
     config: T5Config | None = None,
     shardings: Shardings = None,
     step: int | None = None,
+    base: str | None = None,
 ) -> LoadedCheckpoint:
     """Loads params (onto `shardings` when given) and the config from any supported format.
 
@@ -263,9 +265,14 @@ def load_checkpoint(
     in its layer layout (scanned or unrolled) whatever the checkpoint holds.
     Every parameter is checked against the config: a UserError names the
     first one that is missing, extra or of another shape, with both shapes.
+    A Hugging Face PEFT adapter directory is read onto its base model: `base`,
+    else the local path its adapter_config.json records.
     """
     path = path if "://" in path else os.path.abspath(path)  # orbax and tensorstore want absolute paths
     fmt = detect_format(path)
+    if fmt == "hf_peft":  # the adapters on their base: `base`, else the path the adapter records
+        loaded = hf_peft.load_onto_base(path, base or hf_peft.recorded_base(path), config)
+        return dataclasses.replace(loaded, params=_place(loaded.params, _resolve(shardings, loaded.config)))
     if fmt == "hf":
         hf_config, params, vocab_file = hf.load_hf_directory(path)
         config = config or hf_config
