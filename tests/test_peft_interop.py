@@ -248,3 +248,30 @@ def test_bad_adapter_directories_are_one_line_each(tmp_path):
     # The command line: an adapter directory needs its base, one line.
     with pytest.raises(SystemExit, match=r"PEFT adapter directory: give its base model too \(--base=PATH\)$"):
         _convert(str(tmp_path / "unknown"), str(tmp_path / "out"), "--to=hf")
+
+
+def test_training_continues_a_peft_adapter_on_the_base_it_records(tmp_path):
+    """init_checkpoint = a PEFT directory: its adapters on its recorded base; with a zero
+    learning rate the run's saved adapters are the PEFT ones, exactly."""
+    import tasks
+    from flan_jax import optim, trainer
+    from flan_jax import checkpoints as ckpt_lib
+
+    tasks.register()
+    config = dataclasses.replace(BASE, vocab_size=1024, lora=LORA)  # the built-in vocabulary's size
+    params = _randomise_lora_b(_init(config))
+    base_dir, adapter_dir = str(tmp_path / "base"), str(tmp_path / "adapter")
+    formats.save_flan_jax(base_dir, peft.base_config(config), peft.split(config, params)[1], None, 0)
+    hf_peft.save_hf_peft(adapter_dir, config, params, base_dir)
+    run = trainer.TrainConfig(
+        model_dir=str(tmp_path / "run"), mixture_or_task_name="builtin_train", num_steps=1, batch_size=2,
+        task_feature_lengths={"inputs": 32, "targets": 16}, init_checkpoint=adapter_dir,
+    )
+    trainer.train(run, model_config=config, optimizer=optim.adafactor(learning_rate=0.0),
+                  checkpoint_config=ckpt_lib.CheckpointConfig(best_metric=None), show_progress=False)
+    loaded = formats.load_checkpoint(str(tmp_path / "run"))
+    assert loaded.config.lora == LORA
+    want, got = traverse_util.flatten_dict(params), traverse_util.flatten_dict(jax.device_get(loaded.params))
+    assert set(want) == set(got)
+    for path in want:
+        np.testing.assert_array_equal(got[path], np.asarray(want[path]), err_msg="/".join(path))
