@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from flan_jax.model import attention, layers
+from flan_jax.model.prompt import Prompt
 from flan_jax.model.config import T5Config
 
 Array = jax.Array
@@ -183,11 +184,16 @@ class Encoder(nn.Module):
     shared_embedding: layers.Embed
 
     @nn.compact
-    def __call__(self, tokens: Array, mask: Array, *, deterministic: bool) -> Array:
+    def __call__(self, tokens: Array, mask: Array, segment_ids: Array | None = None, *, deterministic: bool) -> Array:
         """tokens [b, l], mask [b, 1, l, l] (or `Segments` for the attention
-        kernels) -> encoded [b, l, e]."""
+        kernels), segment_ids [b, l] of packed rows -> encoded [b, l, e].
+
+        With `prompt_length` P, every segment's first P tokens are prompt
+        slots whose embeddings become the learned prompt (`model/prompt.py`)."""
         cfg = self.config
         x = self.shared_embedding(tokens.astype(jnp.int32))
+        if cfg.prompt_length:
+            x = Prompt(cfg.prompt_length, name="prompt")(x, tokens, segment_ids, self.shared_embedding.embedding)
         x = _dropout(cfg)(x, deterministic=deterministic)
         x = constrain(x, ("batch", "length", "embed"))
         length = tokens.shape[-1]
@@ -274,12 +280,13 @@ class Transformer(nn.Module):
         if _uses_kernel(self.config, decode=False):
             segments = layers.kernel_segments(valid, encoder_segment_ids)
             return self.encoder(
-                encoder_input_tokens, layers.Segments(segments, segments), deterministic=not enable_dropout
+                encoder_input_tokens, layers.Segments(segments, segments), encoder_segment_ids,
+                deterministic=not enable_dropout,
             )
         mask = layers.padding_mask(valid, valid)
         if encoder_segment_ids is not None:
             mask &= layers.segment_mask(encoder_segment_ids, encoder_segment_ids)
-        return self.encoder(encoder_input_tokens, mask, deterministic=not enable_dropout)
+        return self.encoder(encoder_input_tokens, mask, encoder_segment_ids, deterministic=not enable_dropout)
 
     def decode(
         self,
