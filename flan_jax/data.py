@@ -115,24 +115,30 @@ def check_prompt_room(prompt_length: int, input_length: int, key: str) -> None:
         )
 
 
-def prepend_prompt_slots(tokens: Any, prompt_length: int, max_length: int) -> Any:
-    """Token ids (1-D: a tf.Tensor inside tf.data, else numpy) after `prompt_length`
-    slots, cut to `max_length`: the slots are never cut, the text's end is."""
+def text_lengths(task_feature_lengths: Mapping[str, int], prompt_length: int) -> dict[str, int]:
+    """The lengths a task renders and trims its examples to, so that with the
+    prompt slots in front they fit `task_feature_lengths`: the inputs' less
+    `prompt_length` (few-shot tasks drop exemplars to fit it, as they would
+    without slots)."""
+    check_prompt_room(prompt_length, task_feature_lengths["inputs"], "task_feature_lengths['inputs']")
+    return {**task_feature_lengths, "inputs": task_feature_lengths["inputs"] - prompt_length}
+
+
+def prepend_prompt_slots(tokens: Any, prompt_length: int) -> Any:
+    """Token ids (1-D: a tf.Tensor inside tf.data, else numpy) after `prompt_length` slots."""
     if isinstance(tokens, tf.Tensor):
-        slots = tf.fill([prompt_length], tf.constant(PROMPT_SLOT_ID, tokens.dtype))
-        return tf.concat([slots, tokens], 0)[:max_length]
+        return tf.concat([tf.fill([prompt_length], tf.constant(PROMPT_SLOT_ID, tokens.dtype)), tokens], 0)
     tokens = np.asarray(tokens)
-    return np.concatenate([np.full(prompt_length, PROMPT_SLOT_ID, tokens.dtype), tokens])[:max_length]
+    return np.concatenate([np.full(prompt_length, PROMPT_SLOT_ID, tokens.dtype), tokens])
 
 
-def add_prompt_slots(ds: tf.data.Dataset, prompt_length: int, input_length: int) -> tf.data.Dataset:
-    """A SeqIO task's dataset with `prompt_length` slots in front of every
-    example's "inputs", cut to `input_length` (`prepend_prompt_slots`);
-    unchanged without prompt tuning (prompt_length 0)."""
+def add_prompt_slots(ds: tf.data.Dataset, prompt_length: int) -> tf.data.Dataset:
+    """A SeqIO task's dataset (made at `text_lengths`) with `prompt_length`
+    slots in front of every example's "inputs"; unchanged without prompt
+    tuning (prompt_length 0)."""
     if not prompt_length:
         return ds
-    check_prompt_room(prompt_length, input_length, "task_feature_lengths['inputs']")
-    return ds.map(lambda ex: {**ex, "inputs": prepend_prompt_slots(ex["inputs"], prompt_length, input_length)})
+    return ds.map(lambda ex: {**ex, "inputs": prepend_prompt_slots(ex["inputs"], prompt_length)})
 
 
 @gin.configurable(denylist=["start_batch", "prompt_length"])
@@ -178,7 +184,7 @@ def get_train_dataset(
         denser, but take more memory and make saved input states larger.
       prompt_length: the model's T5Config.prompt_length: that many prompt
         slots start every example's inputs, before packing, within the
-        inputs length (`add_prompt_slots`).
+        inputs length (`text_lengths`, `add_prompt_slots`).
     """
     check_packer(packer)
     errors.require("get_train_dataset.pack_buffer_size", pack_buffer_size, errors.POSITIVE_INT)
@@ -191,7 +197,7 @@ def get_train_dataset(
     # seqio.get_dataset's two stages, with the prompt slots added between the
     # task's (tokenized, trimmed) examples and the packing feature converter.
     ds = task.get_dataset(
-        dict(task_feature_lengths),
+        text_lengths(task_feature_lengths, prompt_length),
         split=split,
         use_cached=False,
         shuffle=shuffle,
@@ -200,7 +206,7 @@ def get_train_dataset(
         num_epochs=None,
         trim_output_features=True,
     )
-    ds = add_prompt_slots(ds, prompt_length, task_feature_lengths["inputs"])
+    ds = add_prompt_slots(ds, prompt_length)
     ds = feature_converter(pack, packer, pack_buffer_size)(ds, task_feature_lengths=dict(task_feature_lengths))
     if num_shards > 1 and input_sharding == "global_batch":
         ds = ds.batch(batch_size * num_shards, drop_remainder=True)

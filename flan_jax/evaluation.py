@@ -156,8 +156,9 @@ def load_task_examples(
         raise UserError(f"{name!r} is a mixture; evaluation takes its tasks one by one")
     if split not in task.splits:
         raise UserError(f"task {name!r} has no split {split!r}; it has {', '.join(task.splits)}")
-    ds = task.get_dataset(dict(lengths), split=split, shuffle=False, num_epochs=1, use_cached=False)
-    ds = data_lib.add_prompt_slots(ds, prompt_length, lengths["inputs"])
+    ds = task.get_dataset(data_lib.text_lengths(lengths, prompt_length), split=split, shuffle=False, num_epochs=1,
+                          use_cached=False)
+    ds = data_lib.add_prompt_slots(ds, prompt_length)
     if limit is not None:
         ds = ds.take(limit)
     features = list(ds.as_numpy_iterator())

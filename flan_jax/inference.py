@@ -104,9 +104,8 @@ def generate(
     data_lib.check_prompt_room(prompt_length, max_input_length, "--max_input_length")
     text_length = max_input_length - prompt_length
     rows = [
-        data_lib.prepend_prompt_slots(
-            np.asarray(vocab.encode(p)[: text_length - 1] + [vocab.eos_id], np.int32), prompt_length, max_input_length
-        )
+        data_lib.prepend_prompt_slots(np.asarray(vocab.encode(p)[: text_length - 1] + [vocab.eos_id], np.int32),
+                                      prompt_length)
         for p in prompts
     ]
     rows_per_batch = min(batch_size, len(rows))

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import seqio
 import tensorflow as tf
 from flax import traverse_util
 
@@ -40,7 +41,7 @@ def _init(config, seed: int = 0):
 
 def _example(rng: np.random.Generator, n: int, m: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
     """(P slots + n - 1 random tokens + EOS, m - 1 random tokens + EOS)."""
-    inputs = data.prepend_prompt_slots(np.append(rng.integers(2, vocab, n - 1), 1).astype(np.int32), P, P + n)
+    inputs = data.prepend_prompt_slots(np.append(rng.integers(2, vocab, n - 1), 1).astype(np.int32), P)
     return inputs, np.append(rng.integers(2, vocab, m - 1), 1).astype(np.int32)
 
 
@@ -111,23 +112,23 @@ def test_prompt_starts_as_embedding_rows_and_is_redrawn_from_loaded_ones(tiny_co
 # ------------------------------------------------------------------ the data path
 
 
-def test_prepend_puts_exactly_the_slots_in_front_and_cuts_the_text():
+def test_prepend_puts_exactly_the_slots_in_front():
     text = np.array([5, 6, 7, 1], np.int32)
-    np.testing.assert_array_equal(data.prepend_prompt_slots(text, P, 10), [SLOT] * P + [5, 6, 7, 1])
-    np.testing.assert_array_equal(data.prepend_prompt_slots(text, P, 5), [SLOT] * P + [5, 6])
-    in_graph = data.prepend_prompt_slots(tf.constant(text), P, 5).numpy()
-    np.testing.assert_array_equal(in_graph, [SLOT] * P + [5, 6])
-    with pytest.raises(UserError, match="no room for text"):
-        data.add_prompt_slots(tf.data.Dataset.from_tensors({"inputs": text}), 8, 8)
+    np.testing.assert_array_equal(data.prepend_prompt_slots(text, P), [SLOT] * P + [5, 6, 7, 1])
+    np.testing.assert_array_equal(data.prepend_prompt_slots(tf.constant(text), P).numpy(), [SLOT] * P + [5, 6, 7, 1])
+    assert data.text_lengths({"inputs": 10, "targets": 4}, P) == {"inputs": 10 - P, "targets": 4}
+    with pytest.raises(UserError, match=r"task_feature_lengths\['inputs'\]=8 leaves no room for text"):
+        data.text_lengths({"inputs": 8, "targets": 4}, 8)
 
 
 def test_training_rows_start_every_segment_with_the_slots():
     lengths = {"inputs": 64, "targets": 32}
     plain = {"split": "train", "shuffle": False, "pack": False}
     with_slots = next(data.get_train_dataset(TASK, lengths, 8, prompt_length=P, **plain).as_numpy_iterator())
-    without = next(data.get_train_dataset(TASK, lengths, 8, **plain).as_numpy_iterator())
-    # The same examples, each after P slots, the text cut so that the row keeps its length.
-    expected = np.concatenate([np.full((8, P), SLOT), without["encoder_input_tokens"][:, : 64 - P]], axis=1)
+    shorter = {**lengths, "inputs": 64 - P}
+    without = next(data.get_train_dataset(TASK, shorter, 8, **plain).as_numpy_iterator())
+    # The same examples, each after P slots, within the same length: the text has P tokens less room.
+    expected = np.concatenate([np.full((8, P), SLOT), without["encoder_input_tokens"]], axis=1)
     np.testing.assert_array_equal(with_slots["encoder_input_tokens"], expected)
 
     packed = next(data.get_train_dataset(TASK, lengths, 8, prompt_length=P, split="train").as_numpy_iterator())
@@ -151,6 +152,27 @@ def test_evaluation_inputs_carry_the_slots(prompt_config):
     runner.score(params, evaluation.pad_rows([examples.features[0]["inputs"]], 1, 32), targets)
     with pytest.raises(ValueError, match="prompt slots"):
         runner.score(params, np.array([[7, 8, 9, 1]], np.int32), targets)
+
+
+def test_infer_prompts_start_with_the_slots_within_the_input_length(prompt_config, monkeypatch):
+    seen = []
+
+    def fake_decode_fn(module, method, max_decode_length, **options):
+        def decode(params, inputs):
+            seen.append(np.asarray(inputs))
+            return jnp.zeros((inputs.shape[0], max_decode_length), jnp.int32)
+        return decode
+
+    monkeypatch.setattr(inference, "decode_fn", fake_decode_fn)
+    vocab = seqio.ByteVocabulary()
+    model = inference.LoadedModel(Transformer(prompt_config), None, vocab, 0, "test")
+    inference.generate(model, ["hi", "a much longer prompt"], max_input_length=16, max_decode_length=4)
+    rows = {tuple(row[row > 0]) for row in seen[0]}
+    # P slots, then the text cut to leave room for EOS within 16 tokens.
+    expected = [(SLOT,) * P + tuple(vocab.encode(text)[: 16 - P - 1]) + (1,) for text in ("hi", "a much longer prompt")]
+    assert rows == set(expected)
+    with pytest.raises(UserError, match="--max_input_length=3 leaves no room"):
+        inference.generate(model, ["hi"], max_input_length=P)
 
 
 # ------------------------------------------------------------------ training
