@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from flan_jax.model import attention, layers
-from flan_jax.model.prompt import Prompt
 from flan_jax.model.config import T5Config
+from flan_jax.model.prompt import Prompt
 
 Array = jax.Array
 constrain = layers.constrain
@@ -255,7 +255,8 @@ class Transformer(nn.Module):
     `*_segment_ids` (1, 2, ...; 0 = padding) that keep examples apart.
     `*_positions` are accepted for T5X compatibility; relative offsets inside
     a contiguous packed example equal those of the example alone, so the
-    biases are the same without them.
+    biases are the same without them. With `T5Config.prompt_length` P, the
+    first P tokens of every encoder segment are prompt slots (`model/prompt.py`).
     """
 
     config: T5Config
