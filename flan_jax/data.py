@@ -96,7 +96,52 @@ def feature_converter(
     return seqio.EncDecFeatureConverter(pack=pack)
 
 
-@gin.configurable(denylist=["start_batch"])
+# ------------------------------------------------------------ prompt slots
+
+# Prompt tuning (T5Config.prompt_length = P) puts P slot tokens in front of
+# every encoder input, and the model writes the learned prompt over their
+# embeddings (flan_jax/model/prompt.py). So their id only has to be a real
+# token (nonzero: 0 is padding, which masks attention) that every vocabulary
+# has: EOS, 1 in SentencePiece, byte and pass-through vocabularies alike.
+PROMPT_SLOT_ID = 1
+
+
+def check_prompt_room(prompt_length: int, input_length: int, key: str) -> None:
+    """A UserError unless inputs of `input_length` tokens (the setting `key`) hold the prompt slots and some text."""
+    if prompt_length >= input_length:
+        raise UserError(
+            f"{key}={input_length} leaves no room for text after the {prompt_length} prompt slots "
+            "(T5Config.prompt_length): the input length includes them"
+        )
+
+
+def text_lengths(task_feature_lengths: Mapping[str, int], prompt_length: int) -> dict[str, int]:
+    """The lengths a task renders and trims its examples to, so that with the
+    prompt slots in front they fit `task_feature_lengths`: the inputs' less
+    `prompt_length` (few-shot tasks drop exemplars to fit it, as they would
+    without slots)."""
+    check_prompt_room(prompt_length, task_feature_lengths["inputs"], "task_feature_lengths['inputs']")
+    return {**task_feature_lengths, "inputs": task_feature_lengths["inputs"] - prompt_length}
+
+
+def prepend_prompt_slots(tokens: Any, prompt_length: int) -> Any:
+    """Token ids (1-D: a tf.Tensor inside tf.data, else numpy) after `prompt_length` slots."""
+    if isinstance(tokens, tf.Tensor):
+        return tf.concat([tf.fill([prompt_length], tf.constant(PROMPT_SLOT_ID, tokens.dtype)), tokens], 0)
+    tokens = np.asarray(tokens)
+    return np.concatenate([np.full(prompt_length, PROMPT_SLOT_ID, tokens.dtype), tokens])
+
+
+def add_prompt_slots(ds: tf.data.Dataset, prompt_length: int) -> tf.data.Dataset:
+    """A SeqIO task's dataset (made at `text_lengths`) with `prompt_length`
+    slots in front of every example's "inputs"; unchanged without prompt
+    tuning (prompt_length 0)."""
+    if not prompt_length:
+        return ds
+    return ds.map(lambda ex: {**ex, "inputs": prepend_prompt_slots(ex["inputs"], prompt_length)})
+
+
+@gin.configurable(denylist=["start_batch", "prompt_length"])
 def get_train_dataset(
     mixture_or_task_name: str,
     task_feature_lengths: Mapping[str, int],
@@ -112,6 +157,7 @@ def get_train_dataset(
     input_sharding: str = "source",
     packer: str = DEFAULT_PACKER,
     pack_buffer_size: int = packing.DEFAULT_BUFFER_SIZE,
+    prompt_length: int = 0,
 ) -> tf.data.Dataset:
     """An endless, deterministic dataset of model-feature batches.
 
@@ -136,6 +182,9 @@ def get_train_dataset(
         sequential packer).
       pack_buffer_size: examples packed together by "best_fit": more pack
         denser, but take more memory and make saved input states larger.
+      prompt_length: the model's T5Config.prompt_length: that many prompt
+        slots start every example's inputs, before packing, within the
+        inputs length (`text_lengths`, `add_prompt_slots`).
     """
     check_packer(packer)
     errors.require("get_train_dataset.pack_buffer_size", pack_buffer_size, errors.POSITIVE_INT)
@@ -143,19 +192,22 @@ def get_train_dataset(
         raise UserError(f"input_sharding={input_sharding!r}: expected one of {', '.join(map(repr, INPUT_SHARDINGS))}")
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index={shard_index} is not in [0, num_shards={num_shards})")
-    get_mixture_or_task(mixture_or_task_name)  # Fail early with a clear message.
+    task = get_mixture_or_task(mixture_or_task_name)  # Fail early with a clear message.
     shard_source = num_shards > 1 and input_sharding == "source"
-    ds = seqio.get_dataset(
-        mixture_or_task_name,
-        task_feature_lengths=dict(task_feature_lengths),
-        feature_converter=feature_converter(pack, packer, pack_buffer_size),
-        dataset_split=split,
+    # seqio.get_dataset's two stages, with the prompt slots added between the
+    # task's (tokenized, trimmed) examples and the packing feature converter.
+    ds = task.get_dataset(
+        text_lengths(task_feature_lengths, prompt_length),
+        split=split,
+        use_cached=False,
         shuffle=shuffle,
-        num_epochs=None,
-        shard_info=seqio.ShardInfo(shard_index, num_shards) if shard_source else None,
         seed=seed,
-        verbose=False,
+        shard_info=seqio.ShardInfo(shard_index, num_shards) if shard_source else None,
+        num_epochs=None,
+        trim_output_features=True,
     )
+    ds = add_prompt_slots(ds, prompt_length)
+    ds = feature_converter(pack, packer, pack_buffer_size)(ds, task_feature_lengths=dict(task_feature_lengths))
     if num_shards > 1 and input_sharding == "global_batch":
         ds = ds.batch(batch_size * num_shards, drop_remainder=True)
         begin, end = shard_index * batch_size, (shard_index + 1) * batch_size
@@ -194,7 +246,7 @@ class TrainIterator:
         **dataset_kwargs: Any,
     ) -> None:
         """`dataset_kwargs` go to `get_train_dataset` (split, seed, pack, shuffle, shard_index, num_shards,
-        input_sharding, packer, pack_buffer_size)."""
+        input_sharding, packer, pack_buffer_size, prompt_length)."""
         # What must match for a saved state to be restored into this pipeline.
         packer, pack_buffer_size = configured_packing()  # Also when set in gin, not here.
         self._spec = {

@@ -112,8 +112,9 @@ class TaskExamples:
     """One task's evaluation examples, tokenized, with what its report needs."""
 
     task: seqio.Task
-    features: list[dict[str, Any]]  # as the SeqIO task yields them (numpy)
+    features: list[dict[str, Any]]  # as the SeqIO task yields them (numpy), "inputs" with the prompt slots
     input_length: int
+    prompt_length: int = 0  # prompt slots in front of every input (T5Config.prompt_length)
 
     @property
     def name(self) -> str:
@@ -130,31 +131,39 @@ class TaskExamples:
         return [o.decode() for o in self.features[i].get("options", ())]
 
     @property
+    def text_length(self) -> int:
+        """The tokens of text an input holds: the input length less the prompt slots."""
+        return self.input_length - self.prompt_length
+
+    @property
     def over_length(self) -> int:
-        """Prompts that needed more than the input length with every exemplar."""
-        return sum(int(ex.get("prompt_tokens", 0)) > self.input_length for ex in self.features)
+        """Prompts that needed more than the text length with every exemplar."""
+        return sum(int(ex.get("prompt_tokens", 0)) > self.text_length for ex in self.features)
 
     @property
     def truncated(self) -> int:
-        """Prompts cut by the input length even after dropping exemplars."""
-        return sum(int(ex.get("input_tokens", 0)) > self.input_length for ex in self.features)
+        """Prompts cut by the text length even after dropping exemplars."""
+        return sum(int(ex.get("input_tokens", 0)) > self.text_length for ex in self.features)
 
 
 def load_task_examples(
-    name: str, split: str, lengths: Mapping[str, int], limit: int | None = None
+    name: str, split: str, lengths: Mapping[str, int], limit: int | None = None, prompt_length: int = 0
 ) -> TaskExamples:
-    """The first `limit` examples (all if None) of a SeqIO task's split, in order."""
+    """The first `limit` examples (all if None) of a SeqIO task's split, in order, their inputs
+    starting with `prompt_length` prompt slots (the model's T5Config.prompt_length) as in training."""
     task = seqio.get_mixture_or_task(name)
     if not isinstance(task, seqio.Task):
         raise UserError(f"{name!r} is a mixture; evaluation takes its tasks one by one")
     if split not in task.splits:
         raise UserError(f"task {name!r} has no split {split!r}; it has {', '.join(task.splits)}")
-    ds = task.get_dataset(dict(lengths), split=split, shuffle=False, num_epochs=1, use_cached=False)
+    ds = task.get_dataset(data_lib.text_lengths(lengths, prompt_length), split=split, shuffle=False, num_epochs=1,
+                          use_cached=False)
+    ds = data_lib.add_prompt_slots(ds, prompt_length)
     if limit is not None:
         ds = ds.take(limit)
     features = list(ds.as_numpy_iterator())
     del ds  # Let TensorFlow's iterator go now (see tasks/registry.py).
-    return TaskExamples(task, features, lengths["inputs"])
+    return TaskExamples(task, features, lengths["inputs"], prompt_length)
 
 
 def mixture_tasks(name: str) -> list[str]:

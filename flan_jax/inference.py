@@ -92,7 +92,8 @@ def generate(
 ) -> list[str]:
     """Answers to prompts, in their order (options: num_beams, alpha, temperature, top_k, top_p).
 
-    Prompts (truncated to `max_input_length` tokens with EOS) go in batches of
+    Prompts (truncated to `max_input_length` tokens with EOS, the model's
+    prompt slots included, see `data.prepend_prompt_slots`) go in batches of
     similar length, longest first, each padded to `batch_size` rows (fewer if
     there are fewer prompts) and a power-of-two length, so a long file
     compiles a few shapes only. Greedy and beam answers do not depend on the
@@ -101,8 +102,14 @@ def generate(
     """
     if not prompts:
         return []
-    vocab = model.vocabulary
-    rows = [np.asarray(vocab.encode(p)[: max_input_length - 1] + [vocab.eos_id], np.int32) for p in prompts]
+    vocab, prompt_length = model.vocabulary, model.module.config.prompt_length
+    data_lib.check_prompt_room(prompt_length, max_input_length, "--max_input_length")
+    text_length = max_input_length - prompt_length
+    rows = [
+        data_lib.prepend_prompt_slots(np.asarray(vocab.encode(p)[: text_length - 1] + [vocab.eos_id], np.int32),
+                                      prompt_length)
+        for p in prompts
+    ]
     rows_per_batch = min(batch_size, len(rows))
     fn = decode_fn(model.module, method, max_decode_length, **options)
     answers = [""] * len(rows)
@@ -182,8 +189,17 @@ class ModelRunner:
         self._decoders: dict[int, Callable[..., jax.Array]] = {}
         self._score = jax.jit(functools.partial(decoding.sequence_log_likelihood, module))
 
+    def _check_slots(self, inputs: np.ndarray) -> None:
+        """Inputs of a prompt-tuned model must start with its prompt slots (`evaluation.load_task_examples`
+        puts them there); otherwise the model would write the prompt over the start of the text."""
+        slots = inputs[:, : self.module.config.prompt_length]
+        rows = inputs.any(axis=1)  # all-padding filler rows carry no slots
+        if not (slots[rows] == data_lib.PROMPT_SLOT_ID).all():
+            raise ValueError(f"inputs of a prompt-tuned model must start with its {slots.shape[1]} prompt slots")
+
     def decode(self, params: Any, inputs: np.ndarray, max_decode_length: int) -> np.ndarray:
         """Greedy tokens [b, max_decode_length] for inputs [b, l]."""
+        self._check_slots(inputs)
         if max_decode_length not in self._decoders:
             self._decoders[max_decode_length] = decode_fn(self.module, "greedy", max_decode_length)
         with self.partitioner.activate():
@@ -191,6 +207,7 @@ class ModelRunner:
 
     def score(self, params: Any, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """log p(targets | inputs) [b] for inputs [b, l] and targets [b, t]."""
+        self._check_slots(inputs)
         with self.partitioner.activate():
             return fetch(self._score(params, jnp.asarray(inputs), jnp.asarray(targets)))
 

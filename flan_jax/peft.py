@@ -24,6 +24,7 @@ from flax import traverse_util
 
 from flan_jax.errors import UserError
 from flan_jax.model import T5Config
+from flan_jax.model import prompt as prompt_lib
 
 PyTree = Any
 ADAPTER_NAMES = ("lora_a", "lora_b", "prompt")
@@ -128,6 +129,31 @@ def merge_lora(config: T5Config, params: PyTree) -> tuple[T5Config, PyTree]:
             value = (jnp.asarray(value, jnp.float32) + config.lora.scale * update).astype(value.dtype)
         merged[path] = value
     return dataclasses.replace(config, lora=None), traverse_util.unflatten_dict(merged)
+
+
+PROMPT_PATH = ("encoder", "prompt", "prompt")
+
+
+def init_prompt_from_embeddings(config: T5Config, params: PyTree, rng: jax.Array) -> PyTree:
+    """`params` with the prompt (`encoder/prompt/prompt`) drawn again from rows
+    of their own `token_embedder/embedding`, as the model's initialiser draws
+    it (`flan_jax.model.prompt`): call it once a pretrained base has replaced
+    the randomly initialised embedding. The prompt keeps its dtype and
+    sharding; without prompt tuning `params` come back unchanged."""
+    if not config.prompt_length:
+        return params
+    flat = traverse_util.flatten_dict(params)
+    if PROMPT_PATH not in flat:
+        raise ValueError("params have no encoder/prompt/prompt: initialise them with the model of `config` first")
+    old = flat[PROMPT_PATH]
+
+    def draw(embedding: jax.Array, key: jax.Array) -> jax.Array:
+        return prompt_lib.sample_embedding_rows(key, embedding, config.prompt_length).astype(old.dtype)
+
+    flat[PROMPT_PATH] = jax.jit(draw, out_shardings=getattr(old, "sharding", None))(
+        flat[("token_embedder", "embedding")], rng
+    )
+    return traverse_util.unflatten_dict(flat)
 
 
 # ----------------------------------------------------------- which base

@@ -164,15 +164,18 @@ class LoadedSuites:
 
 def load_suites(
     suites: Sequence[Suite | CompositeSuite], lengths: Mapping[str, int], limit: int | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, prompt_length: int = 0,
 ) -> LoadedSuites:
-    """Loads (renders and tokenizes) the first `limit` examples of every task of `suites`."""
+    """Loads (renders and tokenizes) the first `limit` examples of every task of `suites`, their
+    inputs starting with `prompt_length` prompt slots (the model's T5Config.prompt_length)."""
     to_run, composites = expand_suites(suites)
     examples = {}
     for suite in to_run:
         log(f"{suite.name}: loading {len(suite.tasks)} tasks ({suite.split} split"
             f"{f', first {limit} examples each' if limit else ''})...")
-        examples[suite.name] = [load_task_examples(name, suite.split, lengths, limit) for name in suite.tasks]
+        examples[suite.name] = [
+            load_task_examples(name, suite.split, lengths, limit, prompt_length) for name in suite.tasks
+        ]
     return LoadedSuites(to_run, composites, examples, dict(lengths), limit)
 
 
@@ -187,6 +190,7 @@ def run_suites(
     show_progress: bool = True,
     log: Callable[[str], None] = print,
     loaded: LoadedSuites | None = None,
+    prompt_length: int = 0,
 ) -> dict:
     """Evaluates each suite; returns {"suites": {name: report}, "normalized_average", "seconds", ...}.
 
@@ -196,11 +200,12 @@ def run_suites(
     beside them are "extras", reported but not averaged (GSM8K beside
     `flan_heldout`); without, it is the mean over every suite. Each composite
     also gets its own entry in "composites". `loaded` (from `load_suites`
-    with the same suites, lengths and limit) skips loading the examples again.
+    with the same suites, lengths, limit and prompt_length) skips loading the
+    examples again. `prompt_length`: the model's T5Config.prompt_length.
     """
     check_method(method, "--method")
     start = time.perf_counter()
-    loaded = loaded or load_suites(suites, lengths, limit, log)
+    loaded = loaded or load_suites(suites, lengths, limit, log, prompt_length)
     reports, composites = {}, loaded.composites
     for suite in loaded.suites:
         t0 = time.perf_counter()

@@ -155,7 +155,7 @@ def train(
     vocabulary = _check_inputs(config, model_config, partitioner)
     if len(suites) != len(eval_config.suites):
         raise ValueError(f"EvalConfig.suites={eval_config.suites} needs the suites themselves (train(suites=...))")
-    evaluator = (Evaluator(eval_config, dict(config.task_feature_lengths), suites)
+    evaluator = (Evaluator(eval_config, dict(config.task_feature_lengths), suites, model_config.prompt_length)
                  if eval_config.enabled else None)
     is_chief = jax.process_index() == 0
     module = Transformer(model_config)
@@ -348,4 +348,5 @@ class _Loop:
             shard_index=self.layout.shard_index,
             num_shards=self.layout.num_shards,
             input_sharding=config.input_sharding,
+            prompt_length=self.model.config.prompt_length,
         )

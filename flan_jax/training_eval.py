@@ -17,16 +17,18 @@ class Evaluator:
     """Training-time evaluation: EvalConfig's tasks and suites, their examples loaded once."""
 
     def __init__(self, config: EvalConfig, task_feature_lengths: Mapping[str, int],
-                 suites: Sequence[Suite | CompositeSuite] = ()) -> None:
+                 suites: Sequence[Suite | CompositeSuite] = (), prompt_length: int = 0) -> None:
+        """`prompt_length`: the model's T5Config.prompt_length (inputs start with that many slots)."""
         if not config.mixture_or_task_name and not suites:
             raise ValueError("EvalConfig has neither mixture_or_task_name nor suites")
         self.config = config
         self.lengths = dict(config.task_feature_lengths or task_feature_lengths)
         self.examples = [
-            load_task_examples(name, config.split, self.lengths, config.num_examples)
+            load_task_examples(name, config.split, self.lengths, config.num_examples, prompt_length)
             for name in (mixture_tasks(config.mixture_or_task_name) if config.mixture_or_task_name else ())
         ]
-        self.suites = load_suites(suites, self.lengths, config.suite_num_examples, log=lambda _: None) if suites else None
+        self.suites = (load_suites(suites, self.lengths, config.suite_num_examples, log=lambda _: None,
+                                   prompt_length=prompt_length) if suites else None)
 
     @property
     def task_names(self) -> list[str]:

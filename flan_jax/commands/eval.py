@@ -85,7 +85,8 @@ def _eval_configured(args: argparse.Namespace) -> None:
     eval_config = evaluation.EvalConfig()
     if args.method:
         eval_config = dataclasses.replace(eval_config, method=args.method)
-    evaluator = Evaluator(eval_config, _train_setting("task_feature_lengths"))
+    evaluator = Evaluator(eval_config, _train_setting("task_feature_lengths"),
+                          prompt_length=model.module.config.prompt_length)
     metrics = evaluator.evaluate(inference.ModelRunner(model.module, model.partitioner).fns(model.params), model.step,
                                  show_progress=True)
     print(f"step {model.step}")
@@ -99,6 +100,7 @@ def _eval_suites(args: argparse.Namespace) -> None:
 
     from clu import metric_writers
 
+    from flan_jax import data as data_lib
     from flan_jax import inference
     from flan_jax.suites import format_results, run_suites, tensorboard_scalars
 
@@ -114,10 +116,12 @@ def _eval_suites(args: argparse.Namespace) -> None:
         "eval_results", f"{Path(os.path.abspath(args.checkpoint)).name}-step{model.step}.json")
     tb_dir = args.tb_dir or os.path.splitext(output)[0] + "_tb"
     print(f"Evaluating {args.checkpoint} ({model.format}, step {model.step}) on {', '.join(s.name for s in suites)}")
+    prompt_length = model.module.config.prompt_length
+    data_lib.check_prompt_room(prompt_length, args.input_length, "--input_length")
     results = run_suites(
         suites, inference.ModelRunner(model.module, model.partitioner).fns(model.params),
         lengths={"inputs": args.input_length, "targets": args.target_length}, method=args.method or "generate",
-        batch_size=args.batch_size, limit=args.limit,
+        batch_size=args.batch_size, limit=args.limit, prompt_length=prompt_length,
     )
     results = {"checkpoint": os.path.abspath(args.checkpoint), "format": model.format, "step": model.step, **results}
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from flan_jax.model import attention, layers
 from flan_jax.model.config import T5Config
+from flan_jax.model.prompt import Prompt
 
 Array = jax.Array
 constrain = layers.constrain
@@ -183,11 +184,16 @@ class Encoder(nn.Module):
     shared_embedding: layers.Embed
 
     @nn.compact
-    def __call__(self, tokens: Array, mask: Array, *, deterministic: bool) -> Array:
+    def __call__(self, tokens: Array, mask: Array, segment_ids: Array | None = None, *, deterministic: bool) -> Array:
         """tokens [b, l], mask [b, 1, l, l] (or `Segments` for the attention
-        kernels) -> encoded [b, l, e]."""
+        kernels), segment_ids [b, l] of packed rows -> encoded [b, l, e].
+
+        With `prompt_length` P, every segment's first P tokens are prompt
+        slots whose embeddings become the learned prompt (`model/prompt.py`)."""
         cfg = self.config
         x = self.shared_embedding(tokens.astype(jnp.int32))
+        if cfg.prompt_length:
+            x = Prompt(cfg.prompt_length, name="prompt")(x, tokens, segment_ids, self.shared_embedding.embedding)
         x = _dropout(cfg)(x, deterministic=deterministic)
         x = constrain(x, ("batch", "length", "embed"))
         length = tokens.shape[-1]
@@ -249,7 +255,8 @@ class Transformer(nn.Module):
     `*_segment_ids` (1, 2, ...; 0 = padding) that keep examples apart.
     `*_positions` are accepted for T5X compatibility; relative offsets inside
     a contiguous packed example equal those of the example alone, so the
-    biases are the same without them.
+    biases are the same without them. With `T5Config.prompt_length` P, the
+    first P tokens of every encoder segment are prompt slots (`model/prompt.py`).
     """
 
     config: T5Config
@@ -274,12 +281,13 @@ class Transformer(nn.Module):
         if _uses_kernel(self.config, decode=False):
             segments = layers.kernel_segments(valid, encoder_segment_ids)
             return self.encoder(
-                encoder_input_tokens, layers.Segments(segments, segments), deterministic=not enable_dropout
+                encoder_input_tokens, layers.Segments(segments, segments), encoder_segment_ids,
+                deterministic=not enable_dropout,
             )
         mask = layers.padding_mask(valid, valid)
         if encoder_segment_ids is not None:
             mask &= layers.segment_mask(encoder_segment_ids, encoder_segment_ids)
-        return self.encoder(encoder_input_tokens, mask, deterministic=not enable_dropout)
+        return self.encoder(encoder_input_tokens, mask, encoder_segment_ids, deterministic=not enable_dropout)
 
     def decode(
         self,
