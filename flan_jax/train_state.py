@@ -84,7 +84,7 @@ def init_or_restore(
         _, state = checkpointer.read_newest(lambda step: restore(checkpointer, step, model, fresh, pretrained))
         return model, state
     if pretrained is not None:
-        return model, load_pretrained(pretrained, model, tx, fresh)
+        return model, load_pretrained(pretrained, model, tx, fresh, seed)
     return model, fresh
 
 
@@ -119,15 +119,17 @@ def restore(checkpointer: ckpt_lib.Checkpointer, step: int, model: step_lib.Mode
 
 
 def load_pretrained(
-    pretrained: Pretrained, model: step_lib.Model, tx: optax.GradientTransformation, fresh: TrainState
+    pretrained: Pretrained, model: step_lib.Model, tx: optax.GradientTransformation, fresh: TrainState,
+    seed: int = 0,
 ) -> TrainState:
     """Params from a pretrained checkpoint (any format), placed on the mesh, plus the optimizer
     state: the checkpoint's when it has one and `pretrained.optimizer_state`, else `fresh`'s.
     The step count starts at 0. With adapters `pretrained` is the frozen base
-    and the adapters (and their optimizer state) start fresh."""
+    and the adapters (and their optimizer state) start fresh (a prompt from
+    the base's embeddings, drawn with `seed`)."""
     config = model.module.config
     if config.has_adapters:
-        return _load_base(pretrained.path, model, fresh)
+        return _load_base(pretrained.path, model, fresh, seed)
     # load_checkpoint checks every parameter's name and shape against the config.
     loaded = formats.load_checkpoint(pretrained.path, config=config, shardings=model.params_shardings)
     params = jax.tree.map(lambda x, ref: x.astype(ref.dtype), loaded.params, fresh.params)
@@ -145,17 +147,19 @@ def load_pretrained(
     return fresh.replace(params=params, opt_state=opt_state)
 
 
-def _load_base(path: str, model: step_lib.Model, fresh: TrainState) -> TrainState:
+def _load_base(path: str, model: step_lib.Model, fresh: TrainState, seed: int) -> TrainState:
     """`fresh` on the frozen base at `path`, with fresh adapters; or, for a HF PEFT
     adapter directory, its adapters on the base it records (to continue them)."""
     config, adapters = model.config, peft.trainable(model.config, fresh.params)
-    origin = "fresh"
+    origin = "fresh" + (" (the prompt from the base's embeddings)" if config.prompt_length else "")
     if formats.detect_format(path) == "hf_peft":
         read = hf_peft.read_adapters(path, config)
         adapters = jax.device_put(read, peft.trainable(config, model.params_shardings))
         path, origin = hf_peft.recorded_base(path), f"from {path}"
     base = formats.load_base(path, config, model.params_shardings)
     params = peft.combine(adapters, peft.cast_frozen(config, base.params))
+    if origin.startswith("fresh"):  # the prompt was drawn from the random embedding `initialize` made
+        params = peft.init_prompt_from_embeddings(config, params, jax.random.key(seed))
     print(f"Initialised the frozen base from {base.loaded.format} checkpoint {path} (its step {base.loaded.step}); "
           f"the adapters start {origin}.")
     return fresh.replace(params=params, base=base.ref)
