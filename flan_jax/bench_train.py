@@ -311,12 +311,14 @@ class CompiledPlan:
                     "figures above are exact")
         else:
             note = f"compiled for {self.backend}"
-        lines.append(f"  XLA estimate     temporaries {gib(self.xla_temp_bytes)}, peak {gib(self.xla_peak_bytes)} ({note})")
+        estimate = f"temporaries {gib(self.xla_temp_bytes)}, peak {gib(self.xla_peak_bytes)}"
+        lines.append(f"  XLA estimate     {estimate} ({note})")
         return lines
 
 
 def per_device_bytes(tree: Any) -> int:
-    """Bytes of one device's shard of every array in a tree of arrays or sharded ShapeDtypeStructs (the largest shard)."""
+    """Bytes of one device's shard (the largest) of every array in a tree of
+    arrays or sharded ShapeDtypeStructs."""
     return sum(
         int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
     )
@@ -405,6 +407,8 @@ def compare_peft(
     """
     if not config.has_adapters:
         raise UserError("bench train --peft_compare: the model has no adapters; add --gin_file=peft/lora.gin")
+    print(f"\nbase: {describe(config)}\nadapters: {_adapters_name(config)}; timed in {rounds} alternating "
+          f"rounds of {steps} steps", flush=True)
     partitioner = partitioning.Partitioner()
     host_batch = synthetic_batch(batch_size, lengths, config.vocab_size)
     sides = [("full finetuning", peft.base_config(config)), (_adapters_name(config), config)]
@@ -480,8 +484,6 @@ def bench_train(
     print(f"batch {batch_size} x ({lengths['inputs']} inputs + {lengths['targets']} targets), packed; "
           f"microbatches {num_microbatches}" + ("" if compile_only else f"; median step of {steps}"))
     if peft_compare:
-        print(f"\nbase: {describe(config)}\nadapters: {_adapters_name(config)}; timed in {PEFT_ROUNDS} alternating "
-              f"rounds of {steps} steps", flush=True)
         figures = compare_peft(config, batch_size, lengths, steps=steps, num_microbatches=num_microbatches)
         print("\n".join(peft_table(*figures)), flush=True)
         _write_json(json_out, figures)
