@@ -10,7 +10,13 @@ Adafactor and the mesh the gin-bound `Partitioner`.
 
 `compile_only` compiles the step on parameter shapes alone (nothing is
 allocated) and reports what one device would hold: a plan for a model or
-mesh this machine cannot run (with fake CPU devices, `--devices=N`).
+mesh this machine cannot run (with fake CPU devices, `--devices=N`). With
+adapters (`gin/peft/lora.gin`) it splits the parameters into the frozen base
+and the trained adapters.
+
+`peft_compare` trains the gin-configured adapters and full finetuning of
+their base in one process and prints step time, memory, optimizer state and
+checkpoint bytes side by side.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import dataclasses
 import json
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -27,8 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flan_jax import flops, optim, partitioning, profile_summary
+from flan_jax import flops, optim, partitioning, peft, profile_summary
 from flan_jax import step as step_lib
+from flan_jax.errors import UserError
 from flan_jax.model import T5Config, Transformer
 
 FILL_RATES = {"inputs": 0.9, "targets": 0.6}  # fraction of non-padding positions per packed row
@@ -99,12 +107,18 @@ def _peak_memory(device: jax.Device, compiled: Any) -> tuple[int | None, str]:
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
         return int(stats["peak_bytes_in_use"]), "device allocator"
+    peak = _xla_peak(compiled)
+    return peak, "XLA estimate" if peak is not None else "n/a"
+
+
+def _xla_peak(compiled: Any) -> int | None:
+    """XLA's estimate of what the compiled step holds at once: arguments +
+    outputs + temporaries, less the donated buffers outputs reuse."""
     analysis = compiled.memory_analysis()
     if analysis is None:
-        return None, "n/a"
-    total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
-             - analysis.alias_size_in_bytes)
-    return int(total), "XLA estimate"
+        return None
+    return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+               - analysis.alias_size_in_bytes)
 
 
 def _time_steps(run: Callable[[], Any], sync: Callable[[Any], Any], steps: int) -> tuple[float, Any]:
@@ -121,6 +135,40 @@ def _time_steps(run: Callable[[], Any], sync: Callable[[Any], Any], steps: int) 
     return statistics.median(times), out
 
 
+@dataclasses.dataclass
+class _Step:
+    """A compiled training step and the state it updates in place, one `run()` a step."""
+
+    config: T5Config
+    compiled: Any
+    compile_seconds: float
+    state: dict[str, Any]
+    batch: dict[str, jax.Array]
+
+    def run(self) -> dict:
+        rng, index = jax.random.key(0), jnp.asarray(0, jnp.int32)
+        self.state["params"], self.state["opt_state"], metrics = self.compiled(
+            self.state["params"], self.state["opt_state"], self.batch, rng, index
+        )
+        return metrics
+
+
+def _compile_step(
+    config: T5Config, partitioner: partitioning.Partitioner, host_batch: Mapping[str, np.ndarray],
+    lengths: Mapping[str, int], num_microbatches: int,
+) -> _Step:
+    """Initialises the model and compiles `step.make_train_step` exactly as training runs it."""
+    tx = optim.adafactor()
+    model, params, opt_state = step_lib.initialize(Transformer(config), tx, partitioner, lengths, seed=0)
+    with partitioner.activate():
+        batch = partitioner.shard_batch(dict(host_batch))
+        train_step = step_lib.make_train_step(model, tx, partitioner, num_microbatches=num_microbatches)
+        start = time.perf_counter()
+        compiled = train_step.lower(params, opt_state, batch, jax.random.key(0), jnp.asarray(0, jnp.int32)).compile()
+        compile_seconds = time.perf_counter() - start
+    return _Step(config, compiled, compile_seconds, {"params": params, "opt_state": opt_state}, batch)
+
+
 def bench_flan_jax(
     config: T5Config,
     batch_size: int,
@@ -135,32 +183,19 @@ def bench_flan_jax(
     """Compiles and times `step.make_train_step` exactly as training runs it;
     with `profile_dir`, also traces 3 steps and prints where the time goes."""
     partitioner = partitioning.Partitioner()
-    tx = optim.adafactor()
-    model, params, opt_state = step_lib.initialize(Transformer(config), tx, partitioner, lengths, seed=0)
     host_batch = synthetic_batch(batch_size, lengths, config.vocab_size)
     real_tokens = int((host_batch["encoder_input_tokens"] > 0).sum() + (host_batch["decoder_target_tokens"] > 0).sum())
+    step = _compile_step(config, partitioner, host_batch, lengths, num_microbatches)
     with partitioner.activate():
-        batch = partitioner.shard_batch(host_batch)
-        train_step = step_lib.make_train_step(model, tx, partitioner, num_microbatches=num_microbatches)
-        rng, index = jax.random.key(0), jnp.asarray(0, jnp.int32)
-        start = time.perf_counter()
-        compiled = train_step.lower(params, opt_state, batch, rng, index).compile()
-        compile_seconds = time.perf_counter() - start
-        state = {"params": params, "opt_state": opt_state}
-
-        def run() -> dict:
-            state["params"], state["opt_state"], metrics = compiled(state["params"], state["opt_state"], batch, rng, index)
-            return metrics
-
-        jax.block_until_ready(run())  # first step: allocation, autotuning
-        seconds, metrics = _time_steps(run, jax.block_until_ready, steps)
+        jax.block_until_ready(step.run())  # first step: allocation, autotuning
+        seconds, metrics = _time_steps(step.run, jax.block_until_ready, steps)
         if profile_dir:
-            print("\n".join(profile_summary.profile_step(run, compiled.as_text(), profile_dir)), flush=True)
+            print("\n".join(profile_summary.profile_step(step.run, step.compiled.as_text(), profile_dir)), flush=True)
     all_tokens = batch_size * (lengths["inputs"] + lengths["targets"])
     model_flops = flops.train_flops_per_step(config, batch_size, lengths["inputs"], lengths["targets"]) / seconds
-    memory, memory_source = _peak_memory(jax.devices()[0], compiled)
+    memory, memory_source = _peak_memory(jax.devices()[0], step.compiled)
     return Result(
-        name, compile_seconds, seconds, all_tokens / seconds, real_tokens / seconds, model_flops,
+        name, step.compile_seconds, seconds, all_tokens / seconds, real_tokens / seconds, model_flops,
         model_flops / peak, memory, float(metrics["loss"]), memory_source,
     )
 
@@ -226,9 +261,21 @@ def bench_hf(config: T5Config, batch_size: int, lengths: Mapping[str, int], *, s
     )
 
 
+# XLA:CPU has no bfloat16 matmul: it converts each bf16 kernel to float32 for
+# its product, and loop-invariant code motion then hoists those converts out of
+# the scanned layers, holding a float32 copy of every stacked kernel (41 GiB for
+# XXL with a bf16 frozen base) that no GPU or TPU compile makes. A CPU plan
+# compiles without that pass so that its estimate stands for an accelerator's.
+CPU_PLAN_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
 @dataclasses.dataclass
 class CompiledPlan:
-    """What one device holds for the compiled step (bytes), and XLA's memory estimate for it."""
+    """What one device holds for the compiled step (bytes), and XLA's memory estimate for it.
+
+    `params_bytes` is `frozen_params_bytes` + `trained_params_bytes` (all
+    trained without adapters); the counts are of the whole model's parameters.
+    """
 
     name: str
     compile_seconds: float
@@ -239,25 +286,47 @@ class CompiledPlan:
     xla_temp_bytes: int | None
     xla_peak_bytes: int | None
     backend: str
+    frozen_params_bytes: int = 0
+    trained_params_bytes: int = 0
+    frozen_params: int = 0
+    trained_params: int = 0
 
     def lines(self) -> list[str]:
         gib = lambda n: f"{n / 2**30:.2f} GiB" if n is not None else "n/a"  # noqa: E731
-        return [
+        lines = [
             f"  compile          {self.compile_seconds:8.1f} s   "
             f"({self.devices} device{'s' if self.devices > 1 else ''}; nothing allocated)",
             f"  per device       parameters {gib(self.params_bytes)}, optimizer state {gib(self.opt_state_bytes)}, "
             f"batch {gib(self.batch_bytes)}",
-            f"  XLA estimate     temporaries {gib(self.xla_temp_bytes)}, peak {gib(self.xla_peak_bytes)} "
-            + ("(compiled for CPU, which keeps far more temporaries than GPUs and TPUs; the per-device "
-               "figures above are exact)" if self.backend == "cpu" else f"(compiled for {self.backend})"),
         ]
+        if self.frozen_params:
+            lines.append(
+                f"  parameters       frozen base {gib(self.frozen_params_bytes)} ({self.frozen_params / 1e9:.2f}B), "
+                f"trained adapters {gib(self.trained_params_bytes)} ({self.trained_params / 1e6:.2f}M); "
+                "optimizer state for the adapters only"
+            )
+        if self.backend == "cpu":
+            note = ("compiled for CPU without loop-invariant code motion (see CPU_PLAN_OPTIONS); CPU attention "
+                    "also keeps its [batch, heads, q, k] scores, which fused GPU attention does not; the per-device "
+                    "figures above are exact")
+        else:
+            note = f"compiled for {self.backend}"
+        estimate = f"temporaries {gib(self.xla_temp_bytes)}, peak {gib(self.xla_peak_bytes)}"
+        lines.append(f"  XLA estimate     {estimate} ({note})")
+        return lines
 
 
 def per_device_bytes(tree: Any) -> int:
-    """Bytes of one device's shard of every array in a tree of sharded ShapeDtypeStructs (the largest shard)."""
+    """Bytes of one device's shard (the largest) of every array in a tree of
+    arrays or sharded ShapeDtypeStructs."""
     return sum(
         int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
     )
+
+
+def count(tree: Any) -> int:
+    """Elements in all arrays (or shapes) of a tree."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def plan_flan_jax(
@@ -267,24 +336,117 @@ def plan_flan_jax(
     partitioner = partitioning.Partitioner()
     tx = optim.adafactor()
     model, params, opt_state = step_lib.abstract_state(Transformer(config), tx, partitioner, lengths)
+    backend = jax.devices()[0].platform
     with partitioner.activate():
         sharding = partitioner.batch_sharding()
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
                  for k, v in synthetic_batch(batch_size, lengths, config.vocab_size).items()}
         train_step = step_lib.make_train_step(model, tx, partitioner, num_microbatches=num_microbatches)
         start = time.perf_counter()
-        compiled = train_step.lower(params, opt_state, batch, jax.random.key(0), jnp.asarray(0, jnp.int32)).compile()
+        lowered = train_step.lower(params, opt_state, batch, jax.random.key(0), jnp.asarray(0, jnp.int32))
+        compiled = lowered.compile(CPU_PLAN_OPTIONS if backend == "cpu" else None)
         compile_seconds = time.perf_counter() - start
     analysis = compiled.memory_analysis()
-    temp = peak = None
-    if analysis is not None:
-        temp = int(analysis.temp_size_in_bytes)
-        peak = int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
-                   - analysis.alias_size_in_bytes)
+    trained, frozen = peft.split(config, params)
     return CompiledPlan(
         name, compile_seconds, len(jax.devices()), per_device_bytes(params), per_device_bytes(opt_state),
-        per_device_bytes(batch), temp, peak, jax.devices()[0].platform,
+        per_device_bytes(batch), None if analysis is None else int(analysis.temp_size_in_bytes), _xla_peak(compiled),
+        backend, per_device_bytes(frozen), per_device_bytes(trained), count(frozen), count(trained),
     )
+
+
+PEFT_ROUNDS = 3
+
+
+@dataclasses.dataclass
+class PeftFigures:
+    """One side of `compare_peft`: bytes, and seconds per step."""
+
+    name: str
+    compile_seconds: float
+    step_seconds: float
+    peak_memory_bytes: int | None
+    trained_params: int
+    opt_state_bytes: int
+    checkpoint_bytes: int
+    memory_source: str = "XLA estimate"
+
+
+def checkpoint_bytes(config: T5Config, params: Any, opt_state: Any) -> int:
+    """Bytes on disk of one step saved as the trainer saves it (`checkpoints.Checkpointer`:
+    the trained parameters and their optimizer state), in a temporary directory."""
+    from flan_jax import checkpoints  # orbax: only this mode needs it
+
+    with tempfile.TemporaryDirectory() as directory:
+        checkpointer = checkpoints.Checkpointer(directory, checkpoints.CheckpointConfig(best_metric=None))
+        checkpointer.save(1, peft.trainable(config, params), opt_state, {})
+        checkpointer.wait()
+        checkpointer.close()
+        return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(directory) for f in files)
+
+
+def _adapters_name(config: T5Config) -> str:
+    parts = []
+    if config.lora is not None:
+        parts.append(f"LoRA r{config.lora.rank} on {len(config.lora.targets)} kernel pattern(s)")
+    if config.prompt_length:
+        parts.append(f"prompt of {config.prompt_length}")
+    return " + ".join(parts) + f", {config.frozen_dtype} base"
+
+
+def compare_peft(
+    config: T5Config, batch_size: int, lengths: Mapping[str, int], *, steps: int, num_microbatches: int = 1,
+    rounds: int = PEFT_ROUNDS,
+) -> list[PeftFigures]:
+    """Full finetuning of `config`'s base against training its adapters, same batch and process.
+
+    Both steps are compiled first, then timed in `rounds` alternating rounds of
+    `steps` steps (median of the rounds' medians), so that a busy machine
+    slows both alike. Memory is XLA's estimate for each compiled step (one
+    process holds both, so the allocator's peak would mix them).
+    """
+    if not config.has_adapters:
+        raise UserError("bench train --peft_compare: the model has no adapters; add --gin_file=peft/lora.gin")
+    print(f"\nbase: {describe(config)}\nadapters: {_adapters_name(config)}; timed in {rounds} alternating "
+          f"rounds of {steps} steps", flush=True)
+    partitioner = partitioning.Partitioner()
+    host_batch = synthetic_batch(batch_size, lengths, config.vocab_size)
+    sides = [("full finetuning", peft.base_config(config)), (_adapters_name(config), config)]
+    compiled = [_compile_step(cfg, partitioner, host_batch, lengths, num_microbatches) for _, cfg in sides]
+    times: list[list[float]] = [[] for _ in sides]
+    with partitioner.activate():
+        for step in compiled:
+            jax.block_until_ready(step.run())  # first step: allocation
+        for _ in range(rounds):
+            for i, step in enumerate(compiled):
+                times[i].append(_time_steps(step.run, jax.block_until_ready, steps)[0])
+    return [
+        PeftFigures(
+            name, step.compile_seconds, statistics.median(seconds), _xla_peak(step.compiled),
+            count(peft.trainable(step.config, step.state["params"])), per_device_bytes(step.state["opt_state"]),
+            checkpoint_bytes(step.config, step.state["params"], step.state["opt_state"]),
+        )
+        for (name, _), step, seconds in zip(sides, compiled, times)
+    ]
+
+
+def peft_table(full: PeftFigures, adapters: PeftFigures) -> list[str]:
+    """The two sides and their ratio, one figure a row."""
+    mib = lambda n: f"{n / 2**20:,.1f} MiB" if n is not None else "n/a"  # noqa: E731
+    rows = [
+        ("compile", lambda f: f"{f.compile_seconds:,.1f} s", "compile_seconds"),
+        ("step (median)", lambda f: f"{f.step_seconds * 1e3:,.0f} ms", "step_seconds"),
+        (f"peak memory ({full.memory_source})", lambda f: mib(f.peak_memory_bytes), "peak_memory_bytes"),
+        ("trained parameters", lambda f: f"{f.trained_params:,}", "trained_params"),
+        ("optimizer state", lambda f: mib(f.opt_state_bytes), "opt_state_bytes"),
+        ("checkpoint (one step)", lambda f: mib(f.checkpoint_bytes), "checkpoint_bytes"),
+    ]
+    lines = [f"  {'':30} {'full finetuning':>18} {'adapters':>18} {'adapters / full':>16}"]
+    for label, show, field in rows:
+        a, b = getattr(full, field), getattr(adapters, field)
+        ratio = f"{b / a:.3g}x" if a and b is not None else "n/a"
+        lines.append(f"  {label:30} {show(full):>18} {show(adapters):>18} {ratio:>16}")
+    return lines
 
 
 def describe(config: T5Config) -> str:
@@ -308,17 +470,24 @@ def bench_train(
     json_out: str | None = None,
     profile_dir: str | None = None,
     compile_only: bool = False,
-) -> list[Result] | list[CompiledPlan]:
+    peft_compare: bool = False,
+) -> list[Result] | list[CompiledPlan] | list[PeftFigures]:
     """Benchmarks the gin-configured model (or each depth in `layers`) and prints the figures;
-    with `compile_only`, compiles each and prints what one device holds instead."""
+    with `compile_only`, compiles each and prints what one device holds instead; with
+    `peft_compare`, compares training its adapters with full finetuning (`compare_peft`)."""
     config = config or T5Config()
     device = jax.devices()[0]
     print(f"device: {len(jax.devices())} x {device.device_kind} ({device.platform}); jax {jax.__version__}")
-    if not compile_only:
+    if not compile_only and not peft_compare:
         peak, peak_source = flops.system_peak_flops(config.dtype)
         print(f"peak for MFU: {peak / 1e12:.1f} TFLOP/s ({peak_source})")
     print(f"batch {batch_size} x ({lengths['inputs']} inputs + {lengths['targets']} targets), packed; "
           f"microbatches {num_microbatches}" + ("" if compile_only else f"; median step of {steps}"))
+    if peft_compare:
+        figures = compare_peft(config, batch_size, lengths, steps=steps, num_microbatches=num_microbatches)
+        print("\n".join(peft_table(*figures)), flush=True)
+        _write_json(json_out, figures)
+        return figures
     configs = [("flan-jax", config)]
     if layers:
         configs = [

@@ -117,3 +117,47 @@ def test_published_peaks_are_looked_up_by_device_kind():
     assert flops.published_peak_flops(FakeDevice("TPU v5 lite")) == 197e12
     assert flops.published_peak_flops(FakeDevice("TPU v5p")) == 459e12
     assert flops.published_peak_flops(FakeDevice("Some new chip")) is None
+
+
+def _lora(config):
+    from flan_jax.model.config import LoraConfig
+
+    return dataclasses.replace(config, lora=LoraConfig(rank=4), frozen_dtype="bfloat16")
+
+
+def _lora_params(layers):
+    """Adapters of the tiny model with `layers`+`layers` layers: 3 attention blocks a layer pair
+    (encoder self, decoder self, cross), each with q and v kernels [32, 32] and A [32, 4], B [4, 32]."""
+    return 3 * layers * 2 * (32 * 4 + 4 * 32)
+
+
+def test_plan_with_lora_splits_the_frozen_base_from_the_adapters(tiny_config):
+    """The plan counts a bf16 frozen base and float32 adapters apart, and the
+    optimizer state it holds is Adafactor's for the adapters alone."""
+    from flan_jax import bench_train, formats, optim, peft
+
+    config = _lora(tiny_config)
+    plan = bench_train.plan_flan_jax(config, 2, {"inputs": 16, "targets": 8})
+    assert plan.trained_params == _lora_params(2)
+    assert plan.frozen_params == sum(x.size for x in jax.tree.leaves(formats.abstract_params(tiny_config)))
+    assert plan.frozen_params_bytes == 2 * plan.frozen_params and plan.trained_params_bytes == 4 * plan.trained_params
+    assert 0 < plan.trained_params_bytes < plan.frozen_params_bytes
+    assert plan.params_bytes == plan.frozen_params_bytes + plan.trained_params_bytes
+    adapters = peft.abstract_adapters(config, formats.abstract_params(tiny_config))
+    adapter_state = jax.eval_shape(optim.adafactor().init, adapters)
+    assert plan.opt_state_bytes == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(adapter_state))
+    assert plan.xla_peak_bytes > plan.params_bytes
+    assert any("frozen base" in line and "trained adapters" in line for line in plan.lines())
+
+
+def test_peft_compare_measures_adapters_against_full_finetuning(tiny_config):
+    from flan_jax import bench_train, formats
+
+    base = dataclasses.replace(tiny_config, num_encoder_layers=1, num_decoder_layers=1)  # compiles twice: keep it small
+    full, adapters = bench_train.compare_peft(_lora(base), 2, {"inputs": 16, "targets": 8}, steps=1, rounds=1)
+    assert full.trained_params == sum(x.size for x in jax.tree.leaves(formats.abstract_params(base)))
+    assert adapters.trained_params == _lora_params(1)
+    # Steps saved by the Checkpointer: adapters and their state, against everything.
+    assert 0 < adapters.checkpoint_bytes < full.checkpoint_bytes
+    assert full.step_seconds > 0 and adapters.step_seconds > 0 and adapters.peak_memory_bytes > 0
+    assert "adapters / full" in bench_train.peft_table(full, adapters)[0]

@@ -40,6 +40,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--profile_dir", help="trace 3 steps there and print time per model part")
     train.add_argument("--compile_only", action="store_true",
                        help="compile on parameter shapes alone (nothing allocated) and print what one device holds")
+    train.add_argument("--peft_compare", action="store_true",
+                       help="with adapters (e.g. --gin_file=peft/lora.gin): time them against full finetuning of "
+                            "the base in one process; step time, memory, optimizer state and checkpoint bytes")
     train.add_argument("--devices", type=int, help="run on this many fake CPU devices (e.g. with --compile_only, "
                                                    "to plan a mesh this machine lacks)")
     train.set_defaults(check=check_train, run=run_train)
@@ -110,6 +113,8 @@ def check_train(args: argparse.Namespace) -> None:
         errors.require("--devices", args.devices, errors.POSITIVE_INT)
     if args.compile_only and (args.compare_hf or args.profile_dir):
         raise UserError("--compile_only runs no step: it takes neither --compare_hf nor --profile_dir")
+    if args.peft_compare and (args.compile_only or args.compare_hf or args.profile_dir or args.layers):
+        raise UserError("--peft_compare takes none of --compile_only, --compare_hf, --profile_dir, --layers")
 
 
 def run_train(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
@@ -126,7 +131,7 @@ def run_train(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
     bench_train.bench_train(
         batch_size=args.batch_size, lengths=_lengths(args), steps=args.steps, num_microbatches=args.num_microbatches,
         layers=layers, compare_hf=args.compare_hf, json_out=args.json_out, profile_dir=args.profile_dir,
-        compile_only=args.compile_only,
+        compile_only=args.compile_only, peft_compare=args.peft_compare,
     )
 
 
