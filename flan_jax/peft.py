@@ -192,11 +192,11 @@ _SAMPLES_PER_LEAF = 256
 
 
 def fingerprint(params: PyTree) -> str:
-    """A content hash of a base's parameters as loaded (adapters excluded;
-    take it before `cast_frozen`), the same for either layer layout and any
-    sharding: names, shapes and `_SAMPLES_PER_LEAF` evenly spaced values per
-    parameter (per layer), read exactly (no reductions, whose rounding
-    depends on the sharding)."""
+    """A content hash of a base's parameters (adapters excluded), the same for
+    either layer layout, any sharding, and float32 or bfloat16 storage: names,
+    shapes and `_SAMPLES_PER_LEAF` evenly spaced values per parameter (per
+    layer), read exactly (no reductions, whose rounding depends on the
+    sharding) and rounded to bfloat16 (a frozen base may be held in it)."""
     digest = hashlib.sha256()
     for path, leaf in sorted(traverse_util.flatten_dict(params).items()):
         if is_adapter(path):
@@ -209,7 +209,7 @@ def fingerprint(params: PyTree) -> str:
         for slice_name, x in slices:
             flat = x.reshape(-1)
             index = np.linspace(0, flat.shape[0] - 1, min(_SAMPLES_PER_LEAF, flat.shape[0])).astype(np.int64)
-            values = np.asarray(jax.device_get(flat[index]), np.float32)
+            values = np.asarray(jax.device_get(flat[index].astype(jnp.bfloat16)))
             digest.update(f"{slice_name}:{tuple(x.shape)}:".encode())
             digest.update(values.tobytes())
     return digest.hexdigest()[:16]

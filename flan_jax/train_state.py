@@ -84,6 +84,9 @@ def init_or_restore(
         _, state = checkpointer.read_newest(lambda step: restore(checkpointer, step, model, fresh, pretrained))
         return model, state
     if pretrained is not None:
+        if config.has_adapters:  # the random base goes before the pretrained one comes (memory)
+            fresh = fresh.replace(params=peft.trainable(config, fresh.params))
+            del params
         return model, load_pretrained(pretrained, model, tx, fresh, seed)
     return model, fresh
 
@@ -113,7 +116,7 @@ def restore(checkpointer: ckpt_lib.Checkpointer, step: int, model: step_lib.Mode
             loaded = formats.load_base(path, config, model.params_shardings)
         except ckpt_lib.UnreadableStepError as e:  # the base's step, not this run's: nothing to set aside here
             raise UserError(f"the base of {where} cannot be read: {e}") from e
-        base, frozen = loaded.ref, peft.cast_frozen(config, loaded.params)
+        base, frozen = loaded.ref, loaded.params
     meta.base.check_same(base, where)
     return TrainState(step, peft.combine(params, frozen), opt_state, meta, base)
 
@@ -157,7 +160,7 @@ def _load_base(path: str, model: step_lib.Model, fresh: TrainState, seed: int) -
         adapters = jax.device_put(read, peft.trainable(config, model.params_shardings))
         path, origin = hf_peft.recorded_base(path), f"from {path}"
     base = formats.load_base(path, config, model.params_shardings)
-    params = peft.combine(adapters, peft.cast_frozen(config, base.params))
+    params = peft.combine(adapters, base.params)
     if origin.startswith("fresh"):  # the prompt was drawn from the random embedding `initialize` made
         params = peft.init_prompt_from_embeddings(config, params, jax.random.key(seed))
     print(f"Initialised the frozen base from {base.loaded.format} checkpoint {path} (its step {base.loaded.step}); "

@@ -231,7 +231,7 @@ def _load_adapters_and_base(
 
 @dataclasses.dataclass
 class LoadedBase:
-    """A base model for adapters: its parameters (float32, as loaded) and its record."""
+    """A base model for adapters: its parameters (in the config's frozen dtype) and its record."""
 
     params: PyTree
     ref: peft.BaseRef
@@ -243,7 +243,7 @@ def load_base(path: str, config: T5Config, shardings: PyTree | None = None) -> L
     half of `shardings` (a tree for the whole model) when given."""
     path = path if "://" in path else os.path.abspath(path)
     base_shardings = None if shardings is None else peft.split(config, shardings)[1]
-    loaded = load_checkpoint(path, config=peft.base_config(config), shardings=base_shardings)
+    loaded = load_checkpoint(path, config=peft.base_config(config), shardings=base_shardings, dtype=config.frozen_dtype)
     return LoadedBase(loaded.params, peft.BaseRef(path, peft.fingerprint(loaded.params)), loaded)
 
 
@@ -254,6 +254,7 @@ def load_checkpoint(
     shardings: Shardings = None,
     step: int | None = None,
     base: str | None = None,
+    dtype: str | None = None,
 ) -> LoadedCheckpoint:
     """Loads params (onto `shardings` when given) and the config from any supported format.
 
@@ -266,7 +267,8 @@ def load_checkpoint(
     Every parameter is checked against the config: a UserError names the
     first one that is missing, extra or of another shape, with both shapes.
     A Hugging Face PEFT adapter directory is read onto its base model: `base`,
-    else the local path its adapter_config.json records.
+    else the local path its adapter_config.json records. `dtype` casts the
+    parameters (a HF checkpoint's on the host, before they reach a device).
     """
     path = path if "://" in path else os.path.abspath(path)  # orbax and tensorstore want absolute paths
     fmt = detect_format(path)
@@ -278,6 +280,7 @@ def load_checkpoint(
         config = config or hf_config
         params = scan.to_layout(params, config.scan_layers)
         check_params(params, config, path)
+        params = params if dtype is None else jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
         vocab = {"type": "sentencepiece", "file": "spiece.model", "extra_ids": 0} if vocab_file else None
         return LoadedCheckpoint(fmt, config, _place(params, _resolve(shardings, config)), vocab, path, 0)
     if fmt in ("t5x_legacy", "t5x_orbax"):
@@ -297,8 +300,9 @@ def load_checkpoint(
             params = jax.jit(scan.stack_layers, out_shardings=shardings)(params)
         else:
             params, checkpoint_step = checkpoint.read(shardings)
-        return LoadedCheckpoint(fmt, config, params, None, None, checkpoint_step)
-    return _load_flan_jax(path, config, shardings, step)
+        return LoadedCheckpoint(fmt, config, _cast(params, dtype), None, None, checkpoint_step)
+    loaded = _load_flan_jax(path, config, shardings, step)
+    return dataclasses.replace(loaded, params=_cast(loaded.params, dtype))
 
 
 def read_adafactor_state(path: str) -> tuple[PyTree, int] | None:
@@ -313,6 +317,10 @@ def read_adafactor_state(path: str) -> tuple[PyTree, int] | None:
 
 def _resolve(shardings: Shardings, config: T5Config) -> PyTree | None:
     return shardings(config) if callable(shardings) else shardings
+
+
+def _cast(params: PyTree, dtype: str | None) -> PyTree:
+    return params if dtype is None else jax.tree.map(lambda x: x.astype(dtype), params)
 
 
 def _place(params: PyTree, shardings: PyTree | None) -> PyTree:
