@@ -126,6 +126,11 @@ EXPECTED_SECONDS = {
     "tests/test_training_eval.py::test_training_evaluates_suites_logs_their_normalized_average_and_keeps_the_best_by_it": 40,
     "tests/test_pallas_attention.py::test_pallas_kernel_and_fused_adafactor_under_fsdp_on_8_devices": 30,
     "tests/test_own_data.py::test_a_partly_bad_file_trains_and_reports_its_skips": 30,
+    "tests/test_lora.py::test_sigkill_and_rerun_gives_the_uninterrupted_runs_adapters": 100,
+    "tests/test_lora.py::test_lora_alone_halves_the_loss_of_a_held_in_task": 65,
+    "tests/test_lora.py::test_training_changes_only_the_adapters_and_saves_only_them": 45,  # with its fixture: a LoRA run
+    "tests/test_lora.py::test_two_lora_steps_are_the_same_on_every_mesh_and_microbatching": 40,
+    "tests/test_lora.py::test_infer_and_eval_load_the_recorded_base": 30,
 }
 # Per file, for tests not listed above.
 FILE_DEFAULT_SECONDS = {
@@ -145,6 +150,7 @@ FILE_DEFAULT_SECONDS = {
     "tests/test_overlap.py": 10,
     "tests/test_heldout.py": 5,
     "tests/test_accel_options.py": 6,
+    "tests/test_lora.py": 8,  # tiny models compiled per test
 }
 
 
