@@ -41,7 +41,8 @@ def run(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
     adapter_src = formats.detect_format(args.src) == "hf_peft"
     if args.base and not adapter_src and args.to != "hf_peft":
         raise UserError(f"--base: {args.src} is no PEFT adapter directory and --to is not hf_peft; it has no use here")
-    loaded = formats.load_checkpoint(args.src, step=args.step, base=args.base if adapter_src else None)
+    # float32: adapters merge into the base at full precision, whatever dtype training held it in.
+    loaded = formats.load_checkpoint(args.src, step=args.step, base=args.base if adapter_src else None, dtype="float32")
     vocab_file = args.vocab or formats.vocab_file_of(loaded)
     if args.to == "hf_peft":
         hf_peft.save_hf_peft(args.dst, loaded.config, jax.device_get(loaded.params), args.base)

@@ -183,7 +183,9 @@ def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
     return sharding
 
 
-def _load_flan_jax(path: str, config: T5Config | None, shardings: Shardings, step: int | None) -> LoadedCheckpoint:
+def _load_flan_jax(
+    path: str, config: T5Config | None, shardings: Shardings, step: int | None, dtype: str | None
+) -> LoadedCheckpoint:
     checkpoint_dir, step, run_dir = flan_jax_location(path, step)
     ckpt = ckpt_lib.open_for_reading(checkpoint_dir)
 
@@ -191,7 +193,7 @@ def _load_flan_jax(path: str, config: T5Config | None, shardings: Shardings, ste
         meta = _read_meta(ckpt, step)
         wanted = config or meta.model_config
         if meta.base is not None:  # a run with adapters: its steps hold only them
-            return wanted, *_load_adapters_and_base(ckpt, step, wanted, _resolve(shardings, wanted))
+            return wanted, *_load_adapters_and_base(ckpt, step, wanted, _resolve(shardings, wanted), dtype)
         params, _, meta = restore_in_layout(ckpt, step, abstract_params(wanted, _resolve(shardings, wanted)))
         return wanted, params, meta
 
@@ -211,7 +213,7 @@ def _load_flan_jax(path: str, config: T5Config | None, shardings: Shardings, ste
 
 
 def _load_adapters_and_base(
-    ckpt: ckpt_lib.Checkpointer, step: int, config: T5Config, shardings: PyTree | None
+    ckpt: ckpt_lib.Checkpointer, step: int, config: T5Config, shardings: PyTree | None, dtype: str | None
 ) -> tuple[PyTree, StepMeta]:
     """A step that holds only adapters (see flan_jax.peft), combined with the
     base recorded in its metadata, whose fingerprint must match."""
@@ -220,7 +222,7 @@ def _load_adapters_and_base(
     if meta.base.path is None:
         raise UserError(f"{where} holds adapters trained on a random base, which is not saved")
     try:
-        base = load_base(meta.base.path, config, shardings)
+        base = load_base(meta.base.path, config, shardings, dtype)
     except ckpt_lib.UnreadableStepError as e:  # the base's step: not to be set aside as this run's
         raise UserError(f"the base of {where} cannot be read: {e}") from e
     meta.base.check_same(base.ref, where)
@@ -238,12 +240,14 @@ class LoadedBase:
     loaded: LoadedCheckpoint
 
 
-def load_base(path: str, config: T5Config, shardings: PyTree | None = None) -> LoadedBase:
-    """The base of an adapter `config` from `path` (any format), on the frozen
-    half of `shardings` (a tree for the whole model) when given."""
+def load_base(path: str, config: T5Config, shardings: PyTree | None = None, dtype: str | None = None) -> LoadedBase:
+    """The base of an adapter `config` from `path` (any format), in `dtype`
+    (default: the config's frozen dtype), on the frozen half of `shardings`
+    (a tree for the whole model) when given."""
     path = path if "://" in path else os.path.abspath(path)
     base_shardings = None if shardings is None else peft.split(config, shardings)[1]
-    loaded = load_checkpoint(path, config=peft.base_config(config), shardings=base_shardings, dtype=config.frozen_dtype)
+    loaded = load_checkpoint(path, config=peft.base_config(config), shardings=base_shardings,
+                             dtype=dtype or config.frozen_dtype)
     return LoadedBase(loaded.params, peft.BaseRef(path, peft.fingerprint(loaded.params)), loaded)
 
 
@@ -268,7 +272,8 @@ def load_checkpoint(
     first one that is missing, extra or of another shape, with both shapes.
     A Hugging Face PEFT adapter directory is read onto its base model: `base`,
     else the local path its adapter_config.json records. `dtype` casts the
-    parameters (a HF checkpoint's on the host, before they reach a device).
+    parameters (a HF checkpoint's on the host, before they reach a device);
+    without it the base of a run with adapters comes in its frozen dtype.
     """
     path = path if "://" in path else os.path.abspath(path)  # orbax and tensorstore want absolute paths
     fmt = detect_format(path)
@@ -301,7 +306,7 @@ def load_checkpoint(
         else:
             params, checkpoint_step = checkpoint.read(shardings)
         return LoadedCheckpoint(fmt, config, _cast(params, dtype), None, None, checkpoint_step)
-    loaded = _load_flan_jax(path, config, shardings, step)
+    loaded = _load_flan_jax(path, config, shardings, step, dtype)
     return dataclasses.replace(loaded, params=_cast(loaded.params, dtype))
 
 
