@@ -131,6 +131,9 @@ EXPECTED_SECONDS = {
     "tests/test_lora.py::test_training_changes_only_the_adapters_and_saves_only_them": 45,  # with its fixture: a LoRA run
     "tests/test_lora.py::test_two_lora_steps_are_the_same_on_every_mesh_and_microbatching": 40,
     "tests/test_lora.py::test_infer_and_eval_load_the_recorded_base": 30,
+    "tests/test_peft_interop.py::test_training_continues_a_peft_adapter_on_the_base_it_records": 35,
+    "tests/test_overlap.py::test_training_logs_the_running_exclusion_counts": 16,
+    "tests/test_bench_train.py::test_peft_compare_measures_adapters_against_full_finetuning": 15,
 }
 # Per file, for tests not listed above.
 FILE_DEFAULT_SECONDS = {
@@ -148,6 +151,8 @@ FILE_DEFAULT_SECONDS = {
     "tests/test_own_data.py": 15,  # flan-jax subprocesses
     "tests/test_pallas_attention.py": 8,  # Pallas in interpret mode
     "tests/test_overlap.py": 10,
+    "tests/test_peft_interop.py": 8,  # transformers and peft beside flan-jax
+    "tests/test_prompt_tuning.py": 6,
     "tests/test_heldout.py": 5,
     "tests/test_accel_options.py": 6,
     "tests/test_lora.py": 8,  # tiny models compiled per test
