@@ -120,7 +120,7 @@ def test_published_peaks_are_looked_up_by_device_kind():
 
 
 def _lora(config):
-    from flan_jax.model.config import LoraConfig
+    from flan_jax.model.lora import LoraConfig
 
     return dataclasses.replace(config, lora=LoraConfig(rank=4), frozen_dtype="bfloat16")
 

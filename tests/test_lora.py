@@ -32,7 +32,7 @@ from flax import traverse_util
 from flan_jax import peft
 from flan_jax.errors import UserError
 from flan_jax.model import T5Config, Transformer
-from flan_jax.model.config import LORA_ATTENTION_MLP, LORA_QUERY_VALUE, LoraConfig
+from flan_jax.model.lora import LORA_ATTENTION_MLP, LORA_QUERY_VALUE, LoraConfig
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = T5Config(vocab_size=1024, emb_dim=32, num_heads=2, head_dim=16, num_encoder_layers=2, num_decoder_layers=2,
@@ -239,7 +239,7 @@ MESH_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from flan_jax import optim, partitioning, peft, step
     from flan_jax.model import T5Config, Transformer
-    from flan_jax.model.config import LORA_ATTENTION_MLP, LoraConfig
+    from flan_jax.model.lora import LORA_ATTENTION_MLP, LoraConfig
 
     jax.config.update("jax_default_matmul_precision", "highest")
     assert len(jax.devices()) == 8

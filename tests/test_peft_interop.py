@@ -15,7 +15,7 @@ from flan_jax import cli, formats, peft
 from flan_jax.errors import UserError
 from flan_jax.formats import hf, hf_peft
 from flan_jax.model import T5Config, Transformer
-from flan_jax.model.config import LORA_ATTENTION_MLP, LORA_QUERY_VALUE, LoraConfig
+from flan_jax.model.lora import LORA_ATTENTION_MLP, LORA_QUERY_VALUE, LoraConfig
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -192,11 +192,11 @@ def test_convert_merges_an_adapter_directory_onto_its_base(tmp_path):
 
     # For eval and continued training: onto the base in the configured layout; a different LoRA is refused.
     scanned = dataclasses.replace(BASE, scan_layers=True, lora=dataclasses.replace(LORA, dropout=0.1))
-    onto = hf_peft.load_onto_base(str(tmp_path / "adapter"), str(tmp_path / "base"), scanned)
+    onto = formats.load_checkpoint(str(tmp_path / "adapter"), base=str(tmp_path / "base"), config=scanned)
     assert onto.config == scanned and onto.params["encoder"]["layers"]["attention"]["query"]["lora_a"].shape == (2, 32, 4)
     with pytest.raises(UserError, match=r"differs from the configured LoraConfig .* in rank, targeted kernels$"):
         other = dataclasses.replace(BASE, lora=LoraConfig(rank=8, alpha=16.0, targets=LORA_ATTENTION_MLP))
-        hf_peft.load_onto_base(str(tmp_path / "adapter"), str(tmp_path / "base"), other)
+        formats.load_checkpoint(str(tmp_path / "adapter"), base=str(tmp_path / "base"), config=other)
 
 
 def test_convert_merges_a_lora_flan_jax_checkpoint_into_a_hf_model(tmp_path):

@@ -278,8 +278,12 @@ def load_checkpoint(
     path = path if "://" in path else os.path.abspath(path)  # orbax and tensorstore want absolute paths
     fmt = detect_format(path)
     if fmt == "hf_peft":  # the adapters on their base: `base`, else the path the adapter records
-        loaded = hf_peft.load_onto_base(path, base or hf_peft.recorded_base(path), config)
-        return dataclasses.replace(loaded, params=_place(loaded.params, _resolve(shardings, loaded.config)))
+        base_path = base or hf_peft.recorded_base(path)
+        wanted = None if config is None else dataclasses.replace(config, lora=None)
+        loaded = load_checkpoint(base_path, config=wanted, dtype=dtype)
+        config, adapters = hf_peft.adapters_onto(path, loaded.config, config)
+        params = _place(peft.combine(adapters, loaded.params), _resolve(shardings, config))
+        return dataclasses.replace(loaded, format="hf_peft", config=config, params=params)
     if fmt == "hf":
         hf_config, params, vocab_file = hf.load_hf_directory(path)
         config = config or hf_config

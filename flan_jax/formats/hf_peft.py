@@ -16,7 +16,7 @@ import json
 import math
 import os
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import safetensors.numpy
@@ -25,10 +25,7 @@ from flax import traverse_util
 from flan_jax.errors import UserError
 from flan_jax.formats import hf
 from flan_jax.model import T5Config, scan
-from flan_jax.model.config import LoraConfig
-
-if TYPE_CHECKING:
-    from flan_jax.formats import LoadedCheckpoint
+from flan_jax.model.lora import LoraConfig
 
 PyTree = Any
 CONFIG_FILE = "adapter_config.json"
@@ -256,26 +253,18 @@ def read_adapters(adapter_dir: str, config: T5Config) -> PyTree:
     return adapters
 
 
-def load_onto_base(adapter_dir: str, base_path: str, config: T5Config | None = None) -> LoadedCheckpoint:
-    """A `formats.LoadedCheckpoint` (format 'hf_peft'): the base checkpoint at `base_path`
-    (any format) with the PEFT adapter of `adapter_dir` beside its kernels, and the
-    base's config with the adapter's LoraConfig. `config` (optional) is the wanted
-    architecture and layer layout, as for `formats.load_checkpoint`; if it has a
-    `lora`, its dropout is kept and its rank, scale and targeted kernels must match
-    the adapter's. Params are on the host or default device (place them yourself)."""
-    from flan_jax import formats, peft  # flan_jax.formats imports this module
-
-    wanted = None if config is None else dataclasses.replace(config, lora=None)
-    base = formats.load_checkpoint(base_path, config=wanted)
-    if base.config.lora is not None:
-        raise UserError(f"{base_path} has LoRA adapters of its own: merge them (flan-jax convert) to make it a base")
-    lora, adapters = load_hf_peft(adapter_dir, base.config)
+def adapters_onto(adapter_dir: str, base_config: T5Config, config: T5Config | None = None) -> tuple[T5Config, PyTree]:
+    """(the base's config with the adapter's LoraConfig, the adapters in its layer layout)
+    for putting the PEFT adapter of `adapter_dir` on a base of `base_config`. If
+    `config` (the wanted model) has a `lora`, its dropout is kept and its rank,
+    scale and targeted kernels must match the adapter's."""
+    if base_config.lora is not None:
+        raise UserError("the base has LoRA adapters of its own: merge them (flan-jax convert) to make it a base")
+    lora, adapters = load_hf_peft(adapter_dir, base_config)
     if config is not None and config.lora is not None:
         _check_same_lora(config, lora, adapter_dir)
         lora = dataclasses.replace(lora, dropout=config.lora.dropout)
-    full_config = dataclasses.replace(base.config, lora=lora)
-    params = peft.combine(adapters, base.params)
-    return dataclasses.replace(base, format="hf_peft", config=full_config, params=params)
+    return dataclasses.replace(base_config, lora=lora), adapters
 
 
 def _check_same_lora(config: T5Config, found: LoraConfig, source: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -27,10 +27,8 @@ from flan_jax.model.layers import (
     constrain,
     segments_mask,
 )
+from flan_jax.model.lora import LoraConfig
 from flan_jax.model.relpos import relative_bias
-
-if TYPE_CHECKING:
-    from flan_jax.model.config import LoraConfig
 
 # Large but finite, so that fully masked rows stay NaN-free.
 _MASK_VALUE = -1e10

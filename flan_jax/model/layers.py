@@ -11,17 +11,15 @@ unless logical axis rules are active.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flan_jax.model.lora import LoraConfig
 from flan_jax.model.relpos import relative_bias
-
-if TYPE_CHECKING:
-    from flan_jax.model.config import LoraConfig
 
 Array = jax.Array
 Initializer = Callable[..., Array]
