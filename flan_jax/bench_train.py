@@ -14,9 +14,8 @@ mesh this machine cannot run (with fake CPU devices, `--devices=N`). With
 adapters (`gin/peft/lora.gin`) it splits the parameters into the frozen base
 and the trained adapters.
 
-`peft_compare` trains the gin-configured adapters and full finetuning of
-their base in one process and prints step time, memory, optimizer state and
-checkpoint bytes side by side.
+`flan_jax.bench_peft` (`--peft_compare`) builds on these pieces to set
+training adapters beside full finetuning.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import dataclasses
 import json
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -36,7 +34,6 @@ import numpy as np
 
 from flan_jax import flops, optim, partitioning, peft, profile_summary
 from flan_jax import step as step_lib
-from flan_jax.errors import UserError
 from flan_jax.model import T5Config, Transformer
 
 FILL_RATES = {"inputs": 0.9, "targets": 0.6}  # fraction of non-padding positions per packed row
@@ -355,98 +352,15 @@ def plan_flan_jax(
     )
 
 
-PEFT_ROUNDS = 3
+def print_device() -> None:
+    device = jax.devices()[0]
+    print(f"device: {len(jax.devices())} x {device.device_kind} ({device.platform}); jax {jax.__version__}")
 
 
-@dataclasses.dataclass
-class PeftFigures:
-    """One side of `compare_peft`: bytes, and seconds per step."""
-
-    name: str
-    compile_seconds: float
-    step_seconds: float
-    peak_memory_bytes: int | None
-    trained_params: int
-    opt_state_bytes: int
-    checkpoint_bytes: int
-    memory_source: str = "XLA estimate"
-
-
-def checkpoint_bytes(config: T5Config, params: Any, opt_state: Any) -> int:
-    """Bytes on disk of one step saved as the trainer saves it (`checkpoints.Checkpointer`:
-    the trained parameters and their optimizer state), in a temporary directory."""
-    from flan_jax import checkpoints  # orbax: only this mode needs it
-
-    with tempfile.TemporaryDirectory() as directory:
-        checkpointer = checkpoints.Checkpointer(directory, checkpoints.CheckpointConfig(best_metric=None))
-        checkpointer.save(1, peft.trainable(config, params), opt_state, {})
-        checkpointer.wait()
-        checkpointer.close()
-        return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(directory) for f in files)
-
-
-def _adapters_name(config: T5Config) -> str:
-    parts = []
-    if config.lora is not None:
-        parts.append(f"LoRA r{config.lora.rank} on {len(config.lora.targets)} kernel pattern(s)")
-    if config.prompt_length:
-        parts.append(f"prompt of {config.prompt_length}")
-    return " + ".join(parts) + f", {config.frozen_dtype} base"
-
-
-def compare_peft(
-    config: T5Config, batch_size: int, lengths: Mapping[str, int], *, steps: int, num_microbatches: int = 1,
-    rounds: int = PEFT_ROUNDS,
-) -> list[PeftFigures]:
-    """Full finetuning of `config`'s base against training its adapters, same batch and process.
-
-    Both steps are compiled first, then timed in `rounds` alternating rounds of
-    `steps` steps (median of the rounds' medians), so that a busy machine
-    slows both alike. Memory is XLA's estimate for each compiled step (one
-    process holds both, so the allocator's peak would mix them).
-    """
-    if not config.has_adapters:
-        raise UserError("bench train --peft_compare: the model has no adapters; add --gin_file=peft/lora.gin")
-    print(f"\nbase: {describe(config)}\nadapters: {_adapters_name(config)}; timed in {rounds} alternating "
-          f"rounds of {steps} steps", flush=True)
-    partitioner = partitioning.Partitioner()
-    host_batch = synthetic_batch(batch_size, lengths, config.vocab_size)
-    sides = [("full finetuning", peft.base_config(config)), (_adapters_name(config), config)]
-    compiled = [_compile_step(cfg, partitioner, host_batch, lengths, num_microbatches) for _, cfg in sides]
-    times: list[list[float]] = [[] for _ in sides]
-    with partitioner.activate():
-        for step in compiled:
-            jax.block_until_ready(step.run())  # first step: allocation
-        for _ in range(rounds):
-            for i, step in enumerate(compiled):
-                times[i].append(_time_steps(step.run, jax.block_until_ready, steps)[0])
-    return [
-        PeftFigures(
-            name, step.compile_seconds, statistics.median(seconds), _xla_peak(step.compiled),
-            count(peft.trainable(step.config, step.state["params"])), per_device_bytes(step.state["opt_state"]),
-            checkpoint_bytes(step.config, step.state["params"], step.state["opt_state"]),
-        )
-        for (name, _), step, seconds in zip(sides, compiled, times)
-    ]
-
-
-def peft_table(full: PeftFigures, adapters: PeftFigures) -> list[str]:
-    """The two sides and their ratio, one figure a row."""
-    mib = lambda n: f"{n / 2**20:,.1f} MiB" if n is not None else "n/a"  # noqa: E731
-    rows = [
-        ("compile", lambda f: f"{f.compile_seconds:,.1f} s", "compile_seconds"),
-        ("step (median)", lambda f: f"{f.step_seconds * 1e3:,.0f} ms", "step_seconds"),
-        (f"peak memory ({full.memory_source})", lambda f: mib(f.peak_memory_bytes), "peak_memory_bytes"),
-        ("trained parameters", lambda f: f"{f.trained_params:,}", "trained_params"),
-        ("optimizer state", lambda f: mib(f.opt_state_bytes), "opt_state_bytes"),
-        ("checkpoint (one step)", lambda f: mib(f.checkpoint_bytes), "checkpoint_bytes"),
-    ]
-    lines = [f"  {'':30} {'full finetuning':>18} {'adapters':>18} {'adapters / full':>16}"]
-    for label, show, field in rows:
-        a, b = getattr(full, field), getattr(adapters, field)
-        ratio = f"{b / a:.3g}x" if a and b is not None else "n/a"
-        lines.append(f"  {label:30} {show(full):>18} {show(adapters):>18} {ratio:>16}")
-    return lines
+def print_batch(batch_size: int, lengths: Mapping[str, int], num_microbatches: int, steps: int | None) -> None:
+    """The batch line every bench train mode starts with (`steps`: None when nothing is timed)."""
+    print(f"batch {batch_size} x ({lengths['inputs']} inputs + {lengths['targets']} targets), packed; "
+          f"microbatches {num_microbatches}" + ("" if steps is None else f"; median step of {steps}"))
 
 
 def describe(config: T5Config) -> str:
@@ -470,24 +384,15 @@ def bench_train(
     json_out: str | None = None,
     profile_dir: str | None = None,
     compile_only: bool = False,
-    peft_compare: bool = False,
-) -> list[Result] | list[CompiledPlan] | list[PeftFigures]:
+) -> list[Result] | list[CompiledPlan]:
     """Benchmarks the gin-configured model (or each depth in `layers`) and prints the figures;
-    with `compile_only`, compiles each and prints what one device holds instead; with
-    `peft_compare`, compares training its adapters with full finetuning (`compare_peft`)."""
+    with `compile_only`, compiles each and prints what one device holds instead."""
     config = config or T5Config()
-    device = jax.devices()[0]
-    print(f"device: {len(jax.devices())} x {device.device_kind} ({device.platform}); jax {jax.__version__}")
-    if not compile_only and not peft_compare:
+    print_device()
+    if not compile_only:
         peak, peak_source = flops.system_peak_flops(config.dtype)
         print(f"peak for MFU: {peak / 1e12:.1f} TFLOP/s ({peak_source})")
-    print(f"batch {batch_size} x ({lengths['inputs']} inputs + {lengths['targets']} targets), packed; "
-          f"microbatches {num_microbatches}" + ("" if compile_only else f"; median step of {steps}"))
-    if peft_compare:
-        figures = compare_peft(config, batch_size, lengths, steps=steps, num_microbatches=num_microbatches)
-        print("\n".join(peft_table(*figures)), flush=True)
-        _write_json(json_out, figures)
-        return figures
+    print_batch(batch_size, lengths, num_microbatches, None if compile_only else steps)
     configs = [("flan-jax", config)]
     if layers:
         configs = [
@@ -501,7 +406,7 @@ def bench_train(
             plan = plan_flan_jax(cfg, batch_size, lengths, num_microbatches=num_microbatches, name=name)
             print("\n".join(plan.lines()), flush=True)
             plans.append(plan)
-        _write_json(json_out, plans)
+        write_json(json_out, plans)
         return plans
     hf_result = None
     if compare_hf:
@@ -526,11 +431,11 @@ def bench_train(
         print("\n".join(line for line in hf_result.lines() if "compile" not in line))
         print(f"\nflan-jax / transformers tokens/s: {results[-1].tokens_per_sec / hf_result.tokens_per_sec:.2f}x")
         results.append(hf_result)
-    _write_json(json_out, results)
+    write_json(json_out, results)
     return results
 
 
-def _write_json(path: str | None, results: Sequence[Any]) -> None:
+def write_json(path: str | None, results: Sequence[Any]) -> None:
     if path:
         with open(path, "w") as f:
             json.dump([dataclasses.asdict(r) for r in results], f, indent=2)

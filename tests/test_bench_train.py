@@ -151,13 +151,13 @@ def test_plan_with_lora_splits_the_frozen_base_from_the_adapters(tiny_config):
 
 
 def test_peft_compare_measures_adapters_against_full_finetuning(tiny_config):
-    from flan_jax import bench_train, formats
+    from flan_jax import bench_peft, formats
 
     base = dataclasses.replace(tiny_config, num_encoder_layers=1, num_decoder_layers=1)  # compiles twice: keep it small
-    full, adapters = bench_train.compare_peft(_lora(base), 2, {"inputs": 16, "targets": 8}, steps=1, rounds=1)
+    full, adapters = bench_peft.compare_peft(_lora(base), 2, {"inputs": 16, "targets": 8}, steps=1, rounds=1)
     assert full.trained_params == sum(x.size for x in jax.tree.leaves(formats.abstract_params(base)))
     assert adapters.trained_params == _lora_params(1)
     # Steps saved by the Checkpointer: adapters and their state, against everything.
     assert 0 < adapters.checkpoint_bytes < full.checkpoint_bytes
     assert full.step_seconds > 0 and adapters.step_seconds > 0 and adapters.peak_memory_bytes > 0
-    assert "adapters / full" in bench_train.peft_table(full, adapters)[0]
+    assert "adapters / full" in bench_peft.peft_table(full, adapters)[0]

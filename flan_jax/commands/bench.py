@@ -125,13 +125,18 @@ def run_train(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
     if args.devices:
         process.fake_cpu_devices(args.devices)
     gin_flags.parse(gin, with_data=False)
-    from flan_jax import bench_train
+    from flan_jax import bench_peft, bench_train
+    from flan_jax.model import T5Config
 
+    if args.peft_compare:
+        bench_peft.bench_peft(T5Config(), batch_size=args.batch_size, lengths=_lengths(args), steps=args.steps,
+                              num_microbatches=args.num_microbatches, json_out=args.json_out)
+        return
     layers = _positive_ints("--layers", args.layers, "2,24") if args.layers else []
     bench_train.bench_train(
         batch_size=args.batch_size, lengths=_lengths(args), steps=args.steps, num_microbatches=args.num_microbatches,
         layers=layers, compare_hf=args.compare_hf, json_out=args.json_out, profile_dir=args.profile_dir,
-        compile_only=args.compile_only, peft_compare=args.peft_compare,
+        compile_only=args.compile_only,
     )
 
 
