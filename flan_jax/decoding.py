@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from flan_jax.model import Transformer
+from flan_jax.model.attention import CROSS_CACHE
 
 Array = jax.Array
 PyTree = Any
@@ -42,31 +43,48 @@ def prepare_decoder(
     """
     params = nn.unbox(params)
     encoded = model.apply({"params": params}, encoder_input_tokens, enable_dropout=False, method=model.encode)
+    params = decoder_layers_in_compute_dtype(params, model.config.dtype)
     if num_copies > 1:
         encoded = jnp.repeat(encoded, num_copies, axis=0)
         encoder_input_tokens = jnp.repeat(encoder_input_tokens, num_copies, axis=0)
 
-    def run(tokens: Array, cache: PyTree | None) -> tuple[Array, PyTree]:
-        variables = {"params": params} if cache is None else {"params": params, "cache": cache}
+    def apply(tokens: Array, variables: PyTree, mutable: list[str]) -> tuple[Array, PyTree]:
         step_tokens = tokens[:, None].astype(jnp.int32)  # [n, 1]
         logits, mutated = model.apply(
-            variables,
-            encoded,
-            encoder_input_tokens,
-            step_tokens,
-            step_tokens,
-            enable_dropout=False,
-            decode=True,
-            max_decode_length=max_decode_length,
-            method=model.decode,
-            mutable=["cache"],
+            variables, encoded, encoder_input_tokens, step_tokens, step_tokens, enable_dropout=False,
+            decode=True, max_decode_length=max_decode_length, method=model.decode, mutable=mutable,
         )
-        return logits[:, 0], mutated["cache"]
+        return logits[:, 0], mutated
 
     # The creating call stores the cross-attention projections of `encoded`
-    # and an empty self-attention cache; its logits are not used.
-    _, cache = run(jnp.zeros(encoded.shape[:1], jnp.int32), None)
+    # and an empty self-attention cache; its logits are not used. Steps read
+    # the projections without writing them back (see attention.CROSS_CACHE).
+    _, created = apply(jnp.zeros(encoded.shape[:1], jnp.int32), {"params": params}, ["cache", CROSS_CACHE])
+    cross = created[CROSS_CACHE]
+
+    def run(tokens: Array, cache: PyTree) -> tuple[Array, PyTree]:
+        logits, mutated = apply(tokens, {"params": params, "cache": cache, CROSS_CACHE: cross}, ["cache"])
+        return logits, mutated["cache"]
+
+    cache = created["cache"]
     return cache, run
+
+
+def decoder_layers_in_compute_dtype(params: PyTree, dtype: Any) -> PyTree:
+    """params with the decoder layers' kernels and LoRA factors cast to the activation dtype.
+
+    Their `Dense` casts them on every use, so the logits are the same; cast
+    once before the decoding loop, the steps read half the bytes and XLA
+    finds nothing to convert inside the loop. (The output layer computes in
+    float32 and is left alone.)
+    """
+
+    def cast(path: tuple[Any, ...], x: Array) -> Array:
+        keys = [getattr(k, "key", "") for k in path]
+        in_layers = keys[0] == "decoder" and any(str(k).startswith("layers") for k in keys)
+        return x.astype(dtype) if in_layers and keys[-1] in ("kernel", "lora_a", "lora_b") else x
+
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def argmax_first(logits: Array) -> Array:
@@ -204,8 +222,8 @@ class _Beams(NamedTuple):
 
 def _reorder_self_attention_cache(cache: PyTree, rows: Array) -> PyTree:
     """Gathers cached keys/values [b*K, h, L, d] by beam ([layers, b*K, ...]
-    under a scanned stack); the cross-attention projections are identical
-    across a row's beams and stay put."""
+    under a scanned stack). The cross-attention projections, identical across
+    a row's beams, are not in the self-attention cache."""
 
     def pick(path, x):
         if path[-1].key not in ("cached_key", "cached_value"):

@@ -78,6 +78,7 @@ def in_process_cli():
     (["train", "--gin_file=runs/smoke.gin", "--gin.TrainConfig.num_microbatches=0"], "TrainConfig.num_microbatches=0"),
     (["train", "--gin_file=runs/smoke.gin", "--gin.T5Config.num_heads=1.5"], "T5Config.num_heads=1.5"),
     (["bench", "train", "--batch_size=-3"], "--batch_size=-3"),
+    (["bench", "decode", "--input_length=0"], "--input_length=0"),
     (["data", "show", "builtin_train", "-n", "0"], "-n=0"),
 ])
 def test_bad_value_is_one_line_naming_the_key(in_process_cli, capfd, argv, key):
@@ -87,6 +88,14 @@ def test_bad_value_is_one_line_naming_the_key(in_process_cli, capfd, argv, key):
     assert message.startswith(f"flan-jax: error: {key}") and "expected" in message, message
     assert "\n" not in message
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_bench_decode_takes_a_gin_model_scanned(in_process_cli, capsys):
+    in_process_cli(["bench", "decode", "--gin_file=models/tiny.gin", "--scan_layers", "--dtype=bfloat16", "--no_hf",
+                    "--repeats=1", "--batch_size=2", "--input_length=16", "--new_tokens=4"])
+    out = capsys.readouterr().out
+    assert "'scan_layers': True" in out and "'dtype': 'bfloat16'" in out and "'emb_dim': 128" in out
+    assert re.search(r"flan-jax greedy .*: +[\d,]+ tokens/s", out), out
 
 
 def test_terminal_is_free_of_native_info_lines():

@@ -271,6 +271,29 @@ def test_cached_decoding_matches_the_full_forward_pass(extra_cache, scan_layers)
         np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, t]), atol=1e-5, rtol=0, err_msg=f"step {t}")
 
 
+def test_a_scanned_decoding_step_is_unrolled_and_carries_only_the_self_attention_cache():
+    """What keeps a scanned model's decoding step fast (`flan-jax bench decode --scan_layers`):
+    the step runs its layers unrolled, the cross-attention projections stay out of the
+    carried cache, and the decoder layers' kernels arrive in the activation dtype."""
+    config = dataclasses.replace(TINY, num_decoder_layers=3, dtype="bfloat16")
+    params = scan.to_layout(_init(config, seed=3), True)
+    config = dataclasses.replace(config, scan_layers=True)
+    model = Transformer(config)
+    tokens = jnp.ones((2, 6), jnp.int32)
+    cache, step = decoding.prepare_decoder(model, params, tokens, 4)
+    names = {getattr(k, "key", None) for path, _ in jax.tree_util.tree_leaves_with_path(cache) for k in path}
+    assert {"cached_key", "cached_value"} <= names and not names & {"projected_key", "projected_value"}
+    jaxpr = jax.make_jaxpr(step)(jnp.zeros((2,), jnp.int32), cache)
+    assert [e.params["unroll"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"] == [3]
+    cast = decoding.decoder_layers_in_compute_dtype(params, config.dtype)
+    dtypes = {"/".join(str(getattr(k, "key", k)) for k in path): x.dtype
+              for path, x in jax.tree_util.tree_leaves_with_path(cast)}
+    assert dtypes["decoder/layers/mlp/wo/kernel"] == jnp.bfloat16
+    assert dtypes["decoder/layers/encoder_decoder_attention/key/kernel"] == jnp.bfloat16
+    assert dtypes["decoder/logits_dense/kernel"] == jnp.float32  # computed in float32
+    assert dtypes["encoder/layers/mlp/wo/kernel"] == jnp.float32  # encoded once, outside the loop
+
+
 def test_decode_mode_takes_one_token_per_call():
     params = _init(TINY)
     model = Transformer(TINY)

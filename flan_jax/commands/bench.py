@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 from flan_jax import errors
@@ -19,7 +20,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     decode = benchmarks.add_parser("decode", help="cached decoding steps (and transformers' for comparison)")
     decode.add_argument("--repeats", type=int, default=5)
     decode.add_argument("--no_hf", action="store_true", help="skip the transformers comparison")
-    decode.set_defaults(run=run_decode)
+    decode.add_argument("--batch_size", type=int, default=8)
+    decode.add_argument("--input_length", type=int, default=64)
+    decode.add_argument("--new_tokens", type=int, default=64)
+    decode.add_argument("--scan_layers", action="store_true", help="layers under nn.scan (the big-model layout)")
+    decode.add_argument("--dtype", help="activation dtype, e.g. bfloat16 (default: the model's)")
+    decode.set_defaults(run=run_decode, check=check_decode)
 
     data = benchmarks.add_parser("data", help="the input pipeline: examples/s, tokens/s, fill rates")
     data.add_argument("--repeats", type=int, default=5)
@@ -78,11 +84,24 @@ def _start_with_data(gin: gin_flags.GinFlags) -> None:
     gin_flags.parse(gin)
 
 
+def check_decode(args: argparse.Namespace) -> None:
+    for flag in ("repeats", "batch_size", "input_length", "new_tokens"):
+        errors.require(f"--{flag}", getattr(args, flag), errors.POSITIVE_INT)
+
+
 def run_decode(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
     _start_with_data(gin)
     from flan_jax import bench
 
-    bench.bench_decode(repeats=args.repeats, compare_hf=not args.no_hf)
+    from flan_jax.model import T5Config
+
+    config = T5Config() if gin.files else bench.DECODE_CONFIG  # e.g. --gin_file=models/t5_1_1_small.gin
+    if args.scan_layers:
+        config = dataclasses.replace(config, scan_layers=True)
+    if args.dtype:
+        config = dataclasses.replace(config, dtype=args.dtype)
+    bench.bench_decode(config, batch_size=args.batch_size, input_length=args.input_length, new_tokens=args.new_tokens,
+                       repeats=args.repeats, compare_hf=not args.no_hf)
 
 
 def check_data(args: argparse.Namespace) -> None:

@@ -32,6 +32,8 @@ from flan_jax.model.relpos import relative_bias
 
 # Large but finite, so that fully masked rows stay NaN-free.
 _MASK_VALUE = -1e10
+# The decoding collection of cross-attention's projected encoder keys and values.
+CROSS_CACHE = "cross_cache"
 
 
 def dot_product_attention(
@@ -175,15 +177,17 @@ class MultiHeadDotProductAttention(nn.Module):
 
     Keys and values are kept heads-first, [b, h, k, d], so the attention
     products need no transpose of the (growing) cache at each decoding step.
-    Decode mode (`decode=True`) keeps variables in the 'cache' collection:
-      * `causal=True` (decoder self-attention): `cached_key`/`cached_value`
-        [b, h, L, d] and `cache_index`; each call appends one token.
-      * `causal=False` (cross-attention): `projected_key`/`projected_value`,
-        the projections of `inputs_kv`, computed on the call that creates the
-        cache and reused afterwards.
-    The call that creates the cache (no 'cache' variables yet) writes nothing
-    else; use `flan_jax.decoding.prepare_decoder`, which makes it with the real
-    encoder output.
+    Decode mode (`decode=True`) keeps two collections:
+      * 'cache' (`causal=True`, decoder self-attention): `cached_key`/
+        `cached_value` [b, h, L, d] and `cache_index`; each call appends one token.
+      * CROSS_CACHE (`causal=False`, cross-attention): `projected_key`/
+        `projected_value`, the projections of `inputs_kv`, written by the call
+        that creates the caches and only read afterwards. Steps pass it
+        immutable, so a scanned stack does not copy it out again every step
+        (that copy tripled the cost of a small model's decoding step).
+    The call that creates the caches writes nothing else; use
+    `flan_jax.decoding.prepare_decoder`, which makes them with the real encoder
+    output.
     """
 
     num_heads: int
@@ -310,12 +314,12 @@ class MultiHeadDotProductAttention(nn.Module):
 
     def _cross_attention_cache(self, inputs_kv: Array) -> tuple[Array, Array]:
         """Projects the encoder output once per decode, then reads it back."""
-        if self.has_variable("cache", "projected_key"):
-            return self.get_variable("cache", "projected_key"), self.get_variable("cache", "projected_value")
+        if self.has_variable(CROSS_CACHE, "projected_key"):
+            return self.get_variable(CROSS_CACHE, "projected_key"), self.get_variable(CROSS_CACHE, "projected_value")
         key = self._project_heads_first("key", inputs_kv)
         value = self._project_heads_first("value", inputs_kv)
-        self.put_variable("cache", "projected_key", key)
-        self.put_variable("cache", "projected_value", value)
+        self.put_variable(CROSS_CACHE, "projected_key", key)
+        self.put_variable(CROSS_CACHE, "projected_value", value)
         return key, value
 
     def _append_to_cache(

@@ -71,7 +71,12 @@ _REMAT_POLICIES: dict[str, Callable[..., bool]] = {
 
 
 def layer_stack(
-    config: T5Config, layer: type[nn.Module], num_layers: int, num_args: int, static_args: tuple[int, ...], remat: bool
+    config: T5Config,
+    layer: type[nn.Module],
+    num_layers: int,
+    num_args: int,
+    static_args: tuple[int, ...],
+    decode: bool = False,
 ) -> Callable[..., Array]:
     """A callable running `num_layers` copies of `layer` on x; call it inside a
     compact method as `stack(x, *args)`.
@@ -79,8 +84,13 @@ def layer_stack(
     `layer(config)(x, *args)` must return (x, None), the form `nn.scan` wants.
     `args` (num_args of them) are the same for every layer; those at the
     positions `static_args` (counted from x = 0) are Python values.
+    `decode`: one decoding step. No remat (nothing is differentiated, and the
+    cache is mutated), and a scanned stack is unrolled: a step is small, and
+    under a loop over layers XLA slices every layer's weights and caches
+    inside each step (t5.1.1-small on CPU: 76 ms a step scanned, 16 ms
+    unrolled with the kernels cast once, see `decoding.prepare_decoder`).
     """
-    if remat and config.remat_policy != "none":
+    if not decode and config.remat_policy != "none":
         # prevent_cse=False is safe under scan and lets XLA optimise more.
         layer = nn.remat(
             layer, policy=_REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers,
@@ -89,11 +99,11 @@ def layer_stack(
     if config.scan_layers:
         scanned = nn.scan(
             layer,
-            variable_axes={"params": 0, "cache": 0},
+            variable_axes={"params": 0, "cache": 0, attention.CROSS_CACHE: 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast,) * num_args,
             length=num_layers,
-            unroll=min(config.scan_unroll, num_layers),
+            unroll=num_layers if decode else min(config.scan_unroll, num_layers),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(config, name="layers")
         return lambda x, *args: scanned(x, *args)[0]
@@ -198,7 +208,7 @@ class Encoder(nn.Module):
         x = constrain(x, ("batch", "length", "embed"))
         length = tokens.shape[-1]
         bias = _relpos(cfg)(length, length, bidirectional=True, as_table=_uses_kernel(cfg, decode=False))
-        stack = layer_stack(cfg, EncoderLayer, cfg.num_encoder_layers, num_args=3, static_args=(3,), remat=True)
+        stack = layer_stack(cfg, EncoderLayer, cfg.num_encoder_layers, num_args=3, static_args=(3,))
         x = stack(x, mask, bias, deterministic)
         x = _norm(cfg, "encoder_norm")(x)
         return _dropout(cfg)(x, deterministic=deterministic)
@@ -235,8 +245,7 @@ class Decoder(nn.Module):
         else:
             length = tokens.shape[-1]
         bias = _relpos(cfg)(length, length, bidirectional=False, as_table=_uses_kernel(cfg, decode))
-        # No remat while decoding: nothing is differentiated, and the cache is mutated.
-        stack = layer_stack(cfg, DecoderLayer, cfg.num_decoder_layers, num_args=7, static_args=(5, 6, 7), remat=not decode)
+        stack = layer_stack(cfg, DecoderLayer, cfg.num_decoder_layers, num_args=7, static_args=(5, 6, 7), decode=decode)
         x = stack(x, encoded, self_mask, cross_mask, bias, deterministic, decode, max_decode_length)
         x = _norm(cfg, "decoder_norm")(x)
         x = _dropout(cfg)(x, deterministic=deterministic)
