@@ -18,8 +18,9 @@ does. Two ways to get a prediction:
             Used for examples that carry options (multiple-choice tasks,
             non-CoT variants); other tasks are generated.
 
-Examples are sorted by length and batched with lengths rounded up to a power
-of two, so a suite compiles a handful of shapes. A prompt that needs more
+Examples are sorted by length and batched with lengths rounded up to a
+quarter-octave step (`bucket`), so a suite compiles a handful of shapes and
+pads little. A prompt that needs more
 than the input length (even after dropping exemplars) is never cut
 silently: every task reports how many prompts did not fit whole
 (`over_length`: exemplars were dropped) and how many were truncated.
@@ -45,7 +46,8 @@ from flan_jax import errors
 from flan_jax.errors import UserError
 
 METHODS = ("generate", "rank")
-MIN_BUCKET = 16  # The shortest padded length; lengths are rounded up to powers of two from here.
+MIN_BUCKET = 16  # The shortest padded length, and the smallest step between padded lengths.
+BUCKETS_PER_OCTAVE = 4  # Padded lengths between two powers of two (a few shapes, at most 25% padding).
 
 
 @gin.configurable
@@ -176,8 +178,16 @@ def mixture_tasks(name: str) -> list[str]:
 
 
 def bucket(length: int, limit: int) -> int:
-    """`length` rounded up to a power of two (at least MIN_BUCKET), at most `limit`."""
-    return min(limit, max(MIN_BUCKET, 1 << max(0, length - 1).bit_length()))
+    """`length` rounded up to the next of BUCKETS_PER_OCTAVE even steps above its power of
+    two (1025..2048 -> 1280, 1536, 1792, 2048), steps of at least MIN_BUCKET; at most `limit`.
+
+    Encoding cost grows faster than length (attention): t5.1.1-small in bf16 on
+    CPU encodes a row in 0.65 s at 1,024 tokens, 1.16 s at 1,536 and 2.05 s at
+    2,048, so powers of two made a 1,100-token prompt cost ~2.4x its 1,280.
+    """
+    length = max(int(length), 1)
+    step = max(MIN_BUCKET, (1 << (length - 1).bit_length()) // (2 * BUCKETS_PER_OCTAVE))
+    return min(limit, -(-length // step) * step)
 
 
 def pad_rows(rows: Sequence[np.ndarray], batch_size: int, limit: int) -> np.ndarray:

@@ -95,8 +95,8 @@ def generate(
     Prompts (truncated to `max_input_length` tokens with EOS, the model's
     prompt slots included, see `data.prepend_prompt_slots`) go in batches of
     similar length, longest first, each padded to `batch_size` rows (fewer if
-    there are fewer prompts) and a power-of-two length, so a long file
-    compiles a few shapes only. Greedy and beam answers do not depend on the
+    there are fewer prompts) and a length from `evaluation.bucket`, so a long
+    file compiles a few shapes only. Greedy and beam answers do not depend on the
     batching; sampling draws batch i's randomness from (seed, i).
     `progress(n)` is called after each batch with its number of prompts.
     """

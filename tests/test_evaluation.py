@@ -233,6 +233,14 @@ def test_training_evaluation_ranks_multiple_choice_tasks_and_generates_the_rest(
 
 
 @needs_data
+def test_padded_lengths_step_a_quarter_octave_and_never_cut():
+    padded = {n: evaluation.bucket(n, 2048) for n in range(1, 2049)}
+    assert all(n <= p < n + max(16, n / 4) and p % 16 == 0 for n, p in padded.items())
+    assert sorted(set(p for n, p in padded.items() if n > 1024)) == [1280, 1536, 1792, 2048]
+    assert len(set(padded.values())) == 8 + 4 * 4  # 16..128 in steps of 16, then four per octave
+    assert evaluation.bucket(1100, 1024) == 1024  # the cap; the rows were cut to it already
+
+
 def test_over_length_prompts_are_counted_not_hidden():
     whole = evaluation.load_task_examples("bbh_date_understanding_cot", "test", LENGTHS, 4)
     assert whole.over_length == whole.truncated == 0

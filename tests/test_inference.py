@@ -40,7 +40,7 @@ def model() -> inference.LoadedModel:
 @pytest.mark.parametrize("method, options", [("greedy", {}), ("beam", {"num_beams": 3, "alpha": 0.6})])
 def test_batched_answers_equal_one_at_a_time(model, method, options):
     """Batches of 2 (prompts regrouped by length, the last one padded with empty rows, lengths
-    padded to powers of two) give each prompt the answer it gets alone, in input order."""
+    padded to buckets) give each prompt the answer it gets alone, in input order."""
     kwargs = dict(method=method, max_decode_length=12, **options)
     alone = [inference.generate(model, [p], batch_size=1, **kwargs)[0] for p in PROMPTS]
     seen = []
