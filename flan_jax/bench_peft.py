@@ -13,9 +13,9 @@ from collections.abc import Mapping
 import jax
 
 from flan_jax import partitioning, peft
+from flan_jax.bench_plan import count, per_device_bytes
 from flan_jax.bench_train import (
-    _compile_step, _time_steps, _xla_peak, count, describe, per_device_bytes, print_batch, print_device,
-    synthetic_batch, write_json,
+    _compile_step, _time_steps, _xla_peak, describe, print_batch, print_device, synthetic_batch, write_json,
 )
 from flan_jax.errors import UserError
 from flan_jax.model import T5Config

@@ -134,10 +134,10 @@ def _lora_params(layers):
 def test_plan_with_lora_splits_the_frozen_base_from_the_adapters(tiny_config):
     """The plan counts a bf16 frozen base and float32 adapters apart, and the
     optimizer state it holds is Adafactor's for the adapters alone."""
-    from flan_jax import bench_train, formats, optim, peft
+    from flan_jax import bench_plan, formats, optim, peft
 
     config = _lora(tiny_config)
-    plan = bench_train.plan_flan_jax(config, 2, {"inputs": 16, "targets": 8})
+    plan = bench_plan.plan_flan_jax(config, 2, {"inputs": 16, "targets": 8})
     assert plan.trained_params == _lora_params(2)
     assert plan.frozen_params == sum(x.size for x in jax.tree.leaves(formats.abstract_params(tiny_config)))
     assert plan.frozen_params_bytes == 2 * plan.frozen_params and plan.trained_params_bytes == 4 * plan.trained_params

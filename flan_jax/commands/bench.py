@@ -92,7 +92,6 @@ def check_decode(args: argparse.Namespace) -> None:
 def run_decode(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
     _start_with_data(gin)
     from flan_jax import bench
-
     from flan_jax.model import T5Config
 
     config = T5Config() if gin.files else bench.DECODE_CONFIG  # e.g. --gin_file=models/t5_1_1_small.gin
@@ -144,7 +143,7 @@ def run_train(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
     if args.devices:
         process.fake_cpu_devices(args.devices)
     gin_flags.parse(gin, with_data=False)
-    from flan_jax import bench_peft, bench_train
+    from flan_jax import bench_peft, bench_plan, bench_train
     from flan_jax.model import T5Config
 
     if args.peft_compare:
@@ -152,10 +151,13 @@ def run_train(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
                               num_microbatches=args.num_microbatches, json_out=args.json_out)
         return
     layers = _positive_ints("--layers", args.layers, "2,24") if args.layers else []
+    if args.compile_only:
+        bench_plan.bench_plan(T5Config(), batch_size=args.batch_size, lengths=_lengths(args),
+                              num_microbatches=args.num_microbatches, layers=layers, json_out=args.json_out)
+        return
     bench_train.bench_train(
         batch_size=args.batch_size, lengths=_lengths(args), steps=args.steps, num_microbatches=args.num_microbatches,
         layers=layers, compare_hf=args.compare_hf, json_out=args.json_out, profile_dir=args.profile_dir,
-        compile_only=args.compile_only,
     )
 
 
