@@ -45,6 +45,7 @@ import seqio
 import tensorflow as tf
 
 from flan_jax import errors, packing
+from flan_jax.train_config import INPUT_SHARDINGS
 from flan_jax.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,6 @@ def get_mixture_or_task(name: str) -> seqio.Task | seqio.Mixture:
         ) from None
 
 
-INPUT_SHARDINGS = ("source", "global_batch")
 
 
 PACKERS = ("best_fit", "seqio")

@@ -1,10 +1,15 @@
 """Batched autoregressive decoding with the decoder's kv cache; jit-compatible.
 
-Every decoder runs the same way (`prepare_decoder`): encode once, create
-the cache with the real encoder output, then call one decoder step per token
-inside a `jax.lax.while_loop` that stops when every row is done. Token 0 is
-both the decoder start id and the padding emitted after EOS. Outputs [.., L]
-hold the new tokens only (no start token), EOS included.
+Every decoder runs the same way (`start_decoder`, `decoder_step`): encode
+once, create the cache with the real encoder output, then call one decoder
+step per token inside a `jax.lax.while_loop` that stops when every row is
+done. Token 0 is both the decoder start id and the padding emitted after EOS.
+Outputs [.., L] hold the new tokens only (no start token), EOS included.
+
+Greedy decoding and sampling can also run in chunks (`init_decoding`, then
+`extend_decoding` up to a given step, again and again), so that the caller can
+look at the text between chunks and stop a batch whose rows are all done, e.g.
+when each has started a new exemplar (`flan_jax.evaluation`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,58 @@ EOS_ID = 1
 NEG_INF = -1.0e7
 
 
+class DecoderContext(NamedTuple):
+    """What every decoding step reads and none writes: the encoded inputs and their cross-attention projections."""
+
+    encoded: Array  # [n, k, d]
+    encoder_input_tokens: Array  # [n, k]
+    cross: PyTree  # attention.CROSS_CACHE
+
+
+def _apply_step(
+    model: Transformer, variables: PyTree, context: DecoderContext, tokens: Array, max_decode_length: int,
+    mutable: list[str],
+) -> tuple[Array, PyTree]:
+    step_tokens = tokens[:, None].astype(jnp.int32)  # [n, 1]
+    logits, mutated = model.apply(
+        variables, context.encoded, context.encoder_input_tokens, step_tokens, step_tokens, enable_dropout=False,
+        decode=True, max_decode_length=max_decode_length, method=model.decode, mutable=mutable,
+    )
+    return logits[:, 0], mutated
+
+
+def start_decoder(
+    model: Transformer, params: PyTree, encoder_input_tokens: Array, max_decode_length: int, num_copies: int = 1,
+) -> tuple[DecoderContext, PyTree]:
+    """Encodes the inputs -> (context, empty self-attention cache) for `decoder_step`.
+
+    Rows are repeated `num_copies` times (copies of a row are adjacent, as beams are).
+    """
+    params = nn.unbox(params)
+    encoded = model.apply({"params": params}, encoder_input_tokens, enable_dropout=False, method=model.encode)
+    if num_copies > 1:
+        encoded = jnp.repeat(encoded, num_copies, axis=0)
+        encoder_input_tokens = jnp.repeat(encoder_input_tokens, num_copies, axis=0)
+    context = DecoderContext(encoded, encoder_input_tokens, {})
+    # The creating call stores the cross-attention projections of `encoded`
+    # and an empty self-attention cache; its logits are not used. Steps read
+    # the projections without writing them back (see attention.CROSS_CACHE).
+    params = decoder_layers_in_compute_dtype(params, model.config.dtype)
+    _, created = _apply_step(model, {"params": params}, context, jnp.zeros(encoded.shape[:1], jnp.int32),
+                             max_decode_length, ["cache", CROSS_CACHE])
+    return context._replace(cross=created[CROSS_CACHE]), created["cache"]
+
+
+def decoder_step(
+    model: Transformer, params: PyTree, context: DecoderContext, tokens: Array, cache: PyTree, max_decode_length: int,
+) -> tuple[Array, PyTree]:
+    """One token per row: tokens [n] -> (logits [n, v] float32, cache). `params` as
+    `decoder_layers_in_compute_dtype` gives them (cast once, outside the loop)."""
+    variables = {"params": params, "cache": cache, CROSS_CACHE: context.cross}
+    logits, mutated = _apply_step(model, variables, context, tokens, max_decode_length, ["cache"])
+    return logits, mutated["cache"]
+
+
 def prepare_decoder(
     model: Transformer,
     params: PyTree,
@@ -41,32 +98,12 @@ def prepare_decoder(
     `step(tokens [n], cache) -> (logits [n, v] float32, cache)` feeds one token
     per row, n = batch * num_copies (copies of a row are adjacent, as beams are).
     """
-    params = nn.unbox(params)
-    encoded = model.apply({"params": params}, encoder_input_tokens, enable_dropout=False, method=model.encode)
-    params = decoder_layers_in_compute_dtype(params, model.config.dtype)
-    if num_copies > 1:
-        encoded = jnp.repeat(encoded, num_copies, axis=0)
-        encoder_input_tokens = jnp.repeat(encoder_input_tokens, num_copies, axis=0)
-
-    def apply(tokens: Array, variables: PyTree, mutable: list[str]) -> tuple[Array, PyTree]:
-        step_tokens = tokens[:, None].astype(jnp.int32)  # [n, 1]
-        logits, mutated = model.apply(
-            variables, encoded, encoder_input_tokens, step_tokens, step_tokens, enable_dropout=False,
-            decode=True, max_decode_length=max_decode_length, method=model.decode, mutable=mutable,
-        )
-        return logits[:, 0], mutated
-
-    # The creating call stores the cross-attention projections of `encoded`
-    # and an empty self-attention cache; its logits are not used. Steps read
-    # the projections without writing them back (see attention.CROSS_CACHE).
-    _, created = apply(jnp.zeros(encoded.shape[:1], jnp.int32), {"params": params}, ["cache", CROSS_CACHE])
-    cross = created[CROSS_CACHE]
+    context, cache = start_decoder(model, params, encoder_input_tokens, max_decode_length, num_copies)
+    params = decoder_layers_in_compute_dtype(nn.unbox(params), model.config.dtype)
 
     def run(tokens: Array, cache: PyTree) -> tuple[Array, PyTree]:
-        logits, mutated = apply(tokens, {"params": params, "cache": cache, CROSS_CACHE: cross}, ["cache"])
-        return logits, mutated["cache"]
+        return decoder_step(model, params, context, tokens, cache, max_decode_length)
 
-    cache = created["cache"]
     return cache, run
 
 
@@ -99,37 +136,54 @@ def argmax_first(logits: Array) -> Array:
     return jnp.min(jnp.where(logits == best, index, logits.shape[-1]), axis=-1)
 
 
-def _decode_loop(
-    model: Transformer,
-    params: PyTree,
-    encoder_input_tokens: Array,
-    max_decode_length: int,
-    eos_id: int,
-    choose: Callable[[Array, Array], Array],
-) -> Array:
-    """One token per row per step from `choose(logits [b, v], step) -> [b]`."""
+class DecodeState(NamedTuple):
+    """Where a decoding loop stands; `extend_decoding` carries it on from where it stopped."""
+
+    context: DecoderContext
+    cache: PyTree
+    step: Array  # [] tokens decoded so far
+    sequences: Array  # [b, L] new tokens, 0 after EOS
+    last: Array  # [b] the token fed next
+    done: Array  # [b] EOS emitted
+
+
+def init_decoding(model: Transformer, params: PyTree, encoder_input_tokens: Array, max_decode_length: int) -> DecodeState:
+    """Encodes the inputs; no token decoded yet."""
     batch = encoder_input_tokens.shape[0]
-    cache, step = prepare_decoder(model, params, encoder_input_tokens, max_decode_length)
-
-    def cond(state):
-        i, _, _, done, _ = state
-        return (i < max_decode_length) & ~jnp.all(done)
-
-    def body(state):
-        i, sequences, last, done, cache = state
-        logits, cache = step(last, cache)
-        token = jnp.where(done, 0, choose(logits, i).astype(jnp.int32))
-        sequences = sequences.at[:, i].set(token)
-        return i + 1, sequences, token, done | (token == eos_id), cache
-
-    state = (
-        jnp.array(0, jnp.int32),
+    context, cache = start_decoder(model, params, encoder_input_tokens, max_decode_length)
+    return DecodeState(
+        context, cache, jnp.array(0, jnp.int32),
         jnp.zeros((batch, max_decode_length), jnp.int32),
         jnp.zeros((batch,), jnp.int32),  # decoder start id
         jnp.zeros((batch,), jnp.bool_),
-        cache,
     )
-    return lax.while_loop(cond, body, state)[1]
+
+
+def extend_decoding(
+    model: Transformer,
+    params: PyTree,
+    state: DecodeState,
+    stop_at: Array | int,
+    eos_id: int = EOS_ID,
+    choose: Callable[[Array, Array], Array] | None = None,
+) -> DecodeState:
+    """Decodes until `stop_at` tokens (a traced scalar is fine: one compilation serves every
+    chunk) or every row has emitted EOS; `choose(logits [b, v], step) -> [b]`, greedy by default."""
+    choose = choose or (lambda logits, _: argmax_first(logits))
+    max_decode_length = state.sequences.shape[1]
+    params = decoder_layers_in_compute_dtype(nn.unbox(params), model.config.dtype)
+
+    def cond(s: DecodeState):
+        return (s.step < jnp.minimum(stop_at, max_decode_length)) & ~jnp.all(s.done)
+
+    def body(s: DecodeState):
+        logits, cache = decoder_step(model, params, s.context, s.last, s.cache, max_decode_length)
+        token = jnp.where(s.done, 0, choose(logits, s.step).astype(jnp.int32))
+        sequences = s.sequences.at[:, s.step].set(token)
+        return s._replace(cache=cache, step=s.step + 1, sequences=sequences, last=token,
+                          done=s.done | (token == eos_id))
+
+    return lax.while_loop(cond, body, state)
 
 
 def greedy_decode(
@@ -141,9 +195,20 @@ def greedy_decode(
     eos_id: int = EOS_ID,
 ) -> Array:
     """Argmax decoding: encoder_input_tokens [b, k] -> tokens [b, max_decode_length]."""
-    return _decode_loop(
-        model, params, encoder_input_tokens, max_decode_length, eos_id, lambda logits, _: argmax_first(logits)
-    )
+    state = init_decoding(model, params, encoder_input_tokens, max_decode_length)
+    return extend_decoding(model, params, state, max_decode_length, eos_id).sequences
+
+
+def next_token_logits(model: Transformer, params: PyTree, encoder_input_tokens: Array, prefix: Array) -> Array:
+    """The logits [b, v] float32 of the token after `prefix` [b, p] (p may be 0: the first decoding
+    step, what `evaluate_flan.py` compares between the letters A-D), teacher-forced."""
+    params = nn.unbox(params)
+    batch = encoder_input_tokens.shape[0]
+    decoder_inputs = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), prefix.astype(jnp.int32)], axis=1)
+    # Targets only mark which positions are real (non-zero); their values are not read.
+    logits = model.apply({"params": params}, encoder_input_tokens, decoder_inputs, jnp.ones_like(decoder_inputs),
+                         enable_dropout=False)
+    return logits[:, -1].astype(jnp.float32)
 
 
 def sequence_log_likelihood(
@@ -205,7 +270,8 @@ def temperature_sample(
             logits = _top_p_filter(logits, top_p)
         return jax.random.categorical(jax.random.fold_in(rng, i), logits, axis=-1)
 
-    return _decode_loop(model, params, encoder_input_tokens, max_decode_length, eos_id, choose)
+    state = init_decoding(model, params, encoder_input_tokens, max_decode_length)
+    return extend_decoding(model, params, state, max_decode_length, eos_id, choose).sequences
 
 
 # --------------------------------------------------------------- beam search

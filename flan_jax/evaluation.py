@@ -8,15 +8,23 @@ Two users share one path:
 
 Examples come from the SeqIO task (render, tokenize), and each task's own
 `postprocess_fn` and `predict_metric_fns` score them, as seqio.Evaluator
-does. Two ways to get a prediction:
+does. Three ways to get a prediction:
 
   generate  greedy decoding, then the task's postprocess_fn (e.g. the answer
-            after "So the answer is").
+            after "So the answer is"). A row is finished at EOS or when its
+            text starts a new exemplar (one of the suite's `stops`, e.g.
+            "Q:"), as the published evaluation scripts stop generation there;
+            the answer is read from the text before that point, and a batch
+            stops decoding once all its rows are finished.
   rank      rank classification: the log-likelihood of each option's target
             given the prompt (one teacher-forced pass over every option, many
             examples per batch); the prediction is the most likely option.
-            Used for examples that carry options (multiple-choice tasks,
-            non-CoT variants); other tasks are generated.
+  choice    the option whose token has the highest logit at the first decoding
+            step (one pass per example), as hendrycks/test's
+            `evaluate_flan.py` scores MMLU with the letters A-D; options of
+            several tokens by their tokens' log-likelihood (no EOS).
+Rank and choice apply to tasks whose examples carry options (multiple-choice
+tasks, non-CoT variants); other tasks are generated.
 
 Examples are sorted by length and batched with lengths rounded up to a
 quarter-octave step (`bucket`), so a suite compiles a handful of shapes and
@@ -33,7 +41,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import gin
@@ -45,7 +54,7 @@ from flan_jax import data as data_lib
 from flan_jax import errors
 from flan_jax.errors import UserError
 
-METHODS = ("generate", "rank")
+METHODS = ("generate", "rank", "choice")
 MIN_BUCKET = 16  # The shortest padded length, and the smallest step between padded lengths.
 BUCKETS_PER_OCTAVE = 4  # Padded lengths between two powers of two (a few shapes, at most 25% padding).
 
@@ -68,9 +77,10 @@ class EvalConfig:
     num_examples: int | None = 64  # per task; None evaluates everything
     batch_size: int = 32
     task_feature_lengths: Mapping[str, int] | None = None  # None: the training lengths
-    method: str = "generate"  # or "rank": rank classification where examples have options
+    method: str = "generate"  # or "rank" / "choice" where examples have options (see the module docstring)
     suites: Sequence[str] = ()  # suite names (flan-jax eval --suite's), resolved by the train command
     suite_num_examples: int | None = 20  # per suite task; None evaluates everything
+    suite_decode_length: int | None = None  # None: each suite's own default (Suite.max_decode_length)
 
     def __post_init__(self) -> None:
         errors.require_fields(
@@ -78,6 +88,7 @@ class EvalConfig:
             num_examples=errors.optional(errors.POSITIVE_INT), batch_size=errors.POSITIVE_INT,
             task_feature_lengths=errors.optional(errors.FEATURE_LENGTHS),
             suite_num_examples=errors.optional(errors.POSITIVE_INT),
+            suite_decode_length=errors.optional(errors.POSITIVE_INT),
         )
         check_method(self.method, "EvalConfig.method")
         if isinstance(self.suites, str):  # A lone name, as gin users write it.
@@ -97,13 +108,19 @@ def check_method(method: str, where: str) -> None:
 class ModelFns:
     """What evaluation needs from a model; `flan_jax.inference.ModelRunner` builds it.
 
-    decode: (inputs [b, l] int32, max_decode_length) -> greedy tokens [b, max_decode_length]
+    decode: (inputs [b, l] int32, max_decode_length) -> greedy tokens in chunks [b, n]: the
+            output's successive pieces, together at most max_decode_length long. It may
+            end early once every row has emitted EOS; the caller stops taking chunks
+            once every row is finished.
     score:  (inputs [b, l], targets [b, t]) -> log p(targets | inputs) [b], summed over
             the targets' non-padding tokens (EOS included)
+    next_logits: (inputs [b, l], prefix [b, p]) -> the logits [b, vocab] of the decoded token
+            after `prefix` (p = 0: the first decoding step)
     """
 
-    decode: Callable[[np.ndarray, int], np.ndarray]
-    score: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    decode: Callable[[np.ndarray, int], Iterable[np.ndarray]]
+    score: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+    next_logits: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
 
 
 # --- examples ------------------------------------------------------------------------
@@ -205,48 +222,129 @@ def batches_by_length(rows: Sequence[np.ndarray], batch_size: int) -> Iterator[l
         yield order[start : start + batch_size]
 
 
+def stop_pattern(stops: Sequence[str]) -> re.Pattern[str] | None:
+    """A pattern that finds where a decoded text starts a new exemplar: any of `stops`
+    (e.g. "Q:", "Question:", "問題："), not inside a word ("FAQ:", "这个问题：" are no stops)."""
+    if not stops:
+        return None
+    return re.compile(r"(?<!\w)(?:" + "|".join(re.escape(s) for s in stops) + ")")
+
+
+def cut_at_stop(text: str, stops: re.Pattern[str] | None) -> tuple[str, bool]:
+    """(the text before its first stop, whether it had one)."""
+    found = stops.search(text) if stops else None
+    return (text[: found.start()], True) if found else (text, False)
+
+
+@dataclasses.dataclass
+class Generated:
+    """One task's generated texts (cut before any new exemplar) and how many reached the
+    decode limit unfinished (no EOS, no new exemplar)."""
+
+    texts: list[str]
+    unfinished: int = 0
+
+
 def _generate(
-    examples: Sequence[TaskExamples], fns: ModelFns, batch_size: int, max_decode_length: int, bar: tqdm.tqdm
-) -> list[list[str]]:
-    """Greedy predictions (decoded text) for every example of every task."""
+    examples: Sequence[TaskExamples], fns: ModelFns, batch_size: int, max_decode_length: int, bar: tqdm.tqdm,
+    stops: Sequence[str] = (),
+) -> list[Generated]:
+    """Greedy predictions of every example of every task; a batch stops once all its rows are finished."""
     rows = [(t, i) for t, task in enumerate(examples) for i in range(len(task.features))]
     inputs = [examples[t].features[i]["inputs"] for t, i in rows]
     limit = max(t.input_length for t in examples) if examples else 0
-    predictions: list[list[str]] = [[""] * len(task.features) for task in examples]
+    pattern = stop_pattern(stops)
+    generated = [Generated([""] * len(task.features)) for task in examples]
     for batch in batches_by_length(inputs, batch_size):
-        tokens = fns.decode(pad_rows([inputs[j] for j in batch], batch_size, limit), max_decode_length)
-        for j, output in zip(batch, np.asarray(tokens)):
+        vocabularies = [examples[rows[j][0]].vocabulary for j in batch]
+        chunks, tokens = [], np.zeros((batch_size, 0), np.int32)
+        texts, finished = [""] * len(batch), [False] * len(batch)
+        for chunk in fns.decode(pad_rows([inputs[j] for j in batch], batch_size, limit), max_decode_length):
+            chunks.append(np.asarray(chunk))
+            tokens = np.concatenate(chunks, axis=1)
+            texts = [vocab.decode(row.tolist()) for vocab, row in zip(vocabularies, tokens)]
+            finished = [(row == vocab.eos_id).any() or cut_at_stop(text, pattern)[1]
+                        for vocab, row, text in zip(vocabularies, tokens, texts)]
+            if all(finished):
+                break
+        for j, text, done in zip(batch, texts, finished):
             t, i = rows[j]
-            predictions[t][i] = examples[t].vocabulary.decode(output.tolist())
+            generated[t].texts[i] = cut_at_stop(text, pattern)[0]
+            generated[t].unfinished += int(not done and tokens.shape[1] >= max_decode_length)
         bar.update(len(batch))
-    return predictions
+    return generated
 
 
 def _rank(
     examples: Sequence[TaskExamples], fns: ModelFns, batch_size: int, target_length: int, bar: tqdm.tqdm
 ) -> list[list[str]]:
-    """The most likely option of every example of every task."""
-    rows, inputs, targets = [], [], []  # One row per (task, example, option).
-    for t, task in enumerate(examples):
-        vocab = task.vocabulary
-        for i, ex in enumerate(task.features):
-            for k, option in enumerate(task.options(i)):
-                rows.append((t, i, k))
-                inputs.append(ex["inputs"])
-                targets.append(np.asarray(vocab.encode(option) + [vocab.eos_id], np.int32))
+    """The most likely option (with EOS: the whole answer) of every example of every task."""
+    which = [(t, i) for t, task in enumerate(examples) for i in range(len(task.features))]
     limit = max(t.input_length for t in examples) if examples else 0
-    scores: dict[tuple[int, int], list[float]] = {}
+    chosen = iter(_most_likely(examples, which, fns, batch_size, limit, eos=True, target_length=target_length,
+                               bar=bar))
+    return [[next(chosen) for _ in task.features] for task in examples]
+
+
+def _choose(examples: Sequence[TaskExamples], fns: ModelFns, batch_size: int, bar: tqdm.tqdm) -> list[list[str]]:
+    """The option of every example whose tokens (without EOS) are likeliest as the answer's start.
+
+    With one token per option (T5's vocabulary writes "A" as "▁A") that is the
+    option whose token has the highest logit at the first decoding step, one
+    pass per example, as `evaluate_flan.py` scores MMLU. Options of several
+    tokens (a vocabulary that writes "▁", "A") are compared by the summed
+    log-probability of their tokens, teacher-forced, the same rule for longer options.
+    """
+    if fns.next_logits is None:
+        raise UserError("method 'choice' needs a model's next-token logits, which this evaluation has not")
+    single, several = [], []  # (t, i) of examples whose options are one token each, and the rest
+    for t, task in enumerate(examples):
+        for i in range(len(task.features)):
+            (single if all(len(o) == 1 for o in _option_tokens(task, i)) else several).append((t, i))
+    limit = max(t.input_length for t in examples) if examples else 0
+    predictions: list[list[str]] = [[""] * len(task.features) for task in examples]
+    inputs = [examples[t].features[i]["inputs"] for t, i in single]
     for batch in batches_by_length(inputs, batch_size):
-        loglik = fns.score(pad_rows([inputs[j] for j in batch], batch_size, limit),
-                           pad_rows([targets[j] for j in batch], batch_size, target_length))
-        for j, value in zip(batch, np.asarray(loglik)):
-            t, i, k = rows[j]
-            scores.setdefault((t, i), [-math.inf] * len(examples[t].options(i)))[k] = float(value)
+        padded = pad_rows([inputs[j] for j in batch], batch_size, limit)
+        logits = np.asarray(fns.next_logits(padded, np.zeros((batch_size, 0), np.int32)))
+        for j, row_logits in zip(batch, logits):
+            t, i = single[j]
+            tokens = [o[0] for o in _option_tokens(examples[t], i)]
+            predictions[t][i] = examples[t].options(i)[int(np.argmax(row_logits[tokens]))]
         bar.update(len(batch))
-    return [
-        [task.options(i)[int(np.argmax(scores[(t, i)]))] for i in range(len(task.features))]
-        for t, task in enumerate(examples)
-    ]
+    for (t, i), option in zip(several, _most_likely(examples, several, fns, batch_size, limit, eos=False)):
+        predictions[t][i] = option
+        bar.update(1)
+    return predictions
+
+
+def _option_tokens(task: TaskExamples, i: int, eos: bool = False) -> list[list[int]]:
+    vocab = task.vocabulary
+    return [vocab.encode(option) + ([vocab.eos_id] if eos else []) for option in task.options(i)]
+
+
+def _most_likely(
+    examples: Sequence[TaskExamples], which: Sequence[tuple[int, int]], fns: ModelFns, batch_size: int,
+    input_limit: int, eos: bool, target_length: int | None = None, bar: tqdm.tqdm | None = None,
+) -> list[str]:
+    """The option of each (task, example) in `which` with the highest log p(option tokens | prompt)."""
+    rows, inputs, targets = [], [], []  # One row per (example, option).
+    for n, (t, i) in enumerate(which):
+        for k, tokens in enumerate(_option_tokens(examples[t], i, eos)):
+            rows.append((n, k))
+            inputs.append(examples[t].features[i]["inputs"])
+            targets.append(np.asarray(tokens, np.int32))
+    target_limit = target_length or max((len(x) for x in targets), default=1)
+    scores = [[-math.inf] * len(examples[t].options(i)) for t, i in which]
+    for batch in batches_by_length(inputs, batch_size):
+        loglik = fns.score(pad_rows([inputs[j] for j in batch], batch_size, input_limit),
+                           pad_rows([targets[j] for j in batch], batch_size, target_limit))
+        for j, value in zip(batch, np.asarray(loglik)):
+            n, k = rows[j]
+            scores[n][k] = float(value)
+        if bar:
+            bar.update(len(batch))
+    return [examples[t].options(i)[int(np.argmax(scores[n]))] for n, (t, i) in enumerate(which)]
 
 
 @dataclasses.dataclass
@@ -260,9 +358,10 @@ class TaskResult:
     over_length: int
     truncated: int
     samples: list[dict[str, str]]  # the first few (prompt end, target, prediction)
+    unfinished: int = 0  # generated rows that reached the decode limit with no EOS and no new exemplar
 
 
-def _score(task: TaskExamples, method: str, predictions: Sequence[str]) -> TaskResult:
+def score_task(task: TaskExamples, method: str, predictions: Sequence[str], unfinished: int = 0) -> TaskResult:
     """Postprocesses predictions and targets with the task's own functions, then its metrics."""
     postprocess = task.task.postprocess_fn or (lambda x, **_: x)
     targets = [postprocess(t, example=ex, is_target=True) for t, ex in zip(task.texts("targets"), task.features)]
@@ -276,7 +375,8 @@ def _score(task: TaskExamples, method: str, predictions: Sequence[str]) -> TaskR
         {"prompt_end": prompt[-200:], "target": target, "prediction": prediction}
         for prompt, target, prediction in zip(task.texts("inputs")[:3], task.texts("targets"), predictions)
     ]
-    return TaskResult(task.name, method, len(task.features), metrics, task.over_length, task.truncated, samples)
+    return TaskResult(task.name, method, len(task.features), metrics, task.over_length, task.truncated, samples,
+                      unfinished)
 
 
 def evaluate_tasks(
@@ -289,16 +389,23 @@ def evaluate_tasks(
     target_length: int = 64,
     description: str = "evaluating",
     show_progress: bool = True,
+    stops: Sequence[str] = (),
 ) -> dict[str, TaskResult]:
-    """Scores every task; rank classification for tasks whose every example has options, if asked."""
+    """Scores every task: rank or choice for tasks whose every example has options, if asked;
+    the others are generated, a row finished at EOS or at any of `stops` (a new exemplar)."""
     check_method(method, "method")
-    ranked = [t for t in examples if method == "rank" and t.features and all(t.options(i) for i in range(len(t.features)))]
-    generated = [t for t in examples if t not in ranked]
-    total = sum(len(t.features) for t in generated) + sum(len(t.options(i)) for t in ranked for i in range(len(t.features)))
+    by_options = [t for t in examples if method != "generate" and t.features
+                  and all(t.options(i) for i in range(len(t.features)))]
+    generated = [t for t in examples if t not in by_options]
+    options = sum(len(t.options(i)) for t in by_options for i in range(len(t.features)))
+    total = sum(len(t.features) for t in generated) + (
+        options if method == "rank" else sum(len(t.features) for t in by_options))
     with tqdm.tqdm(total=total, desc=description, unit="row", disable=not show_progress, dynamic_ncols=True) as bar:
         results = {}
-        for task, predictions in zip(ranked, _rank(ranked, fns, batch_size, target_length, bar)):
-            results[task.name] = _score(task, "rank", predictions)
-        for task, predictions in zip(generated, _generate(generated, fns, batch_size, max_decode_length, bar)):
-            results[task.name] = _score(task, "generate", predictions)
+        pick = _rank(by_options, fns, batch_size, target_length, bar) if method == "rank" else (
+            _choose(by_options, fns, batch_size, bar) if by_options else [])
+        for task, predictions in zip(by_options, pick):
+            results[task.name] = score_task(task, method, predictions)
+        for task, output in zip(generated, _generate(generated, fns, batch_size, max_decode_length, bar, stops)):
+            results[task.name] = score_task(task, "generate", output.texts, output.unfinished)
     return {t.name: results[t.name] for t in examples}

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -20,6 +20,10 @@ from flan_jax import decoding, evaluation, formats, partitioning
 from flan_jax import step as step_lib
 from flan_jax.errors import UserError
 from flan_jax.model import Transformer
+
+# Greedy tokens decoded between two looks at the text (ModelRunner.decode): a batch whose rows are all
+# done stops within this many tokens, and each look costs one host round trip.
+DECODE_CHUNK = 32
 
 
 @dataclasses.dataclass
@@ -177,17 +181,24 @@ def fetch(array: jax.Array) -> np.ndarray:
 
 
 class ModelRunner:
-    """Greedy decoding and sequence scoring of one module on one mesh, jit-compiled once per shape.
+    """Greedy decoding, next-token logits and sequence scoring of one module on one mesh, jit-compiled
+    once per shape.
 
     `fns(params)` gives what evaluation needs (`evaluation.ModelFns`); the
-    parameters are an argument, so training can evaluate each step's.
+    parameters are an argument, so training can evaluate each step's. Greedy
+    decoding runs in chunks of `decode_chunk` tokens (one compilation serves
+    them all), so that evaluation can stop a batch once every row is done.
     """
 
-    def __init__(self, module: Transformer, partitioner: partitioning.Partitioner | None = None) -> None:
+    def __init__(self, module: Transformer, partitioner: partitioning.Partitioner | None = None,
+                 decode_chunk: int = DECODE_CHUNK) -> None:
         self.module = module
         self.partitioner = partitioner or partitioning.Partitioner()
-        self._decoders: dict[int, Callable[..., jax.Array]] = {}
+        self.decode_chunk = decode_chunk
+        self._init_decoding: dict[int, Callable[..., decoding.DecodeState]] = {}
+        self._extend = jax.jit(functools.partial(decoding.extend_decoding, module), donate_argnums=1)
         self._score = jax.jit(functools.partial(decoding.sequence_log_likelihood, module))
+        self._next_logits = jax.jit(functools.partial(decoding.next_token_logits, module))
 
     def _check_slots(self, inputs: np.ndarray) -> None:
         """Inputs of a prompt-tuned model must start with its prompt slots (`evaluation.load_task_examples`
@@ -197,13 +208,31 @@ class ModelRunner:
         if not (slots[rows] == data_lib.PROMPT_SLOT_ID).all():
             raise ValueError(f"inputs of a prompt-tuned model must start with its {slots.shape[1]} prompt slots")
 
-    def decode(self, params: Any, inputs: np.ndarray, max_decode_length: int) -> np.ndarray:
-        """Greedy tokens [b, max_decode_length] for inputs [b, l]."""
+    def decode(self, params: Any, inputs: np.ndarray, max_decode_length: int) -> Iterator[np.ndarray]:
+        """Greedy tokens for inputs [b, l], in chunks [b, n] of at most `decode_chunk` tokens, which
+        together are at most `max_decode_length` long; it ends early once every row has emitted EOS."""
         self._check_slots(inputs)
-        if max_decode_length not in self._decoders:
-            self._decoders[max_decode_length] = decode_fn(self.module, "greedy", max_decode_length)
+        if max_decode_length not in self._init_decoding:
+            self._init_decoding[max_decode_length] = jax.jit(functools.partial(
+                decoding.init_decoding, self.module, max_decode_length=max_decode_length))
         with self.partitioner.activate():
-            return fetch(self._decoders[max_decode_length](params, jnp.asarray(inputs)))
+            state = self._init_decoding[max_decode_length](params, jnp.asarray(inputs))
+        decoded = 0
+        while decoded < max_decode_length:
+            stop_at = min(decoded + self.decode_chunk, max_decode_length)
+            with self.partitioner.activate():
+                state = self._extend(params, state, jnp.int32(stop_at))
+            sequences, done = fetch(state.sequences), fetch(state.done)
+            yield sequences[:, decoded:stop_at]
+            decoded = stop_at
+            if done.all():
+                return
+
+    def next_logits(self, params: Any, inputs: np.ndarray, prefix: np.ndarray) -> np.ndarray:
+        """The logits [b, v] of the token after `prefix` [b, p] (p >= 0) for inputs [b, l]."""
+        self._check_slots(inputs)
+        with self.partitioner.activate():
+            return fetch(self._next_logits(params, jnp.asarray(inputs), jnp.asarray(prefix)))
 
     def score(self, params: Any, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """log p(targets | inputs) [b] for inputs [b, l] and targets [b, t]."""
@@ -213,5 +242,6 @@ class ModelRunner:
 
     def fns(self, params: Any) -> evaluation.ModelFns:
         return evaluation.ModelFns(
-            decode=functools.partial(self.decode, params), score=functools.partial(self.score, params)
+            decode=functools.partial(self.decode, params), score=functools.partial(self.score, params),
+            next_logits=functools.partial(self.next_logits, params),
         )

@@ -26,11 +26,11 @@ StepFn = Callable[[PyTree, PyTree, Batch, jax.Array, jax.Array], tuple[PyTree, P
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """How the token losses are weighted and normalised (see `losses.cross_entropy_loss`)."""
+    """How the token losses are weighted and normalised (see `flan_jax.losses`)."""
 
     z_loss: float = 1e-4
     label_smoothing: float = 0.0
-    loss_normalizing_factor: float | None = None
+    loss_normalizing_factor: losses.LossNormalizingFactor = losses.REAL_TOKENS
 
 
 @dataclasses.dataclass
@@ -148,8 +148,9 @@ def make_train_step(
 
     With `num_microbatches` > 1 the batch is split and the gradients of the
     summed token losses are accumulated in a `lax.scan`, then normalised once
-    by the whole batch's token count: the same update as one large batch
-    (dropout aside: each microbatch draws its own masks).
+    (`loss_config.loss_normalizing_factor`, counted over the whole batch): the
+    same update as one large batch (dropout aside: each microbatch draws its
+    own masks).
     """
 
     config = model.config
@@ -174,8 +175,10 @@ def make_train_step(
                 batch["decoder_loss_weights"],
                 z_loss=loss_config.z_loss,
                 label_smoothing=loss_config.label_smoothing,
+                loss_normalizing_factor=loss_config.loss_normalizing_factor,
+                segment_ids=batch.get("decoder_segment_ids"),
             )
-        return metrics["cross_ent_sum"] + metrics["z_loss_sum"], metrics
+        return metrics["objective_sum"], metrics
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
@@ -202,13 +205,13 @@ def make_train_step(
     def train_step(params, opt_state, batch, rng, step):
         params, frozen = peft.split(config, params)
         grads, metrics = accumulated(params, frozen, batch, jax.random.fold_in(rng, step))
-        denominator = metrics["num_tokens"]
-        if loss_config.loss_normalizing_factor is not None:
-            denominator = jnp.asarray(loss_config.loss_normalizing_factor, jnp.float32)
-        denominator = jnp.maximum(denominator, 1.0)
-        loss = (metrics["cross_ent_sum"] + metrics["z_loss_sum"]) / denominator
+        # The summed objective divided once, so that its gradient is the loss's.
+        loss = losses.normalize(loss_config.loss_normalizing_factor, metrics["objective_sum"],
+                                metrics["normalizer_count"])
+        scale = losses.normalize(loss_config.loss_normalizing_factor, jnp.ones((), jnp.float32),
+                                 metrics["normalizer_count"])
         with jax.named_scope("optimizer"):
-            grads = jax.tree.map(lambda g: g / denominator, grads)
+            grads = jax.tree.map(lambda g: g * scale, grads)
             grad_norm = optax.tree.norm(grads)
             updates, new_opt_state = tx.update(grads, opt_state, params)
             new_params = optax.apply_updates(params, updates)

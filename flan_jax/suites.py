@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from flan_jax.errors import UserError
-from flan_jax.evaluation import ModelFns, TaskExamples, TaskResult, check_method, evaluate_tasks, load_task_examples
+from flan_jax.evaluation import (ModelFns, TaskExamples, TaskResult, check_method, cut_at_stop, evaluate_tasks,
+                                 load_task_examples, score_task, stop_pattern)
 
 
 def no_chance(inputs: str, target: str) -> float:
@@ -46,6 +47,18 @@ class Suite:
     notes: called after evaluation; what the report must say about how it was
     evaluated (e.g. where TyDiQA's exemplars came from).
     list_tasks: the printed table has a row per task (per language).
+    max_decode_length: the default decode length (`--target_length` or
+    EvalConfig.suite_decode_length replace it); long enough for the longest
+    exemplar target, so a model that reasons like its exemplars is not cut.
+    method: how predictions are made unless the caller says otherwise
+    (evaluation.METHODS; MMLU-Direct: "choice", as `evaluate_flan.py`).
+    stops: called when the suite is evaluated; texts that start a new exemplar
+    ("Q:"; MGSM: every language's question prefix). Generation of a row stops
+    there and its answer is read from the text before.
+    average: "tasks", the macro average over tasks (BBH: over its 27 tasks), or
+    "examples", over every example of the scored tasks (MMLU, as
+    `evaluate_flan.py` and lm-eval average over questions); then the macro
+    average over tasks is reported beside it.
     """
 
     name: str
@@ -60,6 +73,17 @@ class Suite:
     averages: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     notes: Callable[[], Mapping[str, str]] = dict
     list_tasks: bool = False
+    method: str = "generate"
+    stops: Callable[[], Sequence[str]] = tuple
+    average: str = "tasks"
+
+    def __post_init__(self) -> None:
+        check_method(self.method, f"suite {self.name!r}: method")
+        if self.average not in ("tasks", "examples"):
+            raise ValueError(f"suite {self.name!r}: average={self.average!r}, expected 'tasks' or 'examples'")
+
+
+MACRO = "macro over tasks"  # The averages entry of a suite averaged over examples (MMLU: the 57 subjects).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +128,12 @@ def normalize(score: float, chance: float) -> float:
 
 
 def suite_report(suite: Suite, examples: Sequence[TaskExamples], results: Mapping[str, TaskResult]) -> dict:
-    """Per-task, per-category and macro-averaged scores of one suite, raw and normalized."""
+    """Per-task, per-category and averaged scores of one suite, raw and normalized.
+
+    Averages follow `suite.average`: over tasks, or over examples (each task
+    weighted by its number of examples; normalized from the weighted score and
+    chance).
+    """
     tasks = {}
     for task in examples:
         result = results[task.name]
@@ -121,29 +150,46 @@ def suite_report(suite: Suite, examples: Sequence[TaskExamples], results: Mappin
             categories.setdefault(row["category"], []).append(name)
     scored = [name for name in tasks if name in suite.scored] if suite.scored else list(tasks)
 
-    def mean(key: str, names: Sequence[str]) -> float:
-        return float(np.mean([tasks[n][key] for n in names])) if names else math.nan
+    def mean(values: Sequence[float], names: Sequence[str], by_examples: bool) -> float:
+        if not names:
+            return math.nan
+        weights = [tasks[n]["num_examples"] for n in names] if by_examples else None
+        return float(np.average(values, weights=weights)) if not weights or sum(weights) else math.nan
 
-    def average(names: Sequence[str]) -> dict:
-        return {"score": mean("score", names), "normalized": mean("normalized", names), "num_tasks": len(names)}
+    def average(names: Sequence[str], by_examples: bool = suite.average == "examples") -> dict:
+        score = mean([tasks[n]["score"] for n in names], names, by_examples)
+        if by_examples:
+            chance = mean([tasks[n]["chance"] for n in names], names, by_examples)
+            normalized = normalize(score, chance) if names else math.nan
+        else:
+            chance, normalized = (mean([tasks[n][k] for n in names], names, False) for k in ("chance", "normalized"))
+        return {"score": score, "chance": chance, "normalized": normalized, "num_tasks": len(names),
+                "num_examples": sum(tasks[n]["num_examples"] for n in names)}
 
+    overall = average(scored)
+    averages = {name: average([n for n in names if n in tasks]) for name, names in suite.averages.items()}
+    if suite.average == "examples":
+        averages[MACRO] = average(scored, by_examples=False)
     metric_names = dict.fromkeys(m for n in scored for m in tasks[n]["metrics"])
     return {
         "suite": suite.name,
         "description": suite.description,
         "metric": suite.metric,
         "split": suite.split,
+        "average": suite.average,
         "num_tasks": len(tasks),
         "num_examples": sum(r["num_examples"] for r in tasks.values()),
-        "score": mean("score", scored),
-        "chance": mean("chance", scored),
-        "normalized": mean("normalized", scored),
+        "score": overall["score"],
+        "chance": overall["chance"],
+        "normalized": overall["normalized"],
         "scored_tasks": scored,
-        "metrics": {m: float(np.mean([tasks[n]["metrics"].get(m, math.nan) for n in scored])) for m in metric_names},
-        "averages": {name: average([n for n in names if n in tasks]) for name, names in suite.averages.items()},
+        "metrics": {m: mean([tasks[n]["metrics"].get(m, math.nan) for n in scored], scored,
+                            suite.average == "examples") for m in metric_names},
+        "averages": averages,
         "notes": dict(suite.notes()),
         "over_length": sum(r["over_length"] for r in tasks.values()),
         "truncated": sum(r["truncated"] for r in tasks.values()),
+        "unfinished": sum(r["unfinished"] for r in tasks.values()),
         "methods": sorted({r["method"] for r in tasks.values()}),
         "categories": {c: average(n) for c, n in sorted(categories.items())},
         "list_tasks": suite.list_tasks,
@@ -184,7 +230,8 @@ def run_suites(
     fns: ModelFns,
     *,
     lengths: Mapping[str, int],
-    method: str = "generate",
+    method: str | None = None,
+    decode_length: int | None = None,
     batch_size: int = 32,
     limit: int | None = None,
     show_progress: bool = True,
@@ -192,34 +239,63 @@ def run_suites(
     loaded: LoadedSuites | None = None,
     prompt_length: int = 0,
 ) -> dict:
-    """Evaluates each suite; returns {"suites": {name: report}, "normalized_average", "seconds", ...}.
+    """Evaluates each suite; returns `summarize`'s results ({"suites": {name: report}, "normalized_average", ...}).
 
-    lengths: {"inputs", "targets"}; "targets" caps option targets (rank) and each
-    suite's decode length. With composites among `suites`, "normalized_average"
-    is the mean over their members' normalized scores, and suites asked for
-    beside them are "extras", reported but not averaged (GSM8K beside
-    `flan_heldout`); without, it is the mean over every suite. Each composite
-    also gets its own entry in "composites". `loaded` (from `load_suites`
-    with the same suites, lengths, limit and prompt_length) skips loading the
-    examples again. `prompt_length`: the model's T5Config.prompt_length.
+    lengths: {"inputs", "targets"}; "targets" caps option targets (rank).
+    method: None, each suite's own (Suite.method). decode_length: the most
+    tokens generated per row; None, each suite's default (Suite.max_decode_length).
+    `loaded` (from `load_suites` with the same suites, lengths, limit and
+    prompt_length) skips loading the examples again. `prompt_length`: the
+    model's T5Config.prompt_length.
     """
-    check_method(method, "--method")
+    if method is not None:
+        check_method(method, "--method")
     start = time.perf_counter()
     loaded = loaded or load_suites(suites, lengths, limit, log, prompt_length)
-    reports, composites = {}, loaded.composites
+    reports = {}
     for suite in loaded.suites:
         t0 = time.perf_counter()
         examples = loaded.examples[suite.name]
         results = evaluate_tasks(
-            examples, fns, method=method, batch_size=batch_size,
-            max_decode_length=min(suite.max_decode_length, lengths["targets"]),
-            target_length=lengths["targets"], description=suite.name, show_progress=show_progress,
+            examples, fns, method=method or suite.method, batch_size=batch_size,
+            max_decode_length=decode_length or suite.max_decode_length, target_length=lengths["targets"],
+            description=suite.name, show_progress=show_progress, stops=tuple(suite.stops()),
         )
         reports[suite.name] = suite_report(suite, examples, results)
+        reports[suite.name]["decode_length"] = decode_length or suite.max_decode_length
         reports[suite.name]["seconds"] = time.perf_counter() - t0
+    return summarize(reports, loaded.composites, lengths=dict(lengths), limit=limit,
+                     seconds=time.perf_counter() - start)
+
+
+def score_predictions(
+    loaded: LoadedSuites, predictions: Mapping[tuple[str, int], str], source: str = "predictions",
+) -> dict:
+    """Scores predictions made elsewhere ({(task, index): text}, one per loaded example; see
+    `suite_files.read_predictions`) exactly as `run_suites` scores a model's: each text is cut
+    at the suite's stops, then the task's postprocessing and metrics; the same results."""
+    start = time.perf_counter()
+    reports = {}
+    for suite in loaded.suites:
+        pattern = stop_pattern(tuple(suite.stops()))
+        results = {
+            task.name: score_task(task, source, [
+                cut_at_stop(predictions[(task.name, i)], pattern)[0] for i in range(len(task.features))])
+            for task in loaded.examples[suite.name]
+        }
+        reports[suite.name] = suite_report(suite, loaded.examples[suite.name], results)
+    return summarize(reports, loaded.composites, lengths=loaded.lengths, limit=loaded.limit,
+                     seconds=time.perf_counter() - start)
+
+
+def summarize(reports: Mapping[str, dict], composites: Mapping[str, list[str]], **extra: Any) -> dict:
+    """Suite reports with their normalized averages: with composites among the suites,
+    "normalized_average" is the mean over their members' normalized scores, and suites asked
+    for beside them are "extras", reported but not averaged (GSM8K beside `flan_heldout`);
+    without, it is the mean over every suite. Each composite also gets its own entry."""
     averaged = list(dict.fromkeys(n for names in composites.values() for n in names)) or list(reports)
     return {
-        "suites": reports,
+        "suites": dict(reports),
         "normalized_average": _mean_normalized(reports, averaged),
         "averaged_suites": averaged,
         "extras": [name for name in reports if name not in averaged],
@@ -228,10 +304,7 @@ def run_suites(
                    "scores": {n: {k: reports[n][k] for k in ("score", "chance", "normalized", "split")} for n in names}}
             for name, names in composites.items()
         },
-        "method": method,
-        "lengths": dict(lengths),
-        "limit": limit,
-        "seconds": time.perf_counter() - start,
+        **extra,
     }
 
 
@@ -257,12 +330,12 @@ def tensorboard_scalars(results: Mapping[str, Any]) -> dict[str, float]:
 def format_results(results: Mapping[str, Any]) -> str:
     """One table: a line per suite (and per category, average or task), then the normalized averages."""
     header = f"{'suite':<24} {'tasks':>5} {'examples':>8} {'score':>7} {'chance':>7} {'normalized':>10} " \
-             f"{'over-length':>11} {'truncated':>9}"
+             f"{'over-length':>11} {'truncated':>9} {'unfinished':>10}"
     lines = [header, "-" * len(header)]
     for name, r in results["suites"].items():
         label = name if name not in results.get("extras", ()) else f"{name} (extra)"
         lines.append(f"{label:<24} {r['num_tasks']:>5} {r['num_examples']:>8} {r['score']:>7.2f} {r['chance']:>7.2f} "
-                     f"{r['normalized']:>10.2f} {r['over_length']:>11} {r['truncated']:>9}")
+                     f"{r['normalized']:>10.2f} {r['over_length']:>11} {r['truncated']:>9} {r.get('unfinished', 0):>10}")
         rows = {**r["categories"], **r.get("averages", {})}
         for row_name, row in rows.items():
             lines.append(f"  {row_name:<22} {row['num_tasks']:>5} {'':>8} {row['score']:>7.2f} {'':>7} "
@@ -270,9 +343,13 @@ def format_results(results: Mapping[str, Any]) -> str:
         for task, row in r["tasks"].items() if r.get("list_tasks") else ():
             scored = "" if task in r.get("scored_tasks", r["tasks"]) else " *"
             lines.append(f"  {task + scored:<22} {'':>5} {row['num_examples']:>8} {row['score']:>7.2f} "
-                         f"{row['chance']:>7.2f} {row['normalized']:>10.2f} {row['over_length']:>11} {row['truncated']:>9}")
+                         f"{row['chance']:>7.2f} {row['normalized']:>10.2f} {row['over_length']:>11} {row['truncated']:>9} "
+                         f"{row.get('unfinished', 0):>10}")
         if r.get("list_tasks") and len(r.get("scored_tasks", r["tasks"])) < len(r["tasks"]):
             lines.append("  * listed beside the score, not in it")
+        if r.get("average") == "examples":
+            lines.append(f"  note: the score and categories average over examples (questions); "
+                         f"'{MACRO}' is the mean of the task scores")
         lines += [f"  note: {key}: {text}" for key, text in r.get("notes", {}).items()]
     lines.append("-" * len(header))
     for name, composite in results.get("composites", {}).items():
@@ -281,6 +358,9 @@ def format_results(results: Mapping[str, Any]) -> str:
     lines.append(f"{'normalized average':<24} {'':>5} {'':>8} {'':>7} {'':>7} {results['normalized_average']:>10.2f}")
     if results.get("extras") and results.get("composites"):
         lines.append(f"extras, not in the normalized average: {', '.join(results['extras'])}")
+    if any(r.get("unfinished") for r in results["suites"].values()):
+        lines.append("unfinished: rows that reached the decode limit with no EOS and no new exemplar (their answer "
+                     "may be cut); raise --target_length to let them finish.")
     if any(r["over_length"] for r in results["suites"].values()):
         lines.append("over-length: prompts that needed more than the input length with all their exemplars "
                      "(exemplars were dropped); truncated: cut even so. Raise --input_length to score them whole.")

@@ -28,7 +28,6 @@ import tqdm
 
 from flan_jax import checkpoints as ckpt_lib
 from flan_jax import data as data_lib
-from flan_jax import errors
 from flan_jax import evaluation
 from flan_jax.suites import CompositeSuite, Suite
 from flan_jax.training_eval import Evaluator
@@ -40,88 +39,13 @@ from flan_jax import peft
 from flan_jax import preemption
 from flan_jax import step as step_lib
 from flan_jax import train_state
+from flan_jax.train_config import TrainConfig
 from flan_jax.errors import UserError
 from flan_jax.formats import DataPosition, StepMeta
 from flan_jax.model import T5Config, Transformer
 from flan_jax.run_dir import RunDir, TrainSummary
 
 __all__ = ["TrainConfig", "TrainSummary", "NonFiniteLossError", "train"]
-
-RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")  # jax.random's PRNG implementations, by name
-
-
-@gin.configurable
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """What to train on and for how long."""
-
-    model_dir: str
-    mixture_or_task_name: str
-    num_steps: int
-    task_feature_lengths: Mapping[str, int] = dataclasses.field(
-        default_factory=lambda: {"inputs": 512, "targets": 128}
-    )
-    batch_size: int = 32  # global, across all devices and hosts
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 0  # 0: evaluate only at the end
-    z_loss: float = 1e-4
-    label_smoothing: float = 0.0
-    loss_normalizing_factor: float | None = None
-    # Pretrained weights to start from (HF directory, T5X checkpoint or flan-jax
-    # run); ignored once model_dir holds a checkpoint of its own.
-    init_checkpoint: str | None = None
-    # Continue init_checkpoint's optimizer state where it has one, as T5X's
-    # finetuning does (it restores the whole train state): a T5X checkpoint's
-    # Adafactor second moments and step, a flan-jax run's optimizer state. The
-    # learning-rate schedule and the step count start at 0. False starts the
-    # optimizer afresh, as checkpoints without its state (HF, converted) do.
-    init_optimizer_state: bool = True
-    # Also save the input pipeline's state with each checkpoint, so a resume
-    # restores it in seconds instead of re-reading the consumed batches. Costs
-    # tens of MB and seconds per save (see data.TrainIterator).
-    save_input_state: bool = False
-    # Split each batch into this many microbatches and accumulate gradients:
-    # the same update as the whole batch, with the activation memory of one
-    # microbatch.
-    num_microbatches: int = 1
-    # How the hosts of a multi-host run share out the global batch (see
-    # flan_jax/data.py): "source" (each host reads its own shard of the
-    # examples; scalable) or "global_batch" (each host builds the whole global
-    # batch and keeps its rows; the same batches for any host count and mesh).
-    input_sharding: str = "source"
-    # What a non-finite loss or gradient norm does: "stop" the run (naming the
-    # step and batch) or "skip" that update and go on, counting skipped steps.
-    # Either way the update is not applied (see step.make_train_step).
-    on_nonfinite: str = "stop"
-    # The PRNG behind dropout (T5X's use_hardware_rng): "threefry2x32" (JAX's
-    # default, the same bits on every backend), "rbg" or "unsafe_rbg" (the
-    # accelerator's random-bit generator: faster, backend-specific bits).
-    # Each is deterministic for a seed, so a resumed run repeats its masks.
-    rng_impl: str = "threefry2x32"
-    # Suites (e.g. ("gsm8k_cot",)) whose evaluation questions training must not see: training examples sharing
-    # a 13-word n-gram with one are dropped in the input pipeline and counted (flan_jax/commands/train.py).
-    exclude_overlap_with: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        errors.require_fields(
-            self, model_dir=errors.PATH, mixture_or_task_name=errors.NAME, num_steps=errors.POSITIVE_INT,
-            task_feature_lengths=errors.FEATURE_LENGTHS, batch_size=errors.POSITIVE_INT, seed=errors.NON_NEGATIVE_INT,
-            log_every=errors.POSITIVE_INT, eval_every=errors.NON_NEGATIVE_INT, z_loss=errors.NON_NEGATIVE_NUMBER,
-            label_smoothing=errors.FRACTION, loss_normalizing_factor=errors.optional(errors.POSITIVE_NUMBER),
-            init_checkpoint=errors.optional(errors.PATH), init_optimizer_state=errors.BOOL, save_input_state=errors.BOOL,
-            num_microbatches=errors.POSITIVE_INT, input_sharding=errors.one_of(*data_lib.INPUT_SHARDINGS),
-            on_nonfinite=errors.one_of("stop", "skip"), rng_impl=errors.one_of(*RNG_IMPLS),
-        )
-        if self.batch_size % self.num_microbatches:
-            raise UserError(
-                f"TrainConfig.num_microbatches={self.num_microbatches} does not divide "
-                f"TrainConfig.batch_size={self.batch_size}"
-            )
-
-    def loss_config(self) -> step_lib.LossConfig:
-        return step_lib.LossConfig(self.z_loss, self.label_smoothing, self.loss_normalizing_factor)
-
 
 class NonFiniteLossError(UserError):
     """The loss or gradient norm of a step was NaN or infinite (TrainConfig.on_nonfinite='stop')."""
@@ -183,7 +107,8 @@ def _check_inputs(config: TrainConfig, model_config: T5Config, partitioner: part
     if vocabulary.vocab_size > model_config.vocab_size:
         raise UserError(
             f"the vocabulary of {config.mixture_or_task_name!r} has {vocabulary.vocab_size} ids but "
-            f"T5Config.vocab_size is {model_config.vocab_size}"
+            f"T5Config.vocab_size is {model_config.vocab_size}; bind the model's own vocabulary "
+            "(get_default_vocabulary.sentencepiece_model, or `flan-jax train --vocab`)"
         )
     if config.batch_size % partitioner.data_parallel_size:
         raise UserError(

@@ -54,8 +54,8 @@ class Evaluator:
             flat.update(_task_averages(results))
         if self.suites:
             results = run_suites(self.suites.suites, fns, lengths=self.lengths, batch_size=self.config.batch_size,
-                                 limit=self.config.suite_num_examples, show_progress=show_progress,
-                                 log=lambda _: None, loaded=self.suites)
+                                 decode_length=self.config.suite_decode_length, limit=self.config.suite_num_examples,
+                                 show_progress=show_progress, log=lambda _: None, loaded=self.suites)
             flat.update({f"eval/{name.removeprefix('eval_suites/')}": value
                          for name, value in tensorboard_scalars(results).items()})
         return flat

@@ -16,6 +16,9 @@ description is the spec's prefix), so an over-long prompt drops exemplars
 like any other task. The target is the answer ("So the answer is X." for
 CoT); postprocessing extracts X from predictions and targets alike, and the
 metric is exact match.
+Generation stops at EOS or when the model starts a new "Q:" (Suzgun et al.
+stop their model at the next exemplar too), up to DECODE_LENGTHS tokens; the
+answer is read from the text before that.
 
 Splits: BBH has one set of examples, registered as "test" and, under the
 same examples, "validation", so that seqio.Evaluator's and EvalConfig's
@@ -50,6 +53,9 @@ TASKS = (
     "tracking_shuffled_objects_three_objects", "web_of_lies", "word_sorting",
 )
 _TEMPLATE = Template("Q: {question}\nA:")
+# Tokens decoded per answer (default vocabulary): the longest CoT exemplar target is 1,294 tokens
+# (geometric_shapes), the longest answer-only gold target 130 (word_sorting); tests/test_heldout.py checks.
+DECODE_LENGTHS = {"cot": 1536, "direct": 256}
 # Answers that are one of two words (boolean_expressions, navigate, formal_fallacies, ...).
 _BINARY_ANSWERS = ({"True", "False"}, {"Yes", "No"}, {"yes", "no"}, {"valid", "invalid"})
 _OPTION_LINE = re.compile(r"^\([A-Z]\) ", re.MULTILINE)
@@ -154,6 +160,11 @@ def register() -> None:
         registry.add_mixture(f"bbh_{mode}", [(name, 1.0) for name in names])
         registry.add_suite(Suite(
             f"bbh_{mode}", tuple(names), f"BIG-Bench Hard, 27 tasks, 3-shot, {'chain of thought' if mode == 'cot' else 'answer only'}",
-            max_decode_length=256 if mode == "cot" else 128, chance=chance,
+            max_decode_length=DECODE_LENGTHS[mode], chance=chance, stops=_stops,
         ))
+
+
+def _stops() -> tuple[str, ...]:
+    """An answer is done when the model starts a new "Q:" (the exemplars' layout), where Suzgun et al. stop too."""
+    return ("Q:",)
 

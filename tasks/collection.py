@@ -128,12 +128,20 @@ def find_submixtures(root: str, *, progress: bool = True) -> dict[str, SubmixInd
 # --- mixing -----------------------------------------------------------------------------
 
 
+INVERTED_SUFFIX = "_ii"  # FLAN's input-inversion tasks (CoT-II, Dialog-II): e.g. cot_gsm8k_ii, wiki_dialog_ii.
+
+
 def recipe_shares(counts: Mapping[Triple, int], cap: int | None,
-                  template_weights: Mapping[str, float] | None = None) -> dict[Triple, float]:
+                  template_weights: Mapping[str, float] | None = None,
+                  inverted_rate: float | None = None) -> dict[Triple, float]:
     """Each (task, template type)'s share of its submixture under the recipe; sums to 1.
 
     Template types get `template_weights` (default: equal); within a type,
-    tasks are example-proportional with each count capped at `cap`.
+    tasks are example-proportional with each count capped at `cap`. With
+    `inverted_rate`, a type's input-inversion tasks (INVERTED_SUFFIX) are a
+    group at that rate against 1 for the others, each group example-proportional
+    within (FLAN's flan/v2/mixtures.py mixes CoT with CoT-II, Dialog with
+    Dialog-II, at 1 : 0.3 per template type).
     """
     types = sorted({template for _, template in counts})
     weights = {t: float(template_weights.get(t, 0.0)) if template_weights is not None else 1.0 for t in types}
@@ -141,15 +149,25 @@ def recipe_shares(counts: Mapping[Triple, int], cap: int | None,
     if not weights:
         raise UserError(f"template weights {dict(template_weights or {})} leave none of the template types {types}")
     total_weight = sum(weights.values())
-    capped = {k: min(n, cap) if cap is not None else n for k, n in counts.items() if k[1] in weights}
+    capped = {k: min(n, cap) if cap is not None else n for k, n in counts.items() if k[1] in weights and n > 0}
+
+    def group(kind: Triple) -> tuple[str, bool]:
+        return kind[1], inverted_rate is not None and kind[0].endswith(INVERTED_SUFFIX)
+
+    per_group = Counter()
+    for k, n in capped.items():
+        per_group[group(k)] += n
+    group_rate = {g: inverted_rate if g[1] else 1.0 for g in per_group}
     per_type = Counter()
-    for (_, template), n in capped.items():
-        per_type[template] += n
-    return {k: weights[k[1]] / total_weight * n / per_type[k[1]] for k, n in capped.items() if n > 0}
+    for (template, _), rate in group_rate.items():
+        per_type[template] += rate
+    return {k: weights[k[1]] / total_weight * group_rate[group(k)] / per_type[k[1]] * n / per_group[group(k)]
+            for k, n in capped.items()}
 
 
 def recipe_acceptance(counts: Mapping[Triple, int], cap: int | None,
-                      template_weights: Mapping[str, float] | None = None) -> dict[Triple, float]:
+                      template_weights: Mapping[str, float] | None = None,
+                      inverted_rate: float | None = None) -> dict[Triple, float]:
     """The probability of keeping a row of each (task, template type) so the kept rows have `recipe_shares`.
 
     A row of k is read with frequency counts[k] / total; keeping it with
@@ -157,7 +175,7 @@ def recipe_acceptance(counts: Mapping[Triple, int], cap: int | None,
     Scaled so the most under-represented kind is always kept.
     """
     total = sum(counts.values())
-    shares = recipe_shares(counts, cap, template_weights)
+    shares = recipe_shares(counts, cap, template_weights, inverted_rate)
     ratios = {k: share / (counts[k] / total) for k, share in shares.items()}
     top = max(ratios.values())
     return {k: r / top for k, r in ratios.items()}

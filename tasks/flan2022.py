@@ -13,7 +13,10 @@ names them). Where a collection comes from:
                         `flan2022_{collection}` is the submixture streamed
                         once and thinned to the recipe: template types
                         equally weighted, tasks example-proportional up to
-                        the collection's cap.
+                        the collection's cap; in cot and dialog the
+                        input-inversion tasks (CoT-II, Dialog-II: names
+                        ending "_ii") weigh 0.3 against 1 for the rest of
+                        each template type, as in FLAN's mixtures.py.
   the Flan CoT TSVs     for `cot` when the export lacks it: the tasks of
                         tasks/flan_cot.py, every variant, mixed
                         example-proportionally (`flan2022_cot`, a mixture).
@@ -59,7 +62,7 @@ def register(root: str | None = None, recipe: Mapping[str, mixing.Collection] = 
             task_name = collection.task_name(prefix, task, template)
             _registered.append(registry.add_text_task(
                 task_name, collection.StreamSource(index, {(task, template): 1.0}, name=task_name)))
-        keep = collection.recipe_acceptance(index.counts, recipe[c].cap, template_weights)
+        keep = collection.recipe_acceptance(index.counts, recipe[c].cap, template_weights, recipe[c].inverted_rate)
         streams[c] = registry.add_text_task(f"{name}_{c}", collection.StreamSource(index, keep, name=f"{name}_{c}"),
                                             shuffle_buffer_size=shuffle_buffer_size)
         _registered.append(streams[c])

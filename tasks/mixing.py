@@ -173,20 +173,28 @@ def family_mixtures(families: Iterable[Family]) -> dict[str, list[tuple[str, flo
 
 @dataclasses.dataclass(frozen=True)
 class Collection:
-    """One collection of a recipe: its share of the whole and its per-task example cap."""
+    """One collection of a recipe: its share of the whole and its per-task example cap.
+
+    `inverted_rate`: where a collection holds input-inversion tasks (the
+    export's task names ending in "_ii": FLAN's CoT-II and Dialog-II), they
+    form a group of their own at this rate against 1 for the rest, within each
+    template type; None mixes them with the rest example-proportionally.
+    """
 
     rate: float
     cap: int | None
+    inverted_rate: float | None = None
 
 
 # The Flan 2022 (Flan-T5) recipe: Flan 2021, T0-SF, Super-Natural
-# Instructions v2, chain of thought, dialog.
+# Instructions v2, chain of thought, dialog. CoT-II and Dialog-II weigh 0.3
+# within their submixture, as FLAN's flan/v2/mixtures.py has them.
 FLAN_2022: dict[str, Collection] = {
     "flan": Collection(0.4, 30_000),
     "t0": Collection(0.32, 20_000),
     "niv2": Collection(0.2, 5_000),
-    "cot": Collection(0.05, 100_000),
-    "dialog": Collection(0.03, 200_000),
+    "cot": Collection(0.05, 100_000, inverted_rate=0.3),
+    "dialog": Collection(0.03, 200_000, inverted_rate=0.3),
 }
 
 

@@ -56,8 +56,16 @@ the letter (`answer_letter`, which also reads "So the answer is (X).").
 Rows that cannot be used (not six columns, an empty question, an answer that
 is not A-D) are skipped and counted in `sources.stats("mmlu_<subject>")`.
 
-Suites `mmlu_direct` and `mmlu_cot` (test split) report the macro average
-over subjects and over the four categories of the MMLU paper (CATEGORIES).
+Suites `mmlu_direct` and `mmlu_cot` (test split) are scored as
+hendrycks/test's `evaluate_flan.py` (the script behind Flan-T5's MMLU
+numbers) scores them: the score is the accuracy over all questions (so
+professional_law, 11% of validation, weighs 11%), and so are the four
+categories of the MMLU paper (CATEGORIES); the macro average over subjects is
+listed beside. MMLU-Direct's default method is `choice`: the letter A-D whose
+first token has the highest logit at the first decoding step, so the model
+never "answers" anything else (`--method=generate` or `rank` on request).
+MMLU-CoT is generated until EOS or a new "Q:", up to COT_DECODE_LENGTH
+tokens, and the answer is the letter after the last "The answer is".
 Row counts of the data in ../shared/data: 285 dev, 1,542 val, 14,079 test
 (the 2020-09-08 release; the later official one is said to have 14,042
 test rows).
@@ -84,6 +92,9 @@ COT_PROMPTS_FILE = "mmlu-cot.json"
 COT_PROMPTS_AT = "https://github.com/jasonwei20/flan-2/blob/main/mmlu-cot.json (FLAN's MMLU CoT prompts)"
 NUM_SHOTS = 5
 COT_ANSWER_PHRASE = "The answer is"  # mmlu-cot.json's exemplars end "The answer is (X)."
+# Tokens decoded for a CoT answer: the longest mmlu-cot.json exemplar target is 915 tokens of the default
+# vocabulary (econometrics; tests/test_heldout.py checks that every exemplar fits).
+COT_DECODE_LENGTH = 1024
 LETTERS = ("A", "B", "C", "D")
 SPLIT_DIRS = {"dev": "dev", "validation": "val", "test": "test"}
 SUBJECTS = (
@@ -283,12 +294,19 @@ def register() -> None:
         cot += registry.add_source(CotSource(subject), {f"mmlu_{subject}_cot": "fs_cot"})
     registry.add_mixture(MIXTURE, [(name, 1.0) for name in direct])
     registry.add_mixture(COT_MIXTURE, [(name, 1.0) for name in cot])
-    for name, tasks, decode_length, description in (
-        ("mmlu_direct", direct, 8, "MMLU, 57 subjects, 5-shot, answer letter"),
-        ("mmlu_cot", cot, 256, f"MMLU, 57 subjects, chain of thought (5-shot with {COT_PROMPTS_FILE}, else 0-shot)"),
+    for name, tasks, decode_length, method, description in (
+        ("mmlu_direct", direct, 8, "choice", "MMLU, 57 subjects, 5-shot, answer letter"),
+        ("mmlu_cot", cot, COT_DECODE_LENGTH, "generate",
+         f"MMLU, 57 subjects, chain of thought (5-shot with {COT_PROMPTS_FILE}, else 0-shot)"),
     ):
         registry.add_suite(Suite(
-            name, tuple(tasks), description, max_decode_length=decode_length,
+            name, tuple(tasks), description, max_decode_length=decode_length, method=method, average="examples",
             categories={task: CATEGORIES[subject] for task, subject in zip(tasks, SUBJECTS)}, chance=chance,
+            stops=_stops if method == "generate" else tuple,
         ))
+
+
+def _stops() -> tuple[str, ...]:
+    """A chain-of-thought answer is done when the model starts a new "Q:" (its exemplars' layout)."""
+    return ("Q:",)
 

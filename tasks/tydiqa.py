@@ -180,5 +180,6 @@ def register() -> None:
         split="validation", max_decode_length=64, metric="em",
         scored=tuple(f"tydiqa_{lang}" for lang in PAPER_LANGUAGES),
         averages={"all_languages": tuple(names), "en": ("tydiqa_en",)}, notes=notes, list_tasks=True,
+        stops=lambda: ("Q:",),  # A model that goes on past its answer starts the next exemplar's "Q:".
     ))
 

@@ -62,6 +62,77 @@ def tiny_config():
     )
 
 
+class FakeModel:
+    """A model that 'generates' fixed token rows, chunk by chunk as `inference.ModelRunner.decode`
+    does, and counts the chunks taken (a batch stopped early takes fewer)."""
+
+    def __init__(self, answers: dict, chunk: int = 16) -> None:
+        self.answers = answers  # prompt tokens (bytes of the non-padding ids) -> answer token ids
+        self.chunk = chunk
+        self.chunks_taken = 0
+
+    def decode(self, inputs, max_decode_length: int):
+        import numpy as np
+
+        rows = [self.answers[row[row > 0].tobytes()] if row.any() else [] for row in inputs]
+        out = np.zeros((len(inputs), max_decode_length), np.int32)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = row[:max_decode_length]
+        ends = [len(row) if 1 in row else max_decode_length for row in rows]  # decoding goes on until EOS
+        for start in range(0, min(max(ends), max_decode_length), self.chunk):
+            self.chunks_taken += 1
+            yield out[:, start : start + self.chunk]
+
+
+@pytest.fixture
+def fake_model():
+    """(examples, answer_of(task, index) -> text, eos=True) -> a FakeModel that answers each of the
+    TaskExamples' prompts with `answer_of`'s text (then EOS)."""
+
+    def make(examples, answer_of, eos: bool = True) -> FakeModel:
+        answers = {}
+        for task in examples:
+            for i, ex in enumerate(task.features):
+                answer = task.vocabulary.encode(answer_of(task, i)) + ([task.vocabulary.eos_id] if eos else [])
+                # The fake tells examples apart by their prompt; a repeated prompt (MMLU has a few) must agree.
+                assert answers.setdefault(ex["inputs"].tobytes(), answer) == answer, task.name
+        return FakeModel(answers)
+
+    return make
+
+
+@pytest.fixture
+def fake_generate(fake_model):
+    """(examples, answer_of, eos=True, **evaluate_tasks options) -> (results, FakeModel): evaluates
+    TaskExamples with `fake_model`'s answers."""
+    from flan_jax import evaluation
+
+    def run(examples, answer_of, eos: bool = True, **options):
+        model = fake_model(examples, answer_of, eos)
+        options = {"show_progress": False, **options}
+        return evaluation.evaluate_tasks(examples, evaluation.ModelFns(model.decode), **options), model
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config):
+    """vocab_size -> (module, random params) of `tiny_config` with that vocabulary size."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from flan_jax.model import Transformer
+
+    def make(vocab_size: int):
+        module = Transformer(dataclasses.replace(tiny_config, vocab_size=vocab_size))
+        tokens = jnp.ones((1, 8), jnp.int32)
+        return module, module.init(jax.random.key(1), tokens, tokens, tokens, enable_dropout=False)["params"]
+
+    return make
+
+
 @pytest.fixture(scope="module")
 def flan_cot_data():
     """Skips a test when the real Flan CoT files are not there."""
@@ -134,6 +205,11 @@ EXPECTED_SECONDS = {
     "tests/test_peft_interop.py::test_training_continues_a_peft_adapter_on_the_base_it_records": 35,
     "tests/test_overlap.py::test_training_logs_the_running_exclusion_counts": 16,
     "tests/test_bench_train.py::test_peft_compare_measures_adapters_against_full_finetuning": 15,
+    "tests/test_recipe.py::test_flan_t5_small_recipe_trains_five_steps": 65,
+    "tests/test_recipe.py::test_a_finetune_takes_the_architecture_and_vocabulary_of_its_hf_checkpoint": 60,
+    "tests/test_heldout.py::test_exported_prompts_answered_with_their_gold_targets_score_100_and_a_constant_its_frequency": 60,
+    "tests/test_evaluation.py::test_a_model_that_runs_on_into_a_new_question_is_scored_on_its_first_answer_and_stops_early": 15,
+    "tests/test_evaluation.py::test_choice_picks_the_option_with_the_highest_first_step_logit_as_transformers_computes_it": 20,
 }
 # Per file, for tests not listed above.
 FILE_DEFAULT_SECONDS = {
@@ -156,6 +232,7 @@ FILE_DEFAULT_SECONDS = {
     "tests/test_heldout.py": 5,
     "tests/test_accel_options.py": 6,
     "tests/test_lora.py": 8,  # tiny models compiled per test
+    "tests/test_recipe.py": 5,
 }
 
 

@@ -6,6 +6,8 @@ Tests marked `needs_data` read ../shared/data (FLAN_JAX_DATA_DIR).
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -35,31 +37,10 @@ def _suite_examples(limit: int, lengths=LENGTHS) -> dict[str, list[evaluation.Ta
     }
 
 
-def _fake_generate(examples: list[evaluation.TaskExamples], answer_of) -> dict[str, evaluation.TaskResult]:
-    """Evaluates with a fake model that 'generates' `answer_of(task, example index)`."""
-    answers: dict[bytes, list[int]] = {}
-    for task in examples:
-        for i, ex in enumerate(task.features):
-            answer = task.vocabulary.encode(answer_of(task, i)) + [1]
-            # The fake tells examples apart by their prompt; a repeated prompt (MMLU has a few) must agree.
-            assert answers.setdefault(ex["inputs"].tobytes(), answer) == answer, task.name
-            answers[ex["inputs"].tobytes()] = answer
-
-    def decode(inputs: np.ndarray, max_decode_length: int) -> np.ndarray:
-        rows = [answers[row[row > 0].tobytes()] for row in inputs if row.any()]
-        out = np.zeros((len(inputs), max(len(r) for r in rows)), np.int32)
-        for i, r in enumerate(rows):
-            out[i, : len(r)] = r
-        return out
-
-    return evaluation.evaluate_tasks(examples, evaluation.ModelFns(decode, score=None), max_decode_length=8,
-                                     show_progress=False)
-
-
 @needs_data
-def test_gold_targets_score_100_and_a_constant_answer_its_frequency():
+def test_gold_targets_score_100_and_a_constant_answer_its_frequency(fake_generate):
     for suite, examples in _suite_examples(limit=12).items():
-        gold = _fake_generate(examples, lambda task, i: task.texts("targets")[i])
+        gold, _ = fake_generate(examples, lambda task, i: task.texts("targets")[i], max_decode_length=512)
         assert all(r.metrics["accuracy"] == 100.0 for r in gold.values()), (suite, gold)
 
         for task in examples:
@@ -67,7 +48,7 @@ def test_gold_targets_score_100_and_a_constant_answer_its_frequency():
             answers = [postprocess(t, is_target=True) for t in task.texts("targets")]
             constant, count = collections.Counter(answers).most_common(1)[0]
             phrased = f"Let's think it over. So the answer is {constant}." if "cot" in suite else constant
-            result = _fake_generate([task], lambda t, i: phrased)[task.name]
+            result = fake_generate([task], lambda t, i: phrased, max_decode_length=512)[0][task.name]
             assert result.metrics["accuracy"] == pytest.approx(100.0 * count / len(answers)), (task.name, constant)
 
 
@@ -157,17 +138,8 @@ def test_answer_extraction_and_chance():
     assert suites.normalize(50.0, 25.0) == pytest.approx(100 / 3)
 
 
-def _tiny_model(vocab_size: int) -> tuple[Transformer, dict]:
-    config = T5Config(vocab_size=vocab_size, emb_dim=32, num_heads=2, head_dim=16, num_encoder_layers=2,
-                      num_decoder_layers=2, mlp_dim=64, dropout_rate=0.0)
-    module = Transformer(config)
-    tokens = jnp.ones((1, 8), jnp.int32)
-    params = module.init(jax.random.key(1), tokens, tokens, tokens, enable_dropout=False)["params"]
-    return module, params
-
-
-@needs_data
-def test_rank_classification_picks_the_option_transformers_scores_highest():
+def _hf_twin() -> tuple[T5Config, object, dict]:
+    """A tiny random transformers T5 (default vocabulary) and the same weights as flan-jax params."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from flan_jax.formats import hf
@@ -180,6 +152,13 @@ def test_rank_classification_picks_the_option_transformers_scores_highest():
     # transformers 5.x ties lm_head to `shared` even with tie_word_embeddings=False.
     hf_model.lm_head.weight = torch.nn.Parameter(torch.randn(config.vocab_size, config.emb_dim) * 0.5)
     params = hf.params_from_hf_state_dict({k: v.numpy() for k, v in hf_model.state_dict().items()}, config)
+    return config, hf_model, params
+
+
+@needs_data
+def test_rank_classification_picks_the_option_transformers_scores_highest():
+    torch = pytest.importorskip("torch")
+    config, hf_model, params = _hf_twin()
 
     lengths = {"inputs": 512, "targets": 8}
     examples = [evaluation.load_task_examples(f"mmlu_{s}", "test", lengths, 6)
@@ -223,8 +202,8 @@ def test_training_evaluation_ranks_multiple_choice_tasks_and_generates_the_rest(
     def score(inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:  # The gold option scores highest.
         return np.array([0.0 if (i[i > 0].tobytes(), tuple(t[t > 0])) in gold else -1.0 for i, t in zip(inputs, targets)])
 
-    def decode(inputs: np.ndarray, max_decode_length: int) -> np.ndarray:
-        return np.ones((len(inputs), 2), np.int32)  # An empty answer.
+    def decode(inputs: np.ndarray, max_decode_length: int):
+        yield np.ones((len(inputs), 2), np.int32)  # An empty answer.
 
     metrics = evaluator.evaluate(evaluation.ModelFns(decode, score), step=0)
     assert metrics[f"eval/{ranked}/accuracy"] == 100.0
@@ -253,10 +232,10 @@ def test_over_length_prompts_are_counted_not_hidden():
 
 
 @needs_data
-def test_eval_suites_end_to_end_on_a_tiny_random_model(tmp_path, capsys):
+def test_eval_suites_end_to_end_on_a_tiny_random_model(tmp_path, capsys, tiny_model):
     from flan_jax import cli
 
-    module, params = _tiny_model(vocab.get_default_vocabulary().vocab_size)
+    module, params = tiny_model(vocab.get_default_vocabulary().vocab_size)
     run = formats.save_flan_jax(str(tmp_path / "run"), module.config, params, vocab.default_vocabulary_path(), 3)
     output = tmp_path / "results.json"
     cli.main(["eval", f"--checkpoint={run}", f"--suite={','.join(SUITES)}", "--limit=10", "--input_length=256",
@@ -300,3 +279,168 @@ def test_eval_flags_and_unknown_suite_are_one_line_errors(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(argv)
         assert expected in str(exit_info.value), (argv, exit_info.value)
+
+
+# --- the published protocol: decode lengths, stopping, choice, MMLU weighting ------------------------
+
+
+def _exemplar_targets(task_name: str) -> list[str]:
+    """The rendered targets of a task's few-shot exemplars (what a model is shown to answer like)."""
+    from tasks import templates
+
+    (source, variants), = [(src, v) for src, v in registry.sources().values() if task_name in v]
+    kind = variants[task_name].split("_", 1)[1]
+    return [templates.render_zero_shot(source.spec, source.spec.templates[0], ex, kind)[1]
+            for ex in source.load()[source.exemplar_split]]
+
+
+@needs_data
+def test_every_suites_default_decode_length_covers_its_longest_exemplar_target():
+    default_vocab = vocab.get_default_vocabulary()
+    for name in ("bbh_cot", "bbh_direct", "mmlu_cot", "mgsm_cot", "gsm8k_cot"):
+        suite = registry.get_suite(name)
+        longest = max(len(default_vocab.encode(t)) for task in suite.tasks for t in _exemplar_targets(task))
+        assert longest <= suite.max_decode_length, (name, longest, suite.max_decode_length)
+        assert longest > (100 if "cot" in name else 10), name  # the exemplars were read
+    assert registry.get_suite("bbh_cot").max_decode_length > 1024  # geometric_shapes' rationales
+
+
+@functools.cache
+def _filler(tokens: int) -> str:
+    """Reasoning-like text of at least `tokens` tokens of the default vocabulary, with no "Q:" in it."""
+    text = ""
+    while len(vocab.get_default_vocabulary().encode(text)) < tokens:
+        text += "We look at each step of the problem again and count what is left. "
+    return text
+
+
+@needs_data
+def test_a_model_that_answers_after_400_tokens_scores_100_on_bbh_cot_by_default(fake_model):
+    suite = dataclasses.replace(registry.get_suite("bbh_cot"), tasks=registry.get_suite("bbh_cot").tasks[:6])
+    loaded = suites.load_suites([suite], LENGTHS, limit=2, log=lambda _: None)
+    filler = _filler(400)
+    model = fake_model(loaded.examples["bbh_cot"], lambda task, i: f"{filler}{task.texts('targets')[i]}")
+    fns = evaluation.ModelFns(model.decode)
+    report = suites.run_suites([suite], fns, lengths=LENGTHS, loaded=loaded, show_progress=False)["suites"]["bbh_cot"]
+    assert report["score"] == 100.0 and report["unfinished"] == 0
+    cut = suites.run_suites([suite], fns, lengths=LENGTHS, decode_length=256, loaded=loaded, show_progress=False)
+    assert cut["suites"]["bbh_cot"]["score"] == 0.0  # the old limit cut every answer
+
+
+@needs_data
+def test_a_model_that_runs_on_into_a_new_question_is_scored_on_its_first_answer_and_stops_early(fake_generate):
+    suite = registry.get_suite("bbh_cot")
+    examples = [evaluation.load_task_examples(t, "test", LENGTHS, 4) for t in suite.tasks[:3]]
+    rambling = " Q: Is this another question? A: Let's think step by step. So the answer is (Z). " + _filler(1500)
+
+    def answer(task, i):  # No EOS: it would go on to the decode limit.
+        return f"Let's think. {task.texts('targets')[i]}{rambling}"
+
+    results, model = fake_generate(examples, answer, eos=False, max_decode_length=suite.max_decode_length,
+                                   stops=suite.stops())
+    assert all(r.metrics["accuracy"] == 100.0 and r.unfinished == 0 for r in results.values()), results
+    assert model.chunks_taken <= 4  # one batch of 12 rows, stopped a chunk or two after its last "Q:"
+    assert not any("Q:" in sample["prediction"] for r in results.values() for sample in r.samples)
+
+    results, model = fake_generate(examples, answer, eos=False, max_decode_length=suite.max_decode_length)
+    assert all(r.metrics["accuracy"] == 0.0 and r.unfinished == 4 for r in results.values())  # (Z), the last answer
+    assert model.chunks_taken == suite.max_decode_length // 16  # without stops: to the limit
+
+
+@needs_data
+def test_target_length_1024_decodes_1024_tokens(fake_model):
+    suite = registry.get_suite("gsm8k_cot")
+    loaded = suites.load_suites([suite], {"inputs": 256, "targets": 8}, limit=3, log=lambda _: None)
+    model = fake_model(loaded.examples["gsm8k_cot"], lambda task, i: _filler(2000), eos=False)  # never done
+    run = functools.partial(suites.run_suites, [suite], evaluation.ModelFns(model.decode), lengths=loaded.lengths,
+                            loaded=loaded, show_progress=False)
+    report = run(decode_length=1024)["suites"]["gsm8k_cot"]
+    assert model.chunks_taken * model.chunk == 1024 and report["decode_length"] == 1024
+    assert report["unfinished"] == 3  # every row reached the limit, and is counted
+    model.chunks_taken = 0
+    assert run()["suites"]["gsm8k_cot"]["decode_length"] == suite.max_decode_length == 256
+    assert model.chunks_taken * model.chunk == 256
+
+
+def test_chunked_greedy_decoding_is_greedy_decoding_and_stops_at_eos(monkeypatch, tiny_model):
+    from flan_jax import decoding
+
+    module, params = tiny_model(64)
+    inputs = np.array(jax.random.randint(jax.random.key(3), (3, 12), 2, 64), np.int32)
+    whole = np.asarray(jax.jit(lambda p, x: decoding.greedy_decode(module, p, x, max_decode_length=40))(params, inputs))
+    runner = inference.ModelRunner(module, decode_chunk=7)
+    chunks = list(runner.decode(params, inputs, 40))
+    assert [c.shape[1] for c in chunks] == [7, 7, 7, 7, 7, 5]
+    np.testing.assert_array_equal(np.concatenate(chunks, axis=1), whole)
+    # Once every row has emitted EOS (here: as if after the first chunk), no more chunks are decoded.
+    extend = decoding.extend_decoding
+    monkeypatch.setattr(decoding, "extend_decoding",
+                        lambda *args: extend(*args)._replace(done=jnp.ones(len(inputs), bool)))
+    assert len(list(inference.ModelRunner(module, decode_chunk=7).decode(params, inputs, 40))) == 1
+
+
+@needs_data
+def test_choice_picks_the_option_with_the_highest_first_step_logit_as_transformers_computes_it():
+    torch = pytest.importorskip("torch")
+    config, hf_model, params = _hf_twin()
+    fns = inference.ModelRunner(Transformer(config)).fns(params)
+    lengths = {"inputs": 512, "targets": 8}
+    examples = [evaluation.load_task_examples(f"mmlu_{s}", "test", lengths, 3) for s in ("anatomy", "virology", "marketing")]
+    # T5's vocabulary writes each letter as one token ("▁A"); the default one as one or two ("▁C"; "▁", "A").
+    # One token each, as with T5's: options that are one token of the default vocabulary.
+    single = ["True", "False", "no", "C"]
+    encode = examples[0].vocabulary.encode
+    assert all(len(encode(o)) == 1 for o in single) and len(encode("A")) == 2
+    for task in examples:
+        for ex in task.features:
+            ex["options"] = np.array([o.encode() for o in single], object)
+
+    def hf_log_probs(ex, option) -> float:  # evaluate_flan.py: the decoder fed the start id 0
+        tokens = encode(option)
+        with torch.no_grad():
+            logits = hf_model(input_ids=torch.tensor(ex["inputs"][None].astype(np.int64)),
+                              decoder_input_ids=torch.tensor([[0] + tokens[:-1]])).logits[0]
+        if len(tokens) == 1:
+            return float(logits[0, tokens[0]])  # the raw first-step logit
+        return float(torch.log_softmax(logits.double(), -1)[range(len(tokens)), tokens].sum())
+
+    results = evaluation.evaluate_tasks(examples, fns, method="choice", show_progress=False)
+    for task in examples:
+        expected = [single[int(np.argmax([hf_log_probs(ex, o) for o in single]))] for ex in task.features]
+        assert results[task.name].method == "choice"
+        assert [s["prediction"] for s in results[task.name].samples] == expected, task.name
+    # The letters, as MMLU has them: several tokens each, compared by their tokens' log-likelihood.
+    for task in examples:
+        for ex in task.features:
+            ex["options"] = np.array([o.encode() for o in mmlu.LETTERS], object)
+    results = evaluation.evaluate_tasks(examples, fns, method="choice", show_progress=False)
+    for task in examples:
+        expected = [mmlu.LETTERS[int(np.argmax([hf_log_probs(ex, o) for o in mmlu.LETTERS]))] for ex in task.features]
+        assert [s["prediction"] for s in results[task.name].samples] == expected, task.name
+        gold = [mmlu.answer_letter(t) for t in task.texts("targets")]
+        accuracy = 100.0 * np.mean([e == g for e, g in zip(expected, gold)])
+        assert results[task.name].metrics["accuracy"] == pytest.approx(accuracy)
+
+
+@needs_data
+def test_mmlu_averages_over_questions_with_the_subject_macro_average_beside(fake_model):
+    small, large = "mmlu_abstract_algebra", "mmlu_high_school_biology"  # 11 and 34 validation questions
+    suite = dataclasses.replace(registry.get_suite("mmlu_direct"), tasks=(small, large), method="generate",
+                                split="validation")
+    loaded = suites.load_suites([suite], {"inputs": 2048, "targets": 8}, log=lambda _: None)
+    sizes = {t.name: len(t.features) for t in loaded.examples[suite.name]}
+    assert sizes == {small: 11, large: 34}
+
+    def right_on_the_small_subject(task, i):
+        gold = mmlu.answer_letter(task.texts("targets")[i])
+        return gold if task.name == small else next(l for l in mmlu.LETTERS if l != gold)
+
+    model = fake_model(loaded.examples[suite.name], right_on_the_small_subject)
+    results = suites.run_suites([suite], evaluation.ModelFns(model.decode), lengths=loaded.lengths,
+                                show_progress=False, loaded=loaded)
+    report = results["suites"][suite.name]
+    assert report["score"] == pytest.approx(100.0 * 11 / 45)  # over questions, as evaluate_flan.py
+    assert report["averages"][suites.MACRO]["score"] == pytest.approx(50.0)  # over subjects
+    assert report["categories"]["STEM"]["score"] == pytest.approx(100.0 * 11 / 45)
+    assert report["normalized"] == pytest.approx(suites.normalize(100.0 * 11 / 45, 25.0))
+    assert "macro over tasks" in suites.format_results(results)

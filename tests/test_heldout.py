@@ -12,16 +12,13 @@ import os
 import re
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import tasks
 from flan_jax import evaluation, formats, suites
 from flan_jax.errors import UserError
-from flan_jax.model import T5Config, Transformer
-from tasks import heldout, mgsm, registry, sources, tydiqa, vocab
+from tasks import gsm8k, heldout, mgsm, registry, sources, tydiqa, vocab
 
 tasks.register()  # Every task module's tasks, registered with SeqIO (once per process).
 
@@ -61,23 +58,6 @@ def goldp_dir(tmp_path, monkeypatch):
     return directory
 
 
-def _fake_generate(examples, answer_of) -> dict[str, evaluation.TaskResult]:
-    """Evaluates with a fake model that 'generates' `answer_of(task, example index)`."""
-    answers = {}
-    for task in examples:
-        for i, ex in enumerate(task.features):
-            answers[ex["inputs"].tobytes()] = task.vocabulary.encode(answer_of(task, i)) + [1]
-
-    def decode(inputs: np.ndarray, max_decode_length: int) -> np.ndarray:
-        rows = [answers[row[row > 0].tobytes()] for row in inputs if row.any()]
-        out = np.zeros((len(inputs), max(len(r) for r in rows)), np.int32)
-        for i, r in enumerate(rows):
-            out[i, : len(r)] = r
-        return out
-
-    return evaluation.evaluate_tasks(examples, evaluation.ModelFns(decode, score=None), show_progress=False)
-
-
 # --- MGSM and GSM8K --------------------------------------------------------------------------
 
 
@@ -99,6 +79,40 @@ def test_final_number_reads_every_language_and_script():
     assert {text: mgsm.final_number(text) for text in cases} == cases
 
 
+def test_mgsm_reads_numbers_as_each_language_writes_them():
+    phrase = {lang: phrases[0] for lang, phrases in mgsm.ANSWER_PHRASES.items()}
+    cases = [(lang, "70.000", "70000") for lang in ("de", "es")]
+    cases += [(lang, f"1{space}500", "1500") for lang in ("fr", "ru") for space in (" ", "\u00a0", "\u202f")]
+    cases += [(lang, "1,500", "1500") for lang in ("en", "zh", "ja", "th")]
+    cases += [(lang, "2,5", "2.5") for lang in ("de", "fr", "es", "ru")]
+    cases += [("de", "1.234.567,50", "1234567.5"), ("de", "1.5", "1.5"), ("es", "0.30", "0.3"),
+              ("bn", "১,৫০,০০০", "150000"), ("te", "1,50,000", "150000"), ("en", "1\u00a0500", "1500"),
+              ("en", "70.000", "70"), ("en", "2,5", "2")]  # English has no decimal comma.
+    for lang, number, expected in cases:
+        assert mgsm.final_number(f"{phrase[lang]} {number}.", lang=lang) == expected, (lang, number)
+    # A model that goes on into a new question of its own (any language's prefix) is read up to it.
+    stops = ("Question:", "Frage:", "問題：")
+    assert mgsm.final_number("5 + 6 = 11. The answer is 11.\n\nQuestion: x? The answer is 7.", stops=stops) == "11"
+    assert mgsm.final_number("Die Antwort ist 3.\n\n問題：x? 答えは7です。", lang="de", stops=stops) == "3"
+    assert mgsm.final_number("Question: x? The answer is 7.", stops=stops) == ""
+
+
+@needs_data
+def test_mgsm_predictions_stop_at_any_languages_question_and_targets_read_as_written():
+    assert mgsm.stop_prefixes(str(DATA / "mgsm")) == (
+        "প্রশ্ন:", "Frage:", "Question:", "Pregunta:", "Question :", "問題：", "Задача:", "Swali:", "ప్రశ్న:", "โจทย์:",
+        "问题：")
+    de = registry.get_source("mgsm_de").postprocess_fn
+    assert de("Die Antwort lautet 70.000.\n\nFrage: Und? Die Antwort lautet 5.") == "70000"
+    assert de("Die Antwort lautet 70.000.\n\nQuestion : Et ? La réponse est 5.") == "70000"
+    assert de("Die Antwort lautet 70.000.\n\n问题：多少？答案是 5。") == "70000"
+    for lang in mgsm.LANGUAGES:  # The data files write every language's answers in English ("2,125").
+        postprocess = registry.get_source(f"mgsm_{lang}").postprocess_fn
+        answers = [row.split("\t")[1] for row in (DATA / "mgsm" / f"mgsm_{lang}.tsv").read_text("utf-8").splitlines()]
+        assert len(answers) == 250 and "2,125" in answers, lang
+        assert [postprocess(a, is_target=True) for a in answers] == [a.replace(",", "") for a in answers], lang
+
+
 @needs_data
 def test_every_published_exemplar_extracts_to_its_number_in_all_languages():
     literals = mgsm.read_literals((DATA / "mgsm" / "exemplars.py").read_bytes(), "exemplars.py")
@@ -106,7 +120,7 @@ def test_every_published_exemplar_extracts_to_its_number_in_all_languages():
     table = literals["MGSM_EXEMPLARS"]
     assert sorted(table) == sorted(mgsm.LANGUAGES)
     for lang, shots in table.items():
-        assert [mgsm.final_number(shots[str(k)]["a"]) for k in range(1, 9)] == numbers, lang
+        assert [mgsm.final_number(shots[str(k)]["a"], lang=lang) for k in range(1, 9)] == numbers, lang
 
 
 @needs_data
@@ -124,24 +138,43 @@ def test_mgsm_prompt_is_the_published_exemplars_in_order_then_the_query():
 
 
 @needs_data
-def test_gsm8k_uses_wei_et_al_exemplars_not_training_rows():
-    table = mgsm.read_literals((DATA / "mgsm" / "exemplars.py").read_bytes(), "x")["MGSM_EXEMPLARS"]["en"]
+def test_gsm8k_prompt_is_the_shared_exemplars_in_order_then_the_query():
+    shots = [json.loads(line) for line in (DATA / "gsm8k" / "cot_exemplars.jsonl").read_text("utf-8").splitlines()]
     first_question = json.loads((DATA / "gsm8k" / "test.jsonl").read_text().split("\n")[0])["question"]
     (example,) = evaluation.load_task_examples("gsm8k_cot", "test", BIG, 1).features
-    shots = [(table[str(k)]["q"].removeprefix("Question: "), table[str(k)]["a"].removeprefix("Step-by-Step Answer: "))
-             for k in range(1, 9)]
-    expected = "\n\n".join(f"Q: {q}\nA: {a}" for q, a in shots) + f"\n\nQ: {first_question}\nA:"
-    assert example["inputs_pretokenized"].decode() == expected
+    expected = "\n\n".join(f"Q: {s['question']}\nA: {s['rationale']} The answer is {s['answer']}." for s in shots)
+    assert len(shots) == 8 and shots[0]["question"].startswith("There are 15 trees in the grove.")
+    assert example["inputs_pretokenized"].decode() == expected + f"\n\nQ: {first_question}\nA:"
+    postprocess = registry.get_source("gsm8k_cot").postprocess_fn
+    assert postprocess("3 + 4 = 7. The answer is 7.\n\nQ: Then? A: The answer is 9.") == "7"
+
+
+def test_gsm8k_bad_or_missing_exemplars_file_is_one_line_naming_it(tmp_path):
+    from tasks import gsm8k
+
+    good = json.dumps({"question": "Q?", "rationale": "R.", "answer": "6"})
+    no_rationale = json.dumps({"question": "Q?", "answer": "6"})
+    for lines, where in (([good, "{not json"], ":2:"), ([good, "", no_rationale], ":3:"),
+                         ([json.dumps(["a list"])], ":1:"), (None, "not found")):
+        path = tmp_path / gsm8k.EXEMPLARS_FILE
+        path.unlink(missing_ok=True)
+        if lines is not None:
+            path.write_text("\n".join(lines))
+        with pytest.raises(UserError) as error:
+            gsm8k.read_exemplars(str(tmp_path))
+        assert str(path) in str(error.value) and where in str(error.value) and "\n" not in str(error.value), lines
+    path.write_text(good)
+    assert gsm8k.read_exemplars(str(tmp_path)) == [{"question": "Q?", "answer": "R. The answer is 6.", "rationale": ""}]
 
 
 @needs_data
-def test_gold_targets_score_100_and_a_constant_answer_its_frequency(goldp_dir):
+def test_gold_targets_score_100_and_a_constant_answer_its_frequency(goldp_dir, fake_generate):
     for suite in ("mgsm_cot", "tydiqa_direct", "gsm8k_cot"):
         spec = registry.get_suite(suite)
         examples = [evaluation.load_task_examples(t, spec.split, {"inputs": 1024, "targets": 64}, 6)
                     for t in spec.tasks]
         assert all(task.features for task in examples), suite
-        gold = _fake_generate(examples, lambda task, i: task.texts("targets")[i])
+        gold, _ = fake_generate(examples, lambda task, i: task.texts("targets")[i])
         assert all(r.metrics[spec.metric] == 100.0 for r in gold.values()), (suite, gold)
         for task in examples:
             targets = [task.task.postprocess_fn(t, example=ex, is_target=True)
@@ -153,7 +186,7 @@ def test_gold_targets_score_100_and_a_constant_answer_its_frequency(goldp_dir):
             else:
                 constant, expected = collections.Counter(targets).most_common(1)[0]
                 phrased = f"Let me think. The answer is {constant}."
-            result = _fake_generate([task], lambda t, i: phrased)[task.name]
+            result = fake_generate([task], lambda t, i: phrased)[0][task.name]
             assert result.metrics[spec.metric] == pytest.approx(100.0 * expected / len(targets)), task.name
             assert 0 < expected < len(targets) or suite != "tydiqa_direct"
 
@@ -172,7 +205,7 @@ def test_malformed_exemplars_file_is_one_line_naming_it(tmp_path):
 # --- TyDiQA ----------------------------------------------------------------------------------
 
 
-def test_tydiqa_prompt_is_one_train_exemplar_then_the_query_and_scores_all_gold_answers(goldp_dir):
+def test_tydiqa_prompt_is_one_train_exemplar_then_the_query_and_scores_all_gold_answers(goldp_dir, fake_generate):
     task = evaluation.load_task_examples("tydiqa_fi", "validation", BIG, None)
     assert len(task.features) == 4
     exemplar = _goldp(["finnish"], 1, offset=100)["data"][0]["paragraphs"][0]
@@ -182,7 +215,7 @@ def test_tydiqa_prompt_is_one_train_exemplar_then_the_query_and_scores_all_gold_
     assert task.texts("inputs")[1] == expected
     golds = task.task.postprocess_fn(task.texts("targets")[1], example=task.features[1], is_target=True)
     assert golds == ["Helsinki 1", "Helsinki"]
-    result = _fake_generate([task], lambda t, i: "the Helsinki")["tydiqa_fi"]  # SQuAD drops the article.
+    result = fake_generate([task], lambda t, i: "the Helsinki")[0]["tydiqa_fi"]  # SQuAD drops the article.
     assert result.metrics["em"] == 50.0 and 50.0 < result.metrics["f1"] < 100.0
 
 
@@ -242,20 +275,11 @@ def test_flan_heldout_is_the_six_with_mmlu_on_validation_and_suites_run_once():
         registry.get_suite("flan_nope")
 
 
-def _tiny_model(vocab_size: int) -> tuple[Transformer, dict]:
-    config = T5Config(vocab_size=vocab_size, emb_dim=32, num_heads=2, head_dim=16, num_encoder_layers=2,
-                      num_decoder_layers=2, mlp_dim=64, dropout_rate=0.0)
-    module = Transformer(config)
-    tokens = jnp.ones((1, 8), jnp.int32)
-    params = module.init(jax.random.key(1), tokens, tokens, tokens, enable_dropout=False)["params"]
-    return module, params
-
-
 @needs_data
-def test_flan_heldout_end_to_end_on_a_tiny_random_model(tmp_path, goldp_dir, capsys):
+def test_flan_heldout_end_to_end_on_a_tiny_random_model(tmp_path, goldp_dir, capsys, tiny_model):
     from flan_jax import cli
 
-    module, params = _tiny_model(vocab.get_default_vocabulary().vocab_size)
+    module, params = tiny_model(vocab.get_default_vocabulary().vocab_size)
     run = formats.save_flan_jax(str(tmp_path / "run"), module.config, params, vocab.default_vocabulary_path(), 5)
     output = tmp_path / "heldout.json"
     cli.main(["eval", f"--checkpoint={run}", "--suite=flan_heldout,gsm8k_cot", "--limit=2", "--input_length=256",
@@ -288,3 +312,96 @@ def test_flan_heldout_end_to_end_on_a_tiny_random_model(tmp_path, goldp_dir, cap
     cli.main(["eval", "--compare", str(output), str(tmp_path / "other.json")])
     table = capsys.readouterr().out
     assert "mmlu_direct [validation]" in table and "flan_heldout normalized avg" in table and "12.50" in table
+
+
+# --- predictions made elsewhere: --export_prompts, then --predictions ---------------------------
+
+
+def _write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@needs_data
+def test_exported_prompts_answered_with_their_gold_targets_score_100_and_a_constant_its_frequency(
+        tmp_path, goldp_dir):
+    from flan_jax import suite_files
+
+    wanted = [registry.get_suite("flan_heldout"), registry.get_suite("gsm8k_cot")]
+    loaded = suites.load_suites(wanted, {"inputs": 512, "targets": 64}, limit=3, log=lambda _: None)
+    exported = tmp_path / "prompts.jsonl"
+    count = suite_files.export_prompts(loaded, str(exported))
+    records = [json.loads(line) for line in exported.read_text("utf-8").splitlines()]
+    assert count == len(records) == sum(len(t.features) for ex in loaded.examples.values() for t in ex)
+    assert {r["suite"] for r in records} == set(heldout.MEMBERS) | {"gsm8k_cot"}
+    first = loaded.examples["bbh_cot"][0]
+    (record,) = [r for r in records if r["task"] == first.name and r["index"] == 0]
+    assert record["inputs"] == first.texts("inputs")[0] and record["target"] == first.texts("targets")[0]
+    assert record["stops"] == ["Q:"]
+    assert next(r for r in records if r["suite"] == "mmlu_direct")["options"] == ["A", "B", "C", "D"]
+
+    gold = _write_jsonl(tmp_path / "gold.jsonl", [{"task": r["task"], "index": r["index"], "prediction": r["target"]}
+                                                   for r in reversed(records)])
+    results = suites.score_predictions(loaded, suite_files.read_predictions(str(gold), loaded))
+    assert {name: report["score"] for name, report in results["suites"].items()} == dict.fromkeys(results["suites"],
+                                                                                                   100.0)
+    assert results["normalized_average"] == 100.0
+
+    # One answer for every example of a task scores the share of examples it answers right.
+    constant = {}
+    for examples in loaded.examples.values():
+        for task in examples:
+            if task.name.startswith("tydiqa"):  # a list of gold answers each: checked in its own test
+                continue
+            targets = [task.task.postprocess_fn(t, example=ex, is_target=True)
+                       for t, ex in zip(task.texts("targets"), task.features)]
+            answer, hits = collections.Counter(targets).most_common(1)[0]
+            raw = task.texts("targets")[targets.index(answer)]
+            constant[task.name] = (raw, 100.0 * hits / len(targets))
+    answers = _write_jsonl(tmp_path / "constant.jsonl", [
+        {"task": r["task"], "index": r["index"], "prediction": constant.get(r["task"], ("x",))[0]} for r in records])
+    results = suites.score_predictions(loaded, suite_files.read_predictions(str(answers), loaded))
+    for report in results["suites"].values():
+        for task, row in report["tasks"].items():
+            if task in constant:
+                assert row["score"] == pytest.approx(constant[task][1]), task
+
+    # A missing, a second or an unknown row is one line naming the file (and line).
+    gold_lines = gold.read_text("utf-8").splitlines()
+    for name, lines, expected in (
+        ("missing", gold_lines[1:], "no prediction for"),
+        ("twice", gold_lines + gold_lines[:1], f":{len(gold_lines) + 1}: a second prediction"),
+        ("unknown", gold_lines + [json.dumps({"task": "nope", "index": 0, "prediction": "1"})],
+         f":{len(gold_lines) + 1}: unknown task 'nope'"),
+        ("out_of_range", gold_lines + [json.dumps({"task": "gsm8k_cot", "index": 3, "prediction": "1"})],
+         "gsm8k_cot has no example 3"),
+        ("not_json", gold_lines[:2] + ["{oops"], ":3: not JSON"),
+    ):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        with pytest.raises(UserError) as error:
+            suite_files.read_predictions(str(path), loaded)
+        assert str(path) in str(error.value) and expected in str(error.value), (name, error.value)
+        assert "\n" not in str(error.value)
+
+
+@needs_data
+def test_eval_export_prompts_then_predictions_on_the_command_line(tmp_path, capsys):
+    from flan_jax import cli
+
+    prompts, output = tmp_path / "gsm8k_prompts.jsonl", tmp_path / "scored.json"
+    cli.main(["eval", "--suite=gsm8k_cot", "--limit=4", f"--export_prompts={prompts}"])
+    records = [json.loads(line) for line in prompts.read_text("utf-8").splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2, 3] and "4 prompts" in capsys.readouterr().out
+    predictions = _write_jsonl(tmp_path / "answers.jsonl", [
+        {"task": r["task"], "index": r["index"],
+         "prediction": f"Let's see. The answer is {gsm8k.final_number(r['target'])}. Q: And 2 + 2? A: The answer is 5."}
+        for r in records])
+    cli.main(["eval", "--suite=gsm8k_cot", "--limit=4", f"--predictions={predictions}", f"--output={output}"])
+    printed = capsys.readouterr().out
+    results = json.loads(output.read_text())
+    assert results["suites"]["gsm8k_cot"]["score"] == 100.0  # read before the invented "Q:"
+    assert "gsm8k_cot" in printed and "normalized average" in printed
+    with pytest.raises(SystemExit) as exit_info:  # the other suites' rows are not in the file
+        cli.main(["eval", "--suite=gsm8k_cot,mgsm_cot", "--limit=4", f"--predictions={predictions}"])
+    assert "no prediction for mgsm_" in str(exit_info.value)

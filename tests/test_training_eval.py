@@ -49,6 +49,7 @@ def test_training_evaluates_suites_logs_their_normalized_average_and_keeps_the_b
         "--gin.TrainConfig.num_steps=2", f"--gin.TrainConfig.model_dir='{model_dir}'",
         "--gin.EvalConfig.num_examples=2", "--gin.EvalConfig.batch_size=4",
         "--gin.EvalConfig.suites=('gsm8k_cot',)", "--gin.EvalConfig.suite_num_examples=2",
+        "--gin.EvalConfig.suite_decode_length=32",  # GSM8K's default is 256; the tiny model never stops
         "--gin.CheckpointConfig.save_every=1", "--gin.CheckpointConfig.keep_last=1",
         "--gin.CheckpointConfig.best_metric='eval/normalized_average'",
     ]

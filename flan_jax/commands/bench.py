@@ -11,6 +11,8 @@ from flan_jax.commands import catalog, gin_flags, process
 from flan_jax.errors import UserError
 
 LENGTHS_HELP = "inputs,targets lengths"
+# bench train's shape where neither its flags nor gin's TrainConfig bindings give one.
+TRAIN_DEFAULTS = {"batch_size": 32, "task_feature_lengths": {"inputs": 1024, "targets": 256}, "num_microbatches": 1}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -36,10 +38,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     data.set_defaults(check=check_data, run=run_data)
 
     train = benchmarks.add_parser("train", help="train steps: time, tokens/s, MFU, memory (gin-configured model)")
-    train.add_argument("--batch_size", type=int, default=32, help="global batch")
-    train.add_argument("--lengths", default="1024,256", help=LENGTHS_HELP)
+    train.add_argument("--batch_size", type=int, help="global batch (default: TrainConfig.batch_size as gin binds "
+                                                      f"it, e.g. in a run file, else {TRAIN_DEFAULTS['batch_size']})")
+    train.add_argument("--lengths", help=LENGTHS_HELP + " (default: TrainConfig.task_feature_lengths as gin binds "
+                                                        "them, else 1024,256)")
     train.add_argument("--steps", type=int, default=10, help="timed steps")
-    train.add_argument("--num_microbatches", type=int, default=1, help="gradient accumulation")
+    train.add_argument("--num_microbatches", type=int, help="gradient accumulation (default: "
+                                                            "TrainConfig.num_microbatches as gin binds it, else 1)")
     train.add_argument("--layers", help="comma-separated depths (encoder = decoder) to benchmark in turn, e.g. 2,24")
     train.add_argument("--compare_hf", action="store_true", help="also time transformers' T5 step")
     train.add_argument("--json_out", help="also write the figures to this JSON file")
@@ -77,6 +82,26 @@ def _positive_ints(flag: str, text: str, example: str, count: int | None = None)
 def _lengths(args: argparse.Namespace) -> dict[str, int]:
     inputs, targets = _positive_ints("--lengths", args.lengths, "1024,256", count=2)
     return {"inputs": inputs, "targets": targets}
+
+
+def _train_shape(args: argparse.Namespace) -> tuple[int, dict[str, int], int]:
+    """(batch size, lengths, microbatches) of `bench train`: each from its flag, else from
+    TrainConfig as gin binds it (a run file such as runs/flan_t5_xxl.gin), else TRAIN_DEFAULTS."""
+    import gin
+
+    from flan_jax import train_config  # noqa: F401  (registers TrainConfig, whose bindings are read)
+
+    bound = {**TRAIN_DEFAULTS, **gin.get_bindings("TrainConfig")}
+    batch_size = args.batch_size or bound["batch_size"]
+    lengths = _lengths(args) if args.lengths else dict(bound["task_feature_lengths"])
+    num_microbatches = args.num_microbatches or bound["num_microbatches"]
+    for key, value, check in (("batch_size", batch_size, errors.POSITIVE_INT),
+                              ("task_feature_lengths", lengths, errors.FEATURE_LENGTHS),
+                              ("num_microbatches", num_microbatches, errors.POSITIVE_INT)):
+        errors.require(f"TrainConfig.{key}", value, check)
+    if batch_size % num_microbatches:
+        raise UserError(f"num_microbatches={num_microbatches} does not divide batch_size={batch_size}")
+    return batch_size, lengths, num_microbatches
 
 
 def _start_with_data(gin: gin_flags.GinFlags) -> None:
@@ -121,10 +146,10 @@ def run_data(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
 
 def check_train(args: argparse.Namespace) -> None:
     for flag in ("batch_size", "steps", "num_microbatches"):
-        errors.require(f"--{flag}", getattr(args, flag), errors.POSITIVE_INT)
-    if args.batch_size % args.num_microbatches:
-        raise UserError(f"--num_microbatches={args.num_microbatches} does not divide --batch_size={args.batch_size}")
-    _lengths(args)
+        if getattr(args, flag) is not None:
+            errors.require(f"--{flag}", getattr(args, flag), errors.POSITIVE_INT)
+    if args.lengths is not None:
+        _lengths(args)
     if args.layers:
         _positive_ints("--layers", args.layers, "2,24")
     if args.devices is not None:
@@ -146,17 +171,18 @@ def run_train(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
     from flan_jax import bench_peft, bench_plan, bench_train
     from flan_jax.model import T5Config
 
+    batch_size, lengths, num_microbatches = _train_shape(args)
     if args.peft_compare:
-        bench_peft.bench_peft(T5Config(), batch_size=args.batch_size, lengths=_lengths(args), steps=args.steps,
-                              num_microbatches=args.num_microbatches, json_out=args.json_out)
+        bench_peft.bench_peft(T5Config(), batch_size=batch_size, lengths=lengths, steps=args.steps,
+                              num_microbatches=num_microbatches, json_out=args.json_out)
         return
     layers = _positive_ints("--layers", args.layers, "2,24") if args.layers else []
     if args.compile_only:
-        bench_plan.bench_plan(T5Config(), batch_size=args.batch_size, lengths=_lengths(args),
-                              num_microbatches=args.num_microbatches, layers=layers, json_out=args.json_out)
+        bench_plan.bench_plan(T5Config(), batch_size=batch_size, lengths=lengths,
+                              num_microbatches=num_microbatches, layers=layers, json_out=args.json_out)
         return
     bench_train.bench_train(
-        batch_size=args.batch_size, lengths=_lengths(args), steps=args.steps, num_microbatches=args.num_microbatches,
+        batch_size=batch_size, lengths=lengths, steps=args.steps, num_microbatches=num_microbatches,
         layers=layers, compare_hf=args.compare_hf, json_out=args.json_out, profile_dir=args.profile_dir,
     )
 

@@ -23,11 +23,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "average; flan_heldout_mmlu_test: MMLU's test split), mmlu_direct, mmlu_cot, bbh_direct, "
                         "bbh_cot, tydiqa_direct, mgsm_cot, gsm8k_cot")
     parser.add_argument("--limit", type=int, help="suite: the first N examples of each task (default: all)")
-    parser.add_argument("--method", choices=["generate", "rank"],
-                        help="rank: rank classification of the options where examples have them (default: generate)")
+    parser.add_argument("--method", choices=["generate", "rank", "choice"],
+                        help="where examples have options: rank (the likeliest option) or choice (the option whose "
+                        "first token has the highest first-step logit); default: each suite's own (MMLU-Direct: "
+                        "choice, the rest: generate), else generate")
     parser.add_argument("--batch_size", type=int, default=32, help="suite: rows per batch")
     parser.add_argument("--input_length", type=int, default=2048, help="suite: prompt tokens (EOS included)")
-    parser.add_argument("--target_length", type=int, default=256, help="suite: most tokens decoded or scored")
+    parser.add_argument("--target_length", type=int, help="suite: most tokens decoded per row (default: each "
+                        "suite's own, long enough for its exemplars' answers) and scored per option")
+    parser.add_argument("--export_prompts", metavar="FILE", help="suite: write every prompt with its gold target as "
+                        "JSON Lines (suite, task, index, inputs, target, stops), evaluate nothing")
+    parser.add_argument("--predictions", metavar="FILE", help="suite: score a JSON Lines file of "
+                        "{task, index, prediction} made elsewhere, with the suite's own extraction and metrics")
     parser.add_argument("--output", help="suite: results JSON (default eval_results/<checkpoint>-step<N>.json)")
     parser.add_argument("--tb_dir", help="suite: TensorBoard directory (default: next to --output)")
     parser.add_argument("--compare", nargs="+", metavar="RESULTS_JSON", help="print results files side by side")
@@ -35,12 +42,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    for flag in ("batch_size", "input_length", "target_length"):
+    for flag in ("batch_size", "input_length"):
         errors.require(f"--{flag}", getattr(args, flag), errors.POSITIVE_INT)
     if args.limit is not None:
         errors.require("--limit", args.limit, errors.POSITIVE_INT)
+    if args.target_length is not None:
+        errors.require("--target_length", args.target_length, errors.POSITIVE_INT)
     if args.compare and len(args.compare) < 2:
         raise UserError("--compare takes two or more results files")
+    if (args.export_prompts or args.predictions) and not args.suite:
+        raise UserError(f"--{'export_prompts' if args.export_prompts else 'predictions'} needs --suite")
+    if args.export_prompts and args.predictions:
+        raise UserError("--export_prompts and --predictions are two steps: run them one after the other")
 
 
 def run(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
@@ -50,6 +63,8 @@ def run(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
 
     if args.compare:
         print(compare_results([(path, read_results(path)) for path in args.compare]))
+    elif args.export_prompts or args.predictions:
+        _suite_files(args)
     elif args.suite:
         _eval_suites(args)
     else:
@@ -94,6 +109,48 @@ def _eval_configured(args: argparse.Namespace) -> None:
         print(f"  {key.removeprefix('eval/'):<56} {value:7.2f}")
 
 
+def _suite_lengths(args: argparse.Namespace, suites: list) -> dict[str, int]:
+    """Prompt tokens, and the most target tokens scored per option (rank): --target_length, else
+    the longest of the suites' default decode lengths."""
+    from flan_jax.suites import expand_suites
+
+    targets = args.target_length or max(s.max_decode_length for s in expand_suites(suites)[0])
+    return {"inputs": args.input_length, "targets": targets}
+
+
+def _suite_files(args: argparse.Namespace) -> None:
+    """`--export_prompts`: the suites' prompts out; `--predictions`: predictions made elsewhere scored."""
+    import json
+
+    from flan_jax import suite_files
+    from flan_jax.suites import format_results, load_suites, score_predictions
+
+    suites = catalog.get_suites(args.suite)
+    if args.checkpoint:  # Tokenized (exemplars dropped to fit) with the checkpoint's vocabulary.
+        from flan_jax import inference
+
+        vocabulary = inference.load_model(args.checkpoint, step=args.step, vocab_path=args.vocab,
+                                          base=args.base).vocabulary
+    else:
+        import seqio
+
+        vocabulary = seqio.SentencePieceVocabulary(args.vocab) if args.vocab else None  # None: the default
+    catalog.load_tasks(vocabulary)
+    loaded = load_suites(suites, _suite_lengths(args, suites), args.limit)
+    if args.export_prompts:
+        count = suite_files.export_prompts(loaded, args.export_prompts)
+        print(f"{count} prompts of {', '.join(s.name for s in loaded.suites)} written to {args.export_prompts}")
+        return
+    results = score_predictions(loaded, suite_files.read_predictions(args.predictions, loaded))
+    results = {"predictions": os.path.abspath(args.predictions), **results}
+    output = args.output or os.path.join("eval_results", f"{Path(args.predictions).stem}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+        json.dump(results, f, indent=1)
+    print(format_results(results))
+    print(f"results      {output}")
+
+
 def _eval_suites(args: argparse.Namespace) -> None:
     """`eval --suite`: held-out benchmarks of any checkpoint, to JSON, TensorBoard and a table."""
     import json
@@ -120,7 +177,7 @@ def _eval_suites(args: argparse.Namespace) -> None:
     data_lib.check_prompt_room(prompt_length, args.input_length, "--input_length")
     results = run_suites(
         suites, inference.ModelRunner(model.module, model.partitioner).fns(model.params),
-        lengths={"inputs": args.input_length, "targets": args.target_length}, method=args.method or "generate",
+        lengths=_suite_lengths(args, suites), method=args.method, decode_length=args.target_length,
         batch_size=args.batch_size, limit=args.limit, prompt_length=prompt_length,
     )
     results = {"checkpoint": os.path.abspath(args.checkpoint), "format": model.format, "step": model.step, **results}

@@ -19,6 +19,12 @@ from flan_jax.errors import UserError
 GIN_DIR = gin_config_dir()
 
 
+# What the data stack registers (flan_jax's data, evaluation and checkpointing,
+# tasks/): a run file binds them, and `parse(with_data=False)` passes over them.
+DATA_CONFIGURABLES = ("get_train_dataset", "EvalConfig", "CheckpointConfig", "train", "get_default_vocabulary",
+                      "data_dir", "flan_cot_location")
+
+
 class GinFlags(NamedTuple):
     files: list[str]
     bindings: list[str]
@@ -63,9 +69,11 @@ class _GinProbeFilter(logging.Filter):
 def parse(flags: GinFlags, *, with_data: bool = True) -> None:
     """Parses gin files and bindings; a bad one is a UserError with gin's message and where.
 
-    `with_data=False` registers only the model, optimizer and partitioning
-    configurables (what `bench train` needs), so TensorFlow, SeqIO and t5 are
-    never imported. Tasks are registered afterwards (`catalog.load_tasks`), so
+    `with_data=False` registers only the model, optimizer, partitioning and
+    TrainConfig configurables (what `bench train` needs), so TensorFlow, SeqIO
+    and t5 are never imported; the bindings of DATA_CONFIGURABLES (a run file's
+    evaluation, checkpointing, vocabulary) are passed over. Tasks are
+    registered afterwards (`catalog.load_tasks`), so
     that bindings which shape them (vocabulary, data directory) take effect.
     Without files or bindings nothing is imported (a command that needs no
     configurable then starts faster).
@@ -82,13 +90,14 @@ def parse(flags: GinFlags, *, with_data: bool = True) -> None:
         tasks.import_modules()  # Their configurables (vocabulary, data directories); registers nothing.
         from flan_jax import trainer  # noqa: F401  (registers the configurables)
     else:
-        from flan_jax import bench_train  # noqa: F401  (registers model, optimizer, partitioner)
+        from flan_jax import bench_train, train_config  # noqa: F401  (register model, optimizer, partitioner, TrainConfig)
 
     if GIN_DIR:
         gin.add_config_file_search_path(str(GIN_DIR))
     try:
         gin.parse_config_files_and_bindings([resolve_file(f) for f in flags.files], flags.bindings,
-                                            finalize_config=False)
+                                            finalize_config=False,
+                                            skip_unknown=False if with_data else list(DATA_CONFIGURABLES))
     except SystemExit:
         raise
     except Exception as e:  # gin raises several types; all are user errors here.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -62,6 +63,71 @@ def detect_format(path: str) -> str:
         f"{path}: not a recognised checkpoint (expected a HF directory with config.json, a HF PEFT adapter "
         "directory with adapter_config.json, a T5X checkpoint_<step>/ directory, or a flan-jax run or step directory)"
     )
+
+
+# The T5Config fields that describe a checkpoint's network (the rest are training choices).
+ARCHITECTURE_FIELDS = (
+    "vocab_size", "emb_dim", "num_heads", "head_dim", "num_encoder_layers", "num_decoder_layers", "mlp_dim",
+    "mlp_activations", "logits_via_embedding", "relative_attention_num_buckets", "relative_attention_max_distance",
+    "layer_norm_epsilon",
+)
+# Those a T5X checkpoint's parameter shapes tell (it stores no config): of the
+# activations only whether the MLP is gated, nothing of the others.
+_SHAPE_FIELDS = tuple(f for f in ARCHITECTURE_FIELDS if f not in (
+    "mlp_activations", "relative_attention_max_distance", "layer_norm_epsilon"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """A checkpoint's network and vocabulary, read without its weights (`read_architecture`)."""
+
+    config: T5Config
+    stated: tuple[str, ...]  # the ARCHITECTURE_FIELDS the checkpoint states; the others are guesses
+    vocab_file: str | None  # its SentencePiece model, if it carries one
+
+
+def read_architecture(path: str) -> Architecture:
+    """The architecture and vocabulary of a checkpoint in any format: a HF directory's
+    config.json and spiece.model, a T5X checkpoint's parameter shapes (no vocabulary),
+    a flan-jax step's metadata and its run's vocabulary, a PEFT directory's recorded base."""
+    path = path if "://" in path else os.path.abspath(path)
+    fmt = detect_format(path)
+    if fmt == "hf_peft":
+        return read_architecture(hf_peft.recorded_base(path))
+    if fmt == "hf":
+        config, vocab_file = hf.read_hf_config(path)
+        return Architecture(config, ARCHITECTURE_FIELDS, vocab_file)
+    if fmt in ("t5x_legacy", "t5x_orbax"):
+        return Architecture(config_from_params(t5x.open_checkpoint(path, fmt).shapes, path), _SHAPE_FIELDS, None)
+    checkpoint_dir, step, run_dir = flan_jax_location(path)
+    ckpt = ckpt_lib.open_for_reading(checkpoint_dir)
+    try:
+        if step is None:
+            _, meta = ckpt.read_newest(lambda s: _read_meta(ckpt, s), _best_then_newest(ckpt))
+        else:
+            meta = _read_meta(ckpt, step)
+    finally:
+        ckpt.close()
+    return Architecture(meta.model_config, ARCHITECTURE_FIELDS, _vocab_file(meta.vocabulary, run_dir))
+
+
+def unbound_architecture(architecture: Architecture, bound: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The architecture fields gin leaves unbound, with the checkpoint's values; a field
+    `bound` gives another value than the checkpoint states is a UserError naming both
+    and the flag that takes the checkpoint's."""
+    unbound = {}
+    for field in ARCHITECTURE_FIELDS:
+        value = getattr(architecture.config, field)
+        if field not in bound:
+            unbound[field] = value
+            continue
+        given = tuple(bound[field]) if isinstance(bound[field], list) else bound[field]
+        if field in architecture.stated and given != value:
+            raise UserError(
+                f"T5Config.{field}={given!r} is bound in gin but {source} has {field} {value!r}: "
+                f"pass --gin.T5Config.{field}={value!r} (or bind none, to take the checkpoint's)"
+            )
+    return unbound
 
 
 def config_from_params(params: PyTree, source: str = "checkpoint") -> T5Config:
@@ -199,10 +265,7 @@ def _load_flan_jax(
 
     try:
         if step is None:
-            # The best step, else the newest; an unreadable one is reported and set aside for the next.
-            best = ckpt.best_step()
-            order = ([best] if best is not None else []) + sorted(set(ckpt.all_steps()) - {best}, reverse=True)
-            step, (loaded_config, params, meta) = ckpt.read_newest(read, order)
+            step, (loaded_config, params, meta) = ckpt.read_newest(read, _best_then_newest(ckpt))
         elif step not in ckpt.all_steps():
             raise UserError(f"no step {step} in {ckpt.directory}; available: {ckpt.all_steps()}")
         else:
@@ -210,6 +273,13 @@ def _load_flan_jax(
     finally:
         ckpt.close()
     return LoadedCheckpoint("flan_jax", loaded_config, params, meta.vocabulary, run_dir, step)
+
+
+def _best_then_newest(ckpt: ckpt_lib.Checkpointer) -> list[int]:
+    """The steps to read a run from: the best, else the newest first (an unreadable one is
+    reported and set aside for the next, `Checkpointer.read_newest`)."""
+    best = ckpt.best_step()
+    return ([best] if best is not None else []) + sorted(set(ckpt.all_steps()) - {best}, reverse=True)
 
 
 def _load_adapters_and_base(
@@ -357,7 +427,12 @@ def save_flan_jax(directory: str, config: T5Config, params: PyTree, vocab_file: 
 
 def vocab_file_of(loaded: LoadedCheckpoint) -> str | None:
     """The SentencePiece file a loaded checkpoint carries, if any."""
-    record = loaded.vocab_record or {}
-    if record.get("type") != "sentencepiece" or not loaded.vocab_dir:
+    return _vocab_file(loaded.vocab_record, loaded.vocab_dir)
+
+
+def _vocab_file(record: dict | None, directory: str | None) -> str | None:
+    """The SentencePiece file a vocabulary record names (see flan_jax.data.load_vocabulary), if any."""
+    record = record or {}
+    if record.get("type") != "sentencepiece" or not directory:
         return None
-    return os.path.join(loaded.vocab_dir, record["file"])
+    return os.path.join(directory, record["file"])

@@ -263,13 +263,18 @@ def load_state_dict(directory: str) -> dict[str, np.ndarray]:
     )
 
 
-def load_hf_directory(directory: str) -> tuple[T5Config, Params, str | None]:
-    """(config, params, path of spiece.model or None) of a HF T5 directory."""
+def read_hf_config(directory: str) -> tuple[T5Config, str | None]:
+    """(config, path of spiece.model or None) of a HF T5 directory, its weights unread."""
     config_path = os.path.join(directory, "config.json")
     config = config_from_hf(_read_json_object(config_path), source=config_path)
-    params = params_from_hf_state_dict(load_state_dict(directory), config, source=directory)
     vocab = os.path.join(directory, "spiece.model")
-    return config, params, vocab if os.path.isfile(vocab) else None
+    return config, vocab if os.path.isfile(vocab) else None
+
+
+def load_hf_directory(directory: str) -> tuple[T5Config, Params, str | None]:
+    """(config, params, path of spiece.model or None) of a HF T5 directory."""
+    config, vocab = read_hf_config(directory)
+    return config, params_from_hf_state_dict(load_state_dict(directory), config, source=directory), vocab
 
 
 def save_hf_directory(directory: str, params: Params, config: T5Config, vocab_file: str | None) -> None:
