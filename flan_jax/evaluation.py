@@ -312,9 +312,10 @@ def _choose(examples: Sequence[TaskExamples], fns: ModelFns, batch_size: int, ba
             tokens = [o[0] for o in _option_tokens(examples[t], i)]
             predictions[t][i] = examples[t].options(i)[int(np.argmax(row_logits[tokens]))]
         bar.update(len(batch))
-    for (t, i), option in zip(several, _most_likely(examples, several, fns, batch_size, limit, eos=False)):
+    bar.total += sum(len(examples[t].options(i)) - 1 for t, i in several)  # a pass per option, not per example
+    bar.refresh()
+    for (t, i), option in zip(several, _most_likely(examples, several, fns, batch_size, limit, eos=False, bar=bar)):
         predictions[t][i] = option
-        bar.update(1)
     return predictions
 
 
