@@ -1,10 +1,12 @@
 """Orbax checkpoints of a training run: params, optimizer state and metadata.
 
-A step directory holds three items so each can be read alone:
-  params/     the model's parameter tree (T5X names)
-  opt_state/  the optax Adafactor state
-  meta/       JSON: step, model config, data position, vocabulary file
-              (its fields: flan_jax.formats.StepMeta; this module stores any JSON object)
+A step directory holds these items so each can be read alone:
+  params/       the model's parameter tree (T5X names)
+  opt_state/    the optax Adafactor state
+  meta/         JSON: step, model config, data position, vocabulary file
+                (its fields: flan_jax.formats.StepMeta; this module stores any JSON object)
+  input_state/  the input pipeline's position, when the run saves it
+                (flan_jax/input_checkpoint.py)
 `flan-jax infer` restores `params` and `meta` only.
 
 Retention keeps the last `keep_last` steps plus the `keep_best` steps with
@@ -38,8 +40,9 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from flan_jax import errors
+from flan_jax import errors, input_checkpoint
 from flan_jax.errors import UserError
+from flan_jax.input_checkpoint import InputState
 
 PyTree = Any
 T = TypeVar("T")
@@ -114,6 +117,7 @@ class Checkpointer:
             "params": ocp.StandardCheckpointHandler(),
             "opt_state": ocp.StandardCheckpointHandler(),
             "meta": ocp.JsonCheckpointHandler(),
+            input_checkpoint.ITEM: input_checkpoint.InputStateHandler(),
         }
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -137,11 +141,13 @@ class Checkpointer:
         opt_state: PyTree | None,
         meta: Mapping[str, Any],
         metrics: Mapping[str, float] | None = None,
+        input_state: InputState | None = None,
     ) -> float:
         """Starts an asynchronous save; returns the seconds the caller was held up.
 
-        The caller waits for the previous save to finish and for the copy of
-        the arrays to host memory; the writing happens in the background. An
+        The caller waits for the previous save to finish, for the copy of the
+        arrays to host memory and for `input_state` (the input pipeline) to
+        write its position; the arrays are written in the background. An
         existing step is never overwritten. opt_state may be None.
         """
         if step in self.manager.all_steps():
@@ -149,6 +155,8 @@ class Checkpointer:
         items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(dict(meta))}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
+        if input_state is not None:
+            items[input_checkpoint.ITEM] = input_checkpoint.InputStateSave(input_state)
         start = time.perf_counter()
         self._check_previous_save()
         try:
@@ -187,8 +195,10 @@ class Checkpointer:
         """Whether `step` holds an optimizer state (converted checkpoints hold params only)."""
         return self._item_metadata(step).get("opt_state") is not None
 
-    def restore(self, step: int, abstract_params: PyTree, abstract_opt_state: PyTree) -> tuple[PyTree, PyTree, dict]:
-        """Restores a full training state onto the shardings of the abstract trees."""
+    def restore(self, step: int, abstract_params: PyTree, abstract_opt_state: PyTree,
+                input_state: InputState | None = None) -> tuple[PyTree, PyTree, dict]:
+        """Restores a full training state onto the shardings of the abstract trees, and
+        `input_state`'s position when the step holds one (else it is left as it is)."""
         saved = self._item_metadata(step)
         if saved.get("opt_state") is None:
             raise UserError(
@@ -197,11 +207,15 @@ class Checkpointer:
             )
         check_fits(saved["params"], abstract_params, f"step {step} in {self.directory}", "parameter")
         check_fits(saved["opt_state"], abstract_opt_state, f"step {step} in {self.directory}", "optimizer state entry")
+        items = {}
+        if input_state is not None and saved.get(input_checkpoint.ITEM) is not None:
+            items[input_checkpoint.ITEM] = input_checkpoint.InputStateRestore(input_state)
         restored = self._read(
             step,
             params=ocp.args.StandardRestore(abstract_params),
             opt_state=ocp.args.StandardRestore(abstract_opt_state),
             meta=ocp.args.JsonRestore(),
+            **items,
         )
         return restored.params, restored.opt_state, self._meta_dict(step, restored.meta)
 

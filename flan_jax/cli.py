@@ -31,8 +31,6 @@ from collections.abc import Sequence
 from flan_jax import xla_presets
 from flan_jax.commands import bench, convert, data, gin_flags, infer, process, train
 from flan_jax.commands import eval as eval_command
-from flan_jax.commands.gin_flags import resolve_file as _resolve_gin_file  # noqa: F401  (tests use it)
-from flan_jax.commands.process import HUGE_PAGES_TUNABLE, huge_page_environment  # noqa: F401  (tests use them)
 from flan_jax.errors import UserError
 
 COMMANDS = (train, eval_command, infer, convert, bench, data)
@@ -54,7 +52,9 @@ def _message(error: UserError) -> str:
 
 def run() -> None:
     """The `flan-jax` console script (and `python -m flan_jax.cli`): on CPU
-    hosts, re-executes itself once under `huge_page_environment`, then `main`."""
+    hosts, re-executes itself once under `process.huge_page_environment`, then `main`."""
+    # --help and malformed flags are answered here: the re-execution would double their start-up.
+    build_parser().parse_args(gin_flags.split_args(sys.argv[1:])[1])
     process.reexec_with_huge_pages()
     main()
 

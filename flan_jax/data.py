@@ -9,7 +9,7 @@ so a run resumed at step N continues with batch N exactly.
 Resuming at batch N by skipping costs as long as producing N batches did:
 rendering and tokenizing happen in Python, so on a long run that is hours.
 `TrainIterator` saves the tf.data iterator itself (shuffle buffers, mixing
-sampler, packing state) next to each checkpoint and restores it in seconds;
+sampler, packing state) in each checkpoint step and restores it in seconds;
 it falls back to skipping when no saved position matches.
 
 Several hosts feed one global batch in one of two ways (`input_sharding`):
@@ -32,12 +32,12 @@ With one host (num_shards == 1) both build the same pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import shutil
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import gin
 import numpy as np
@@ -49,6 +49,20 @@ from flan_jax.train_config import INPUT_SHARDINGS
 from flan_jax.errors import UserError
 
 logger = logging.getLogger(__name__)
+STATE_SPEC = "spec.json"  # Beside a saved input position: its data settings (and the position).
+
+
+class ExampleFilter(Protocol):
+    """Drops training examples as the pipeline reads them (tasks/overlap.py's `OverlapExclusion`)."""
+
+    def installed(self) -> contextlib.AbstractContextManager[None]:
+        """Active while a training pipeline is built: the task datasets take the filter then."""
+
+    def metrics(self) -> dict[str, float]:
+        """The running counts, logged with each training log step."""
+
+    def report(self) -> dict[str, Any]:
+        """What it dropped, written into the run directory at the end of the run (`RunDir`)."""
 
 
 def get_mixture_or_task(name: str) -> seqio.Task | seqio.Mixture:
@@ -141,7 +155,7 @@ def add_prompt_slots(ds: tf.data.Dataset, prompt_length: int) -> tf.data.Dataset
     return ds.map(lambda ex: {**ex, "inputs": prepend_prompt_slots(ex["inputs"], prompt_length)})
 
 
-@gin.configurable(denylist=["start_batch", "prompt_length"])
+@gin.configurable(denylist=["start_batch", "prompt_length", "example_filter"])
 def get_train_dataset(
     mixture_or_task_name: str,
     task_feature_lengths: Mapping[str, int],
@@ -158,6 +172,7 @@ def get_train_dataset(
     packer: str = DEFAULT_PACKER,
     pack_buffer_size: int = packing.DEFAULT_BUFFER_SIZE,
     prompt_length: int = 0,
+    example_filter: ExampleFilter | None = None,
 ) -> tf.data.Dataset:
     """An endless, deterministic dataset of model-feature batches.
 
@@ -185,6 +200,8 @@ def get_train_dataset(
       prompt_length: the model's T5Config.prompt_length: that many prompt
         slots start every example's inputs, before packing, within the
         inputs length (`text_lengths`, `add_prompt_slots`).
+      example_filter: drops training examples before they are rendered
+        (say, those overlapping evaluation: `TrainConfig.exclude_overlap_with`).
     """
     check_packer(packer)
     errors.require("get_train_dataset.pack_buffer_size", pack_buffer_size, errors.POSITIVE_INT)
@@ -196,16 +213,17 @@ def get_train_dataset(
     shard_source = num_shards > 1 and input_sharding == "source"
     # seqio.get_dataset's two stages, with the prompt slots added between the
     # task's (tokenized, trimmed) examples and the packing feature converter.
-    ds = task.get_dataset(
-        text_lengths(task_feature_lengths, prompt_length),
-        split=split,
-        use_cached=False,
-        shuffle=shuffle,
-        seed=seed,
-        shard_info=seqio.ShardInfo(shard_index, num_shards) if shard_source else None,
-        num_epochs=None,
-        trim_output_features=True,
-    )
+    with example_filter.installed() if example_filter else contextlib.nullcontext():
+        ds = task.get_dataset(
+            text_lengths(task_feature_lengths, prompt_length),
+            split=split,
+            use_cached=False,
+            shuffle=shuffle,
+            seed=seed,
+            shard_info=seqio.ShardInfo(shard_index, num_shards) if shard_source else None,
+            num_epochs=None,
+            trim_output_features=True,
+        )
     ds = add_prompt_slots(ds, prompt_length)
     ds = feature_converter(pack, packer, pack_buffer_size)(ds, task_feature_lengths=dict(task_feature_lengths))
     if num_shards > 1 and input_sharding == "global_batch":
@@ -222,104 +240,100 @@ def get_train_dataset(
 class TrainIterator:
     """Numpy batches of `get_train_dataset`, whose exact position can be saved and restored.
 
-    `position` counts the batches returned. `save()` writes the iterator's
-    state to `state_dir/process_<process_index>/<position>/` (`process_index`
-    defaults to `shard_index`; hosts that feed the same shard save apart); an iterator built
-    with `start_batch=N` and the same arguments restores the state saved at N,
-    else reads and drops N batches (exact too, only slow). Either way its next
-    batch is batch N of an uninterrupted run.
+    `position` counts the batches returned. `write_state(directory)` saves
+    the tf.data iterator there (the trainer puts it in the checkpoint step,
+    flan_jax/input_checkpoint.py); `read_state(directory)` restores a state
+    written with the same arguments, and `skip_to(n)` reads and drops
+    batches up to `n` when nothing was restored (exact too, only slow).
+    Either way the next batch is batch n of an uninterrupted run. The
+    pipeline is built at first use, so making one costs nothing.
 
     A saved state holds every buffer of the pipeline (shuffle buffers, the
     packer's pending examples, prefetched batches): tens of MB at long
-    sequence lengths, a few seconds to write. `save` blocks training meanwhile.
+    sequence lengths, a few seconds to write, during which training waits.
     """
 
-    def __init__(
-        self,
-        mixture_or_task_name: str,
-        task_feature_lengths: Mapping[str, int],
-        batch_size: int,
-        *,
-        start_batch: int = 0,
-        state_dir: str | None = None,
-        process_index: int | None = None,
-        **dataset_kwargs: Any,
-    ) -> None:
+    def __init__(self, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], batch_size: int,
+                 *, example_filter: ExampleFilter | None = None, **dataset_kwargs: Any) -> None:
         """`dataset_kwargs` go to `get_train_dataset` (split, seed, pack, shuffle, shard_index, num_shards,
         input_sharding, packer, pack_buffer_size, prompt_length)."""
         # What must match for a saved state to be restored into this pipeline.
         packer, pack_buffer_size = configured_packing()  # Also when set in gin, not here.
-        self._spec = {
-            "mixture_or_task_name": mixture_or_task_name,
-            "task_feature_lengths": dict(task_feature_lengths),
-            "batch_size": batch_size,
-            "packer": packer,
-            "pack_buffer_size": pack_buffer_size,
-            **dataset_kwargs,
-        }
-        process = dataset_kwargs.get("shard_index", 0) if process_index is None else process_index
-        self._dir = os.path.join(state_dir, f"process_{process}") if state_dir else None
-        # Never skip inside the dataset: the graph must be the same whether
-        # the state was restored or not, or a later save could not be restored.
-        ds = get_train_dataset(mixture_or_task_name, task_feature_lengths, batch_size, **dataset_kwargs)
-        self._iterator = iter(ds)
-        self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+        self._spec = json.loads(json.dumps({
+            "mixture_or_task_name": mixture_or_task_name, "task_feature_lengths": dict(task_feature_lengths),
+            "batch_size": batch_size, "packer": packer, "pack_buffer_size": pack_buffer_size, **dataset_kwargs,
+        }))
+        self._build = lambda: get_train_dataset(mixture_or_task_name, task_feature_lengths, batch_size,
+                                                example_filter=example_filter, **dataset_kwargs)
+        self._iterator: Any = None
         self._saveable = True
         self.position = 0
-        if start_batch:
-            self._resume(start_batch)
+
+    def _started(self) -> Any:
+        # Never skip inside the dataset: the graph must be the same whether
+        # the state was restored or not, or a later save could not be restored.
+        if self._iterator is None:
+            self._iterator = iter(self._build())
+            self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+        return self._iterator
 
     def __iter__(self) -> TrainIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self._iterator)
+        batch = next(self._started())
         self.position += 1
         return {k: v.numpy() for k, v in batch.items()}
 
-    def _step_dir(self, position: int) -> str:
-        return os.path.join(self._dir, str(position))
-
-    def save(self, keep: Iterable[int] = ()) -> bool:
-        """Saves the position; deletes saved positions other than this one and `keep`. False if not saved.
-
-        Pass the steps the checkpoint manager still holds as `keep`.
-        """
-        if not self._dir or not self._saveable:
+    def write_state(self, directory: str) -> bool:
+        """Saves the position into `directory` (created); False when this pipeline cannot be saved."""
+        if not self._saveable:
             return False
-        path = self._step_dir(self.position)
-        shutil.rmtree(path, ignore_errors=True)
+        self._started()
+        tf.io.gfile.makedirs(directory)
         try:
-            self._checkpoint.write(os.path.join(path, "iterator"))
+            self._checkpoint.write(os.path.join(directory, "iterator"))
         except (tf.errors.OpError, ValueError) as e:
-            # A pipeline with an op tf.data cannot save (e.g. from_generator):
-            # resuming will skip instead.
+            # A pipeline with an op tf.data cannot save (e.g. from_generator): resuming will skip instead.
             logger.warning("cannot save the input position (%s); a resume will skip batches instead", e)
             self._saveable = False
             return False
-        with open(os.path.join(path, "spec.json"), "w") as f:  # Written last: marks the state complete.
-            json.dump(self._spec, f)
-        keep = {self.position, *keep}
-        for name in os.listdir(self._dir):
-            if name.isdigit() and int(name) not in keep:
-                shutil.rmtree(os.path.join(self._dir, name), ignore_errors=True)
+        with tf.io.gfile.GFile(os.path.join(directory, STATE_SPEC), "w") as f:  # Written last: marks it complete.
+            json.dump({"position": self.position, "spec": self._spec}, f)
         return True
 
-    def _resume(self, start_batch: int) -> None:
-        path = self._step_dir(start_batch) if self._dir else None
-        spec_file = os.path.join(path, "spec.json") if path else ""
-        if spec_file and os.path.exists(spec_file):
-            with open(spec_file) as f:
-                saved = json.load(f)
-            if saved == json.loads(json.dumps(self._spec)):
-                self._checkpoint.read(os.path.join(path, "iterator")).assert_consumed()
-                self.position = start_batch
-                return
-            logger.warning("the input position saved in %s is for other data settings; skipping instead", path)
-        logger.warning("no saved input position for batch %d: reading and dropping %d batches", start_batch, start_batch)
-        for _ in range(start_batch):
-            next(self._iterator)
-        self.position = start_batch
+    def read_state(self, directory: str, position: int | None = None) -> bool:
+        """Restores the state `write_state` saved in `directory`; False (and the position
+        unchanged) when there is none or it is for other data settings.
+
+        `position`: that of a state saved by flan-jax before 0.2 in MODEL_DIR/input_state/
+        (process_<i>/<step>/), whose spec.json holds the settings alone.
+        """
+        spec_file = os.path.join(directory, STATE_SPEC)
+        if not tf.io.gfile.exists(spec_file):
+            return False
+        with tf.io.gfile.GFile(spec_file) as f:
+            saved = json.load(f)
+        if position is not None:
+            saved = {"position": position, "spec": saved}
+        if saved["spec"] != self._spec:
+            logger.warning("the input position saved in %s is for other data settings; skipping instead", directory)
+            return False
+        self._started()
+        self._checkpoint.read(os.path.join(directory, "iterator")).assert_consumed()
+        self.position = saved["position"]
+        return True
+
+    def skip_to(self, batch: int) -> None:
+        """Reads and drops batches until `batch` is next (nothing to do after a matching `read_state`)."""
+        if self.position > batch:
+            raise ValueError(f"the input pipeline is at batch {self.position}, past batch {batch}")
+        if self.position < batch:
+            logger.warning("no saved input position for batch %d: reading and dropping %d batches",
+                           batch, batch - self.position)
+        while self.position < batch:
+            next(self._started())
+            self.position += 1
 
 
 def fill_rates(batch: Mapping[str, np.ndarray]) -> dict[str, float]:

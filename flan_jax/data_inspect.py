@@ -1,6 +1,6 @@
 """What a sample of examples looks like to training: token lengths, truncation, packing, lengths that pack well.
 
-The figures behind `flan-jax data stats` (flan_jax/commands/data_report.py
+The figures behind `flan-jax data stats` (tasks/data_report.py
 draws the sample from the registered tasks); nothing here depends on tasks/.
 """
 

@@ -228,12 +228,13 @@ def sequence_log_likelihood(
     return jnp.sum(jnp.where(target_tokens > 0, token_log_probs, 0.0), axis=-1)
 
 
-def _top_k_filter(logits: Array, k: int) -> Array:
+def top_k_filter(logits: Array, k: int) -> Array:
+    """Keeps the `k` best tokens (ties with the k-th included); the others get -inf."""
     kth_best = lax.top_k(logits, k)[0][..., -1:]
     return jnp.where(logits < kth_best, -jnp.inf, logits)
 
 
-def _top_p_filter(logits: Array, p: float) -> Array:
+def top_p_filter(logits: Array, p: float) -> Array:
     """Keeps the smallest set of best tokens whose probability reaches p."""
     ranked = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
     probs = jax.nn.softmax(ranked, axis=-1)
@@ -265,9 +266,9 @@ def temperature_sample(
             return argmax_first(logits)
         logits = logits / temperature
         if top_k > 0:
-            logits = _top_k_filter(logits, top_k)
+            logits = top_k_filter(logits, top_k)
         if top_p < 1.0:
-            logits = _top_p_filter(logits, top_p)
+            logits = top_p_filter(logits, top_p)
         return jax.random.categorical(jax.random.fold_in(rng, i), logits, axis=-1)
 
     state = init_decoding(model, params, encoder_input_tokens, max_decode_length)

@@ -27,7 +27,7 @@ Rank and choice apply to tasks whose examples carry options (multiple-choice
 tasks, non-CoT variants); other tasks are generated.
 
 Examples are sorted by length and batched with lengths rounded up to a
-quarter-octave step (`bucket`), so a suite compiles a handful of shapes and
+quarter-octave step (`batching.bucket`), so a suite compiles a handful of shapes and
 pads little. A prompt that needs more
 than the input length (even after dropping exemplars) is never cut
 silently: every task reports how many prompts did not fit whole
@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import gin
@@ -52,11 +52,10 @@ import tqdm
 
 from flan_jax import data as data_lib
 from flan_jax import errors
+from flan_jax.batching import batches_by_length, pad_rows
 from flan_jax.errors import UserError
 
 METHODS = ("generate", "rank", "choice")
-MIN_BUCKET = 16  # The shortest padded length, and the smallest step between padded lengths.
-BUCKETS_PER_OCTAVE = 4  # Padded lengths between two powers of two (a few shapes, at most 25% padding).
 
 
 @gin.configurable
@@ -191,35 +190,7 @@ def mixture_tasks(name: str) -> list[str]:
     return [t.name for t in (task.tasks if isinstance(task, seqio.Mixture) else [task])]
 
 
-# --- batching and prediction -----------------------------------------------------------
-
-
-def bucket(length: int, limit: int) -> int:
-    """`length` rounded up to the next of BUCKETS_PER_OCTAVE even steps above its power of
-    two (1025..2048 -> 1280, 1536, 1792, 2048), steps of at least MIN_BUCKET; at most `limit`.
-
-    Encoding cost grows faster than length (attention): t5.1.1-small in bf16 on
-    CPU encodes a row in 0.65 s at 1,024 tokens, 1.16 s at 1,536 and 2.05 s at
-    2,048, so powers of two made a 1,100-token prompt cost ~2.4x its 1,280.
-    """
-    length = max(int(length), 1)
-    step = max(MIN_BUCKET, (1 << (length - 1).bit_length()) // (2 * BUCKETS_PER_OCTAVE))
-    return min(limit, -(-length // step) * step)
-
-
-def pad_rows(rows: Sequence[np.ndarray], batch_size: int, limit: int) -> np.ndarray:
-    """Zero-pads rows into [batch_size, bucketed length]; missing rows are all padding."""
-    out = np.zeros((batch_size, bucket(max(len(r) for r in rows), limit)), np.int32)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = row[: out.shape[1]]
-    return out
-
-
-def batches_by_length(rows: Sequence[np.ndarray], batch_size: int) -> Iterator[list[int]]:
-    """Row indices in batches of similar length, longest first (a memory error shows at once)."""
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-    for start in range(0, len(order), batch_size):
-        yield order[start : start + batch_size]
+# --- prediction -----------------------------------------------------------------------
 
 
 def stop_pattern(stops: Sequence[str]) -> re.Pattern[str] | None:

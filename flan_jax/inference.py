@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 import seqio
 
 from flan_jax import data as data_lib
-from flan_jax import decoding, evaluation, formats, partitioning
+from flan_jax import batching, decoding, evaluation, formats, partitioning
 from flan_jax import step as step_lib
 from flan_jax.errors import UserError
 from flan_jax.model import Transformer
@@ -99,7 +99,7 @@ def generate(
     Prompts (truncated to `max_input_length` tokens with EOS, the model's
     prompt slots included, see `data.prepend_prompt_slots`) go in batches of
     similar length, longest first, each padded to `batch_size` rows (fewer if
-    there are fewer prompts) and a length from `evaluation.bucket`, so a long
+    there are fewer prompts) and a length from `batching.bucket`, so a long
     file compiles a few shapes only. Greedy and beam answers do not depend on the
     batching; sampling draws batch i's randomness from (seed, i).
     `progress(n)` is called after each batch with its number of prompts.
@@ -117,8 +117,8 @@ def generate(
     rows_per_batch = min(batch_size, len(rows))
     fn = decode_fn(model.module, method, max_decode_length, **options)
     answers = [""] * len(rows)
-    for index, batch in enumerate(evaluation.batches_by_length(rows, rows_per_batch)):
-        inputs = jnp.asarray(evaluation.pad_rows([rows[i] for i in batch], rows_per_batch, max_input_length))
+    for index, batch in enumerate(batching.batches_by_length(rows, rows_per_batch)):
+        inputs = jnp.asarray(batching.pad_rows([rows[i] for i in batch], rows_per_batch, max_input_length))
         args = (model.params, inputs)
         if method == "sample":
             args += (jax.random.fold_in(jax.random.key(seed), index),)

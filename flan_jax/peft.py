@@ -131,9 +131,6 @@ def merge_lora(config: T5Config, params: PyTree) -> tuple[T5Config, PyTree]:
     return dataclasses.replace(config, lora=None), traverse_util.unflatten_dict(merged)
 
 
-PROMPT_PATH = ("encoder", "prompt", "prompt")
-
-
 def init_prompt_from_embeddings(config: T5Config, params: PyTree, rng: jax.Array) -> PyTree:
     """`params` with the prompt (`encoder/prompt/prompt`) drawn again from rows
     of their own `token_embedder/embedding`, as the model's initialiser draws

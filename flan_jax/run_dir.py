@@ -1,12 +1,9 @@
 """A training run's directory, opened as a context manager by `trainer.train`.
 
-    MODEL_DIR/
-      config.gin            the operative gin config (config_resumed_at_<step>.gin
-                            when a resume runs with another one)
-      metrics.jsonl         one JSON object per logged step: {"step", "loss", ...}
-                            (and the input pipeline's counts, `pipeline_metrics`)
-      tb/                   TensorBoard event files (the same scalars)
-      checkpoints/          orbax steps (flan_jax.checkpoints)
+`RunDir` writes every file in it; `LAYOUT` lists them (the README's listing
+is `layout_text()`, a test checks it). A run's input position is an item of
+each checkpoint step (flan_jax/input_checkpoint.py); `input_state/`, where
+runs before flan-jax 0.2 kept it, is only read, to resume such a run.
 
 `RunDir` also keeps what the run's summary reports: the metrics window
 (sums since the last log step), throughput and model FLOPs utilisation,
@@ -14,7 +11,6 @@ checkpoint stalls. Files outside orbax are written by the first host alone
 (orbax coordinates its own writes). Leaving the `with` block waits for the
 last checkpoint save and closes the writers, on every exit path.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +25,30 @@ import jax
 import numpy as np
 from clu import metric_writers
 
+import seqio
+
 from flan_jax import checkpoints as ckpt_lib
 from flan_jax import data as data_lib
+
+# MODEL_DIR's entries: (name, what it holds).
+LAYOUT: tuple[tuple[str, str], ...] = (
+    ("config.gin", "the operative gin config (a resumed run with other settings adds config_resumed_at_<step>.gin)"),
+    ("metrics.jsonl", ("one JSON object per logged step: step, loss, cross_ent_loss, accuracy, tokens_per_sec, "
+                       "fill rates, eval/...")),
+    ("tb/", "TensorBoard event files (tensorboard --logdir MODEL_DIR/tb)"),
+    ("spiece.model", "the vocabulary, so the run is usable alone"),
+    ("checkpoints/<step>/", ("orbax: params, opt_state, meta, input_state (with TrainConfig.save_input_state); "
+                             "the last 2 and the best 1 are kept")),
+    ("excluded_overlap.json", "with TrainConfig.exclude_overlap_with: the training examples read and dropped, by source"),
+)
+EXCLUDED_FILE = "excluded_overlap.json"
+LEGACY_INPUT_STATE = "input_state"  # Before 0.2: MODEL_DIR/input_state/process_<i>/<step>/.
+
+
+def layout_text(model_dir: str = "MODEL_DIR/") -> str:
+    """`LAYOUT` as the README lists it."""
+    width = max(len(name) for name, _ in LAYOUT) + 2
+    return "\n".join([model_dir] + [f"  {name:<{width}}{what}" for name, what in LAYOUT])
 
 
 @dataclasses.dataclass
@@ -184,6 +202,7 @@ class RunDir:
         self.metrics_path = os.path.join(model_dir, "metrics.jsonl")
         self.tb_dir = os.path.join(model_dir, "tb")
         self.config_path = os.path.join(model_dir, "config.gin")
+        self.excluded_path = os.path.join(model_dir, EXCLUDED_FILE)
         self.window = MetricWindow()
         self.throughput: Throughput | None = None
         self.last_loss: float | None = None  # of this session's last log step
@@ -213,6 +232,20 @@ class RunDir:
         if self.is_chief:
             self._truncate_log_after(step)
             self.config_path = self._write_config(step)
+
+    def save_vocabulary(self, vocabulary: seqio.Vocabulary) -> dict:
+        """Copies the vocabulary into the run (spiece.model); returns the record each step's metadata keeps."""
+        return data_lib.save_vocabulary(vocabulary, self.model_dir, write=self.is_chief)
+
+    def legacy_input_state(self, batch: int) -> str:
+        """Where a run before flan-jax 0.2 saved this process's input position at `batch`."""
+        return os.path.join(self.model_dir, LEGACY_INPUT_STATE, f"process_{jax.process_index()}", str(batch))
+
+    def write_exclusion(self, report: Mapping[str, Any]) -> None:
+        """excluded_overlap.json: what the overlap exclusion read and dropped (`data.ExampleFilter.report`)."""
+        if self.is_chief:
+            with open(self.excluded_path, "w") as f:
+                json.dump(dict(report), f, indent=1)
 
     def start_clock(self, flops_per_step: float, peak_flops: float) -> None:
         """Throughput is measured from now."""

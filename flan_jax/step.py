@@ -143,8 +143,8 @@ def make_train_step(
     """A jit-compiled (params, opt_state, batch, rng, step) -> (params, opt_state, metrics).
 
     Only the trained parameters (`peft.split`: all of them without adapters)
-    get gradients and updates; the frozen ones pass through unchanged. A step
-    whose loss or gradient norm is not finite applies no update and reports `skipped` = 1 in its metrics.
+    get gradients and updates; the frozen ones pass through unchanged. A step whose
+    loss or gradient norm is not finite applies no update and reports `skipped` = 1.
 
     With `num_microbatches` > 1 the batch is split and the gradients of the
     summed token losses are accumulated in a `lax.scan`, then normalised once
@@ -152,7 +152,6 @@ def make_train_step(
     same update as one large batch (dropout aside: each microbatch draws its
     own masks).
     """
-
     config = model.config
 
     def summed_loss(trained: PyTree, frozen: PyTree, batch: Batch, dropout_rng: jax.Array) -> tuple[jax.Array, dict]:

@@ -50,9 +50,9 @@ class TrainConfig:
     # learning-rate schedule and the step count start at 0. False starts the
     # optimizer afresh, as checkpoints without its state (HF, converted) do.
     init_optimizer_state: bool = True
-    # Also save the input pipeline's state with each checkpoint, so a resume
+    # Also save the input pipeline's state in each checkpoint step, so a resume
     # restores it in seconds instead of re-reading the consumed batches. Costs
-    # tens of MB and seconds per save (see data.TrainIterator).
+    # tens of MB and seconds per save (see data.TrainIterator, input_checkpoint).
     save_input_state: bool = False
     # Split each batch into this many microbatches and accumulate gradients:
     # the same update as the whole batch, with the activation memory of one
@@ -73,7 +73,8 @@ class TrainConfig:
     # Each is deterministic for a seed, so a resumed run repeats its masks.
     rng_impl: str = "threefry2x32"
     # Suites (e.g. ("gsm8k_cot",)) whose evaluation questions training must not see: training examples sharing
-    # a 13-word n-gram with one are dropped in the input pipeline and counted (flan_jax/commands/train.py).
+    # a 13-word n-gram with one are dropped in the input pipeline and counted: the train command makes them
+    # the pipeline's `data.ExampleFilter` (tasks/overlap.py OverlapExclusion), which `trainer.train` requires.
     exclude_overlap_with: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

@@ -8,7 +8,9 @@
      or flan-jax run continued when `Pretrained.optimizer_state` asks for it;
   3. scratch: fresh parameters from the seed.
 Layer layouts (scanned or unrolled) are converted on the way in
-(`formats.restore_in_layout`). With adapters (`flan_jax.peft`) "pretrained"
+(`formats.native.restore_in_layout`); a resume reads its own steps through
+`formats.native` alone, and with them the input pipeline's position when
+the step holds one. With adapters (`flan_jax.peft`) "pretrained"
 is the frozen base, steps hold only the adapters, and a resume loads the base
 again (from `Pretrained.path`, else the path the steps record) and refuses
 one whose fingerprint differs. The metadata saved with each step is
@@ -31,7 +33,8 @@ from flan_jax import optim
 from flan_jax import partitioning, peft
 from flan_jax import step as step_lib
 from flan_jax.errors import UserError
-from flan_jax.formats import StepMeta, hf_peft
+from flan_jax.formats import StepMeta, hf_peft, native
+from flan_jax.input_checkpoint import InputState
 from flan_jax.model import T5Config, Transformer, scan
 
 PyTree = Any
@@ -73,15 +76,20 @@ def init_or_restore(
     seed: int,
     checkpointer: ckpt_lib.Checkpointer,
     pretrained: Pretrained | None = None,
+    input_state: InputState | None = None,
 ) -> tuple[step_lib.Model, TrainState]:
-    """The model's shardings and the state to train from: resumed, pretrained or fresh (module doc)."""
+    """The model's shardings and the state to train from: resumed, pretrained or fresh (module doc).
+
+    On a resume, `input_state` (the input pipeline) takes the position the step holds, if any.
+    """
     model, params, opt_state = step_lib.initialize(module, tx, partitioner, lengths, seed)
     config = module.config
     random_base = peft.BaseRef(None, peft.fingerprint(peft.split(config, params)[1])) if config.has_adapters else None
     fresh = TrainState(0, params, opt_state, base=random_base)
     if checkpointer.all_steps():
         # The newest readable step; unreadable ones are reported and set aside.
-        _, state = checkpointer.read_newest(lambda step: restore(checkpointer, step, model, fresh, pretrained))
+        _, state = checkpointer.read_newest(
+            lambda step: restore(checkpointer, step, model, fresh, pretrained, input_state))
         return model, state
     if pretrained is not None:
         if config.has_adapters:  # the random base goes before the pretrained one comes (memory)
@@ -92,13 +100,14 @@ def init_or_restore(
 
 
 def restore(checkpointer: ckpt_lib.Checkpointer, step: int, model: step_lib.Model, like: TrainState,
-            pretrained: Pretrained | None = None) -> TrainState:
+            pretrained: Pretrained | None = None, input_state: InputState | None = None) -> TrainState:
     """A step of `checkpointer` onto the shardings and layer layout of `like`
-    (with adapters: the step's adapters on the base they were trained on)."""
+    (with adapters: the step's adapters on the base they were trained on), and
+    `input_state`'s position when the step holds one."""
     config = model.config
-    params, opt_state, meta = formats.restore_in_layout(
+    params, opt_state, meta = native.restore_in_layout(
         checkpointer, step, ckpt_lib.abstract_like(peft.trainable(config, like.params)),
-        ckpt_lib.abstract_like(like.opt_state),
+        ckpt_lib.abstract_like(like.opt_state), input_state,
     )
     scanned = config.scan_layers
     if meta.model_config.scan_layers != scanned:
@@ -170,7 +179,7 @@ def _load_base(path: str, model: step_lib.Model, fresh: TrainState, seed: int) -
 
 def _flan_jax_opt_state(path: str, step: int, model: step_lib.Model, like: TrainState) -> PyTree | None:
     """A flan-jax run's optimizer state at `step`, its schedules restarted; None if it holds none."""
-    checkpoint_dir, _, _ = formats.flan_jax_location(path)
+    checkpoint_dir, _, _ = native.flan_jax_location(path)
     checkpointer = ckpt_lib.open_for_reading(checkpoint_dir)
     try:
         if not checkpointer.has_opt_state(step):

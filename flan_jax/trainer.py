@@ -14,9 +14,8 @@ stop on SIGTERM/SIGINT). It returns a `TrainSummary`.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import gin
 import jax
@@ -62,14 +61,15 @@ def train(
     eval_config: evaluation.EvalConfig | None = None,
     suites: Sequence[Suite | CompositeSuite] = (),
     show_progress: bool = True,
-    pipeline_metrics: Callable[[], Mapping[str, float]] | None = None,
+    example_filter: data_lib.ExampleFilter | None = None,
 ) -> TrainSummary:
     """Finetunes (or trains from scratch) a T5 on a SeqIO mixture; see module doc.
 
-    `suites` are EvalConfig.suites resolved (the train command looks them up
-    in the task catalog, which this library does not import). `pipeline_metrics`
-    returns the input pipeline's running counts, logged at each log step
-    (run_dir.RunDir; the train command's overlap exclusion counts).
+    `suites` are EvalConfig.suites resolved, and `example_filter` is
+    TrainConfig.exclude_overlap_with made into the input pipeline's filter
+    (the train command builds both from the task catalog, which this library
+    does not import). The filter's running counts are logged at each log
+    step, and its report is written into the run directory at the end.
     """
     config = config or TrainConfig()
     model_config = model_config or T5Config()
@@ -79,25 +79,41 @@ def train(
     vocabulary = _check_inputs(config, model_config, partitioner)
     if len(suites) != len(eval_config.suites):
         raise ValueError(f"EvalConfig.suites={eval_config.suites} needs the suites themselves (train(suites=...))")
+    if bool(config.exclude_overlap_with) != (example_filter is not None):
+        raise ValueError(f"TrainConfig.exclude_overlap_with={config.exclude_overlap_with} needs its filter, and only "
+                         "it (train(example_filter=...), tasks.overlap.OverlapExclusion)")
     evaluator = (Evaluator(eval_config, dict(config.task_feature_lengths), suites, model_config.prompt_length)
                  if eval_config.enabled else None)
     is_chief = jax.process_index() == 0
     module = Transformer(model_config)
     with RunDir(config.model_dir, checkpoint_config or ckpt_lib.CheckpointConfig(), is_chief=is_chief,
-                pipeline_metrics=pipeline_metrics) as run:
+                pipeline_metrics=example_filter.metrics if example_filter else None) as run:
+        batches = _input_pipeline(config, model_config, partitioner.data_layout(), example_filter)
         pretrained = train_state.Pretrained(config.init_checkpoint, config.init_optimizer_state) if config.init_checkpoint else None
         model, state = train_state.init_or_restore(
             module, tx, partitioner, dict(config.task_feature_lengths), seed=config.seed,
             checkpointer=run.checkpointer, pretrained=pretrained,
+            input_state=batches if config.save_input_state else None,
         )
         if state.meta is not None:
             print(f"Resumed from {run.checkpoint_dir} at step {state.step}.")
         run.start(state.step, state.meta.metrics_window if state.meta else None)
-        vocab_record = data_lib.save_vocabulary(vocabulary, config.model_dir, write=is_chief)
+        vocab_record = run.save_vocabulary(vocabulary)
         if state.step >= config.num_steps:
             return run.summary(state.step, state.step, already_complete=True)
         loop = _Loop(config, model, tx, partitioner, run, evaluator, vocab_record, show_progress)
-        return loop.train(state)
+        try:
+            if config.save_input_state and batches.position != state.batches_consumed:
+                batches.read_state(run.legacy_input_state(state.batches_consumed), position=state.batches_consumed)
+            batches.skip_to(state.batches_consumed)
+            summary = loop.train(state, batches)
+        finally:
+            # A tf.data iterator still alive at interpreter exit (say, held by a
+            # traceback) can hang TensorFlow's shutdown: drop it here.
+            batches = None
+        if example_filter:
+            run.write_exclusion(example_filter.report())
+        return summary
 
 
 def _check_inputs(config: TrainConfig, model_config: T5Config, partitioner: partitioning.Partitioner) -> seqio.Vocabulary:
@@ -146,8 +162,9 @@ class _Loop:
         self.layout = partitioner.data_layout()  # this host's rows of each global batch (all of them with one host)
         self.watcher = preemption.PreemptionWatcher()
 
-    def train(self, state: train_state.TrainState) -> TrainSummary:
-        """Trains from `state` to TrainConfig.num_steps (or a preemption); returns the summary."""
+    def train(self, state: train_state.TrainState, batches: data_lib.TrainIterator) -> TrainSummary:
+        """Trains from `state` on `batches` (at its position) to TrainConfig.num_steps (or a preemption);
+        returns the summary."""
         config, run, start_step = self.config, self.run, state.step
         rng = jax.random.key(config.seed + 1, impl=config.rng_impl)
         self.progress = tqdm.tqdm(
@@ -157,7 +174,6 @@ class _Loop:
         lengths, model_config = config.task_feature_lengths, self.model.module.config
         step_flops = flops.train_flops_per_step(model_config, config.batch_size, lengths["inputs"], lengths["targets"])
         run.start_clock(step_flops, flops.system_peak_flops(model_config.dtype)[0])
-        batches = self._batches(state.batches_consumed)
         eval_metrics: dict[str, float] = {}
         try:
             with self.partitioner.activate(), self.watcher:
@@ -186,7 +202,7 @@ class _Loop:
             # A tf.data iterator still alive at interpreter exit (say, held by a
             # traceback) can hang TensorFlow's shutdown: drop it here.
             batches = None  # noqa: F841
-        self.progress.close()
+            self.progress.close()  # Also on an error: a bar closed at exit would redraw after its message.
         if state.step == start_step:
             raise UserError(f"the dataset of {config.mixture_or_task_name!r} yielded no batch")
         stopped = self.watcher.signal_name if state.step < config.num_steps else None
@@ -232,8 +248,8 @@ class _Loop:
         )
         # With adapters only they are saved; the frozen base is `state.base`.
         trained = peft.trainable(self.model.config, state.params)
-        checkpointer.save(state.step, trained, state.opt_state, meta.to_dict(), metrics=metrics)
-        batches.save(keep=checkpointer.all_steps())
+        checkpointer.save(state.step, trained, state.opt_state, meta.to_dict(), metrics=metrics,
+                          input_state=batches if config.save_input_state else None)
         self.run.save_stalls.append(time.perf_counter() - start)
 
     def preempt(self, state: train_state.TrainState, batches: data_lib.TrainIterator) -> None:
@@ -250,28 +266,34 @@ class _Loop:
         if skipped and config.on_nonfinite == "stop":
             bad_step, values = skipped[0]
             self.run.checkpointer.wait()
+            # The bar stays at the last good step, not at the steps dispatched past it; closed
+            # now, it does not redraw after the error.
+            self.progress.n = bad_step - 1
+            self.progress.close()
+            last = self.run.checkpointer.latest_step()
+            saved = (f"Last good checkpoint: step {last} in {self.run.checkpoint_dir}" if last is not None
+                     else f"No checkpoint was saved yet in {self.run.checkpoint_dir}")
             raise NonFiniteLossError(
                 f"step {bad_step} has loss {values['loss']} and gradient norm {values['grad_norm']} "
                 f"(batch index {bad_step - 1} of {config.mixture_or_task_name!r}, seed {config.seed}); "
-                f"its update was not applied. Last good checkpoint: step {self.run.checkpointer.latest_step()} in "
-                f"{self.run.checkpoint_dir}. Set TrainConfig.on_nonfinite='skip' to skip such steps and go on"
+                f"its update was not applied. {saved}. Set TrainConfig.on_nonfinite='skip' to skip such "
+                "steps and go on"
             )
         for bad_step, values in skipped:
             self.progress.write(f"step {bad_step}: loss {values['loss']}, gradient norm {values['grad_norm']}; update skipped")
 
-    def _batches(self, start_batch: int) -> data_lib.TrainIterator:
-        """This host's rows of the global batches, from batch `start_batch` on (iteration is deterministic)."""
-        config = self.config
-        return data_lib.TrainIterator(
-            config.mixture_or_task_name,
-            dict(config.task_feature_lengths),
-            config.batch_size // self.layout.num_shards,
-            start_batch=start_batch,
-            state_dir=os.path.join(config.model_dir, "input_state") if config.save_input_state else None,
-            process_index=jax.process_index(),
-            seed=config.seed,
-            shard_index=self.layout.shard_index,
-            num_shards=self.layout.num_shards,
-            input_sharding=config.input_sharding,
-            prompt_length=self.model.config.prompt_length,
-        )
+
+def _input_pipeline(config: TrainConfig, model_config: T5Config, layout: partitioning.DataLayout,
+                    example_filter: data_lib.ExampleFilter | None) -> data_lib.TrainIterator:
+    """This host's rows of the global batches, from the first (iteration is deterministic); built at first use."""
+    return data_lib.TrainIterator(
+        config.mixture_or_task_name,
+        dict(config.task_feature_lengths),
+        config.batch_size // layout.num_shards,
+        example_filter=example_filter,
+        seed=config.seed,
+        shard_index=layout.shard_index,
+        num_shards=layout.num_shards,
+        input_sharding=config.input_sharding,
+        prompt_length=model_config.prompt_length,
+    )

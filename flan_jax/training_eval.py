@@ -10,7 +10,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from flan_jax.evaluation import EvalConfig, ModelFns, TaskResult, evaluate_tasks, load_task_examples, mixture_tasks
-from flan_jax.suites import CompositeSuite, Suite, load_suites, run_suites, tensorboard_scalars
+from flan_jax.suite_results import tensorboard_scalars
+from flan_jax.suites import CompositeSuite, Suite, load_suites, run_suites
 
 
 class Evaluator:
@@ -51,7 +52,7 @@ class Evaluator:
                 max_decode_length=self.max_decode_length, target_length=self.max_decode_length,
                 show_progress=show_progress,
             )
-            flat.update(_task_averages(results))
+            flat.update(task_averages(results))
         if self.suites:
             results = run_suites(self.suites.suites, fns, lengths=self.lengths, batch_size=self.config.batch_size,
                                  decode_length=self.config.suite_decode_length, limit=self.config.suite_num_examples,
@@ -65,7 +66,7 @@ class Evaluator:
 _VARIANT = re.compile(r"_((?:zs|fs)_(?:noopt|opt|cot))$")
 
 
-def _task_averages(results: Mapping[str, TaskResult]) -> dict[str, float]:
+def task_averages(results: Mapping[str, TaskResult]) -> dict[str, float]:
     """Per-task metrics, their means over tasks and over the tasks of each template variant."""
     flat: dict[str, float] = {}
     groups: dict[str, dict[str, list[float]]] = {}

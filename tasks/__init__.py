@@ -1,19 +1,32 @@
 """The task catalog: Flan-style tasks as SeqIO tasks and mixtures.
 
-Layers, imports pointing down only:
+Layers, imports pointing down only (a module imports those below it and,
+where named, one beside it):
 
-  task modules   builtin.py, flan_cot.py, bbh.py, mmlu.py, gsm8k.py,
-                 flan2022.py, ...: each records its tasks in `register()`
-  vocab.py       the default vocabulary, trained on the built-in tasks on
-                 first use
+  __init__.py    `register()`: imports every module below, then registers the
+                 store with SeqIO in vocab.py's vocabulary
+  vocab.py       the default vocabulary, trained on the families of builtin.py
+                 on first use (so it sits above the task modules)
+  user_files.py, overlap.py: tasks from your own files, and the
+                 decontamination check; both reach into seqio_tasks.py
+  data_report.py, collection_bench.py: the reports of `flan-jax data
+                 list|show|stats` (over what SeqIO has registered, with
+                 mixing.py) and `flan-jax bench collection` with its made-up
+                 exports (collection.py); neither registers anything
+  task modules   builtin.py, flan_cot.py, bbh.py, mmlu.py, mgsm.py, gsm8k.py
+                 (uses mgsm.py's number reading), tydiqa.py, heldout.py,
+                 flan2022.py (uses flan_cot.py and mixing.py): each records
+                 its tasks in `register()`
   seqio_tasks.py registers what the store holds with SeqIO, tokenized with
                  the vocabulary it is given
   mixing.py      mixture policy: rates, caps, the Flan 2022 recipe, the
                  built-in mixtures
   registry.py    the store: families, sources, text tasks, mixtures, suites
-  family.py      the data model: Family, Example, Source, rendering
-  templates.py, sources.py, collection.py, user_files.py: templates and
-                 readers the task modules use
+  family.py, sources.py, collection.py (uses sources.py and
+                 collection_index.py): the data model (Family, Example,
+                 Source, rendering) and the readers of data files and the
+                 Flan Collection
+  templates.py, files.py: templates, and file access (local, URLs, caches)
 
 `import tasks` reads no data, trains nothing and registers nothing. One call
 does it all, once per process:

@@ -8,17 +8,19 @@ variants share is read once, and `scan_mixture` streams them all past the
 index (memory: the evaluation side only). `exemplars_in_eval` checks each
 evaluation task's own few-shot exemplars against its evaluation examples.
 
-`exclude_overlap(index)` installs the same test inside the training input
-pipeline (tasks/seqio_tasks.py `set_training_filter`): overlapping training
-examples are dropped and counted in `sources.stats(<source>)
-.counts[EXCLUDED]`, the examples checked in `.counts[CHECKED]`;
-`exclusion_metrics()` gives them as the scalars training logs.
+`OverlapExclusion` is the same test as the training pipeline's example
+filter (`data.get_train_dataset(example_filter=)`, installed through
+tasks/seqio_tasks.py `set_training_filter` while the pipeline is built):
+overlapping training examples are dropped and counted in
+`sources.stats(<source>).counts[EXCLUDED]`, the examples checked in
+`.counts[CHECKED]`; `exclusion_metrics()` gives them as the scalars training logs.
 
 Not a task module: it has no `register()`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,7 +35,7 @@ from tasks import collection, registry, seqio_tasks, sources
 from tasks.family import RENDER_SEED, Source
 
 TEXT_BATCH = 1024  # Rows of a text task read at a time.
-EXCLUDED = "dropped_overlap"  # The SourceStats count of training examples dropped by `exclude_overlap`,
+EXCLUDED = "dropped_overlap"  # The SourceStats count of training examples dropped by `OverlapExclusion`,
 CHECKED = "overlap_checked"  # and of those it checked (the pipeline reads lazily: what training has reached).
 
 
@@ -242,30 +244,63 @@ def format_report(result: Mapping[str, Any]) -> str:
 # --- exclusion in the training pipeline --------------------------------------------------
 
 
-def exclude_overlap(index: decontamination.OverlapIndex | None) -> None:
-    """Drops, from every training split built from now on, the examples overlapping `index` (None: none)."""
-    if index is None:
-        seqio_tasks.set_training_filter(None)
-        return
+@dataclasses.dataclass(frozen=True)
+class OverlapExclusion:
+    """`TrainConfig.exclude_overlap_with` as the training pipeline's `data.ExampleFilter`: drops the
+    training examples that overlap `index` (the suites' evaluation questions) and counts them."""
 
-    def keep(source_name: str, example: Mapping[str, Any]) -> bool:
+    suites: tuple[str, ...]
+    index: decontamination.OverlapIndex
+
+    @classmethod
+    def of(cls, suites: Sequence[Suite | CompositeSuite]) -> OverlapExclusion:
+        """Indexes the evaluation questions of `suites` (a composite counts as its members)."""
+        return cls(tuple(s.name for s in suites), eval_index(eval_tasks(suites)))
+
+    def keep(self, source_name: str, example: Mapping[str, Any]) -> bool:
         source_stats = sources.stats(source_name)
         source_stats.count(CHECKED)
-        if index.matches(example_text(example)):
+        if self.index.matches(example_text(example)):
             source_stats.count(EXCLUDED)
             return False
         return True
 
-    seqio_tasks.set_training_filter(keep)
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """The datasets built meanwhile drop overlapping training examples (seqio_tasks.set_training_filter)."""
+        seqio_tasks.set_training_filter(self.keep)
+        try:
+            yield
+        finally:
+            seqio_tasks.set_training_filter(None)
+
+    def metrics(self) -> dict[str, float]:
+        return exclusion_metrics()
+
+    def report(self) -> dict[str, Any]:
+        """{"suites", "checked", "dropped": by source}: the run directory's excluded_overlap.json."""
+        return {"suites": list(self.suites), "checked": checked_count(), "dropped": excluded_counts()}
+
+
+def format_exclusion(report: Mapping[str, Any]) -> str:
+    """One line: the training examples read and those dropped, by source (`OverlapExclusion.report`).
+
+    The pipeline reads ahead of training (shuffle and prefetch buffers), so
+    "read" counts what it reached, a little more than the steps consumed.
+    """
+    dropped = report["dropped"]
+    by_source = f" ({', '.join(f'{k}: {n}' for k, n in sorted(dropped.items()))})" if dropped else ""
+    return (f"exclude_overlap_with={','.join(report['suites'])}: dropped {sum(dropped.values())} of "
+            f"{report['checked']} training examples read{by_source}")
 
 
 def excluded_counts() -> dict[str, int]:
-    """Training examples dropped by `exclude_overlap` so far, by source (or text task)."""
+    """Training examples dropped by `OverlapExclusion` so far, by source (or text task)."""
     return {name: s.counts[EXCLUDED] for name, s in sources.all_stats().items() if s.counts.get(EXCLUDED)}
 
 
 def checked_count() -> int:
-    """Training examples `exclude_overlap` has checked so far, all sources together."""
+    """Training examples `OverlapExclusion` has checked so far, all sources together."""
     return sum(s.counts.get(CHECKED, 0) for s in sources.all_stats().values())
 
 

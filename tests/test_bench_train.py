@@ -134,7 +134,8 @@ def _lora_params(layers):
 def test_plan_with_lora_splits_the_frozen_base_from_the_adapters(tiny_config):
     """The plan counts a bf16 frozen base and float32 adapters apart, and the
     optimizer state it holds is Adafactor's for the adapters alone."""
-    from flan_jax import bench_plan, formats, optim, peft
+    from flan_jax import formats, optim, peft
+    from flan_jax.bench import plan as bench_plan
 
     config = _lora(tiny_config)
     plan = bench_plan.plan_flan_jax(config, 2, {"inputs": 16, "targets": 8})
@@ -151,7 +152,8 @@ def test_plan_with_lora_splits_the_frozen_base_from_the_adapters(tiny_config):
 
 
 def test_peft_compare_measures_adapters_against_full_finetuning(tiny_config):
-    from flan_jax import bench_peft, formats
+    from flan_jax import formats
+    from flan_jax.bench import peft as bench_peft
 
     base = dataclasses.replace(tiny_config, num_encoder_layers=1, num_decoder_layers=1)  # compiles twice: keep it small
     full, adapters = bench_peft.compare_peft(_lora(base), 2, {"inputs": 16, "targets": 8}, steps=1, rounds=1)

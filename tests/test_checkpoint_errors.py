@@ -30,7 +30,7 @@ from flan_jax import formats
 from flan_jax.errors import UserError
 from flan_jax.formats.torch_pickle import load_torch_state_dict
 from flan_jax.model import T5Config, Transformer
-from test_formats import FIXTURE, _hf_model
+from test_formats import FIXTURE, hf_model
 
 torch = pytest.importorskip("torch")
 
@@ -60,7 +60,7 @@ def _writable_copy(src: Path, dst: Path) -> Path:
 def valid(tmp_path_factory) -> dict[str, Path]:
     """One small valid checkpoint per format, built once for the module."""
     root = tmp_path_factory.mktemp("valid")
-    model = _hf_model(CONFIG)
+    model = hf_model(CONFIG)
     model.save_pretrained(root / "hf")
     model.save_pretrained(root / "hf_sharded", max_shard_size="8KB")
     assert (root / "hf_sharded" / "model.safetensors.index.json").exists()

@@ -1,5 +1,6 @@
 """The `flan-jax` command end to end: train, resume, infer, and its error messages."""
 
+import dataclasses
 import json
 import os
 import re
@@ -8,29 +9,20 @@ import sys
 from pathlib import Path
 
 import pytest
-
+from conftest import SMALL_MIXTURE, run_cli, train_flags
 
 REPO = Path(__file__).resolve().parent.parent
 
-# A few steps of the smoke config, small enough for a test.
-SMALL = [
-    "--gin_file=runs/smoke.gin",
-    "--gin.TrainConfig.task_feature_lengths={'inputs': 64, 'targets': 32}",
-    "--gin.TrainConfig.batch_size=4",
-    "--gin.TrainConfig.log_every=2",
-    "--gin.TrainConfig.eval_every=0",
-    "--gin.EvalConfig.num_examples=2",
-    "--gin.EvalConfig.batch_size=4",
-    "--gin.CheckpointConfig.save_every=2",
-]
-
-
-def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run(
-        [sys.executable, "-m", "flan_jax.cli", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, input=stdin, timeout=600,
-    )
+# A few steps of the smoke config on the small mixture, small enough for a test; the
+# evaluation at the end is on the same 4 tasks' validation split (not the smoke run's
+# 18 evaluation tasks, whose pipelines each run would build).
+SMALL = train_flags({
+    "TrainConfig.log_every": 2,
+    "EvalConfig.mixture_or_task_name": SMALL_MIXTURE,
+    "EvalConfig.num_examples": 2,
+    "EvalConfig.batch_size": 4,
+    "CheckpointConfig.save_every": 2,
+})
 
 
 def test_bad_gin_flag_names_the_key(tmp_path):
@@ -109,26 +101,61 @@ def test_terminal_is_free_of_native_info_lines():
         assert not re.match(r"I\d{4} |WARNING: All log messages before absl", line), line
 
 
-def test_train_resume_and_infer(tmp_path):
-    model_dir = tmp_path / "run"
-    first = run_cli("train", *SMALL, f"--gin.TrainConfig.model_dir='{model_dir}'", "--gin.TrainConfig.num_steps=4")
+@dataclasses.dataclass
+class ResumedRun:
+    """`flan-jax train` of SMALL for 4 steps, the same command again, then resumed to 6 steps: each
+    command's result, and the run directory's files as the first command left them."""
+
+    model_dir: Path
+    first: subprocess.CompletedProcess
+    metrics_after_first: str
+    config_after_first: str
+    tb_after_first: list[str]
+    checkpoints_after_first: list[str]
+    again: subprocess.CompletedProcess | None
+    longer: subprocess.CompletedProcess | None
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory) -> ResumedRun:
+    """One run for both tests that need a trained one: test_train_resume_and_infer checks how it was
+    made, test_convert_infer_and_finetune_from_any_format starts from its 6 steps (which equal an
+    uninterrupted run's: test_robustness.py)."""
+    model_dir = tmp_path_factory.mktemp("resumed") / "run"
+
+    def train(steps: int) -> subprocess.CompletedProcess:
+        return run_cli("train", *SMALL, f"--gin.TrainConfig.model_dir='{model_dir}'", f"--gin.TrainConfig.num_steps={steps}")
+
+    first = train(4)
+    if first.returncode != 0:  # the tests report it; nothing more to run
+        return ResumedRun(model_dir, first, "", "", [], [], None, None)
+    snapshot = ((model_dir / "metrics.jsonl").read_text(), (model_dir / "config.gin").read_text(),
+                sorted(p.name for p in (model_dir / "tb").iterdir()),
+                sorted(p.name for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit()))
+    again = train(4)
+    return ResumedRun(model_dir, first, *snapshot, again, train(6))
+
+
+def test_train_resume_and_infer(resumed_run):
+    run = resumed_run
+    model_dir, first = run.model_dir, run.first
     assert first.returncode == 0, first.stderr[-3000:]
     assert "evaluation (exact-match accuracy, %)" in first.stdout
-    records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in run.metrics_after_first.splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 4]
     assert all(r["loss"] > 0 and r["tokens_per_sec"] > 0 for r in records if "loss" in r)
     assert any(k.startswith("eval/") and k.endswith("/accuracy") for k in records[-1])
     assert 0 < records[0]["fill_rate/inputs"] <= 1
-    config_text = (model_dir / "config.gin").read_text()
+    config_text = run.config_after_first
     assert "TrainConfig.num_steps = 4" in config_text and "T5Config.emb_dim" in config_text
-    assert list((model_dir / "tb").iterdir()), "no TensorBoard event files"
-    assert sorted(p.name for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+    assert run.tb_after_first, "no TensorBoard event files"
+    assert run.checkpoints_after_first == ["2", "4"]
 
-    again = run_cli("train", *SMALL, f"--gin.TrainConfig.model_dir='{model_dir}'", "--gin.TrainConfig.num_steps=4")
+    again = run.again
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already complete" in again.stdout
 
-    longer = run_cli("train", *SMALL, f"--gin.TrainConfig.model_dir='{model_dir}'", "--gin.TrainConfig.num_steps=6")
+    longer = run.longer
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert "Resumed from" in longer.stdout and "steps           4 -> 6" in longer.stdout
     records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
@@ -147,11 +174,11 @@ def test_infer_on_missing_run_is_clear(tmp_path):
     assert str(tmp_path) in result.stderr and "Traceback" not in result.stderr
 
 
-def test_convert_infer_and_finetune_from_any_format(tmp_path):
+def test_convert_infer_and_finetune_from_any_format(resumed_run, tmp_path):
     """A run -> HF directory -> (infer with beam search; finetune from it) and -> flan-jax copy."""
-    source = tmp_path / "source"
-    trained = run_cli("train", *SMALL, f"--gin.TrainConfig.model_dir='{source}'", "--gin.TrainConfig.num_steps=6")
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    source = resumed_run.model_dir  # 6 steps of SMALL; read, never written
+    trained = resumed_run.longer
+    assert trained is not None and trained.returncode == 0, (trained or resumed_run.first).stderr[-3000:]
     losses = [json.loads(line)["loss"] for line in (source / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
     to_hf = run_cli("convert", str(source), str(tmp_path / "hf"), "--to=hf")
@@ -210,17 +237,20 @@ def test_gin_vocabulary_binding_reregisters_tasks(tmp_path):
 
 
 def test_resume_restores_the_saved_input_state(tmp_path):
-    """With save_input_state, a resumed run restores the pipeline instead of re-reading it."""
+    """With save_input_state, each checkpoint step holds the input position and a resumed run restores
+    the pipeline from it instead of re-reading it."""
     model_dir = tmp_path / "run"
     flags = [*SMALL, f"--gin.TrainConfig.model_dir='{model_dir}'", "--gin.TrainConfig.save_input_state=True"]
     first = run_cli("train", *flags, "--gin.TrainConfig.num_steps=2")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert (model_dir / "input_state" / "process_0" / "2" / "spec.json").exists()
+    assert (model_dir / "checkpoints" / "2" / "input_state" / "process_0" / "spec.json").exists()
     longer = run_cli("train", *flags, "--gin.TrainConfig.num_steps=4")
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert "Resumed from" in longer.stdout
-    kept = sorted(p.name for p in (model_dir / "input_state" / "process_0").iterdir())
-    assert kept == ["2", "4"]  # one per checkpoint still held
+    assert "reading and dropping" not in longer.stderr
+    held = sorted((model_dir / "checkpoints").glob("*/input_state/process_0/spec.json"))
+    assert [p.parts[-4] for p in held] == ["2", "4"]  # one per checkpoint step
+    assert not (model_dir / "input_state").exists()
 
 
 def test_a_command_registers_tasks_once(in_process_cli, monkeypatch, capsys):

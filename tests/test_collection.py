@@ -15,9 +15,8 @@ import seqio
 
 import tasks
 from flan_jax import data
-from flan_jax.commands import bench_collection
 from flan_jax.errors import UserError
-from tasks import collection, collection_index, flan2022, mixing, sources, user_files
+from tasks import collection, collection_bench, collection_index, flan2022, mixing, sources, user_files
 
 tasks.register()  # Every task module's tasks, registered with SeqIO (once per process).
 
@@ -39,8 +38,8 @@ FORMATS = ("jsonl", "jsonl.gz", "parquet")
 
 def write_export(root: str, formats: dict[str, str]) -> dict[str, list[dict]]:
     """The export of COUNTS under `root`; returns its rows by collection."""
-    bench_collection.write_synthetic_export(root, COUNTS, formats, num_shards=2, row_group_size=16)
-    return {c: list(bench_collection.synthetic_rows(c, per_kind)) for c, per_kind in COUNTS.items()}
+    collection_bench.write_synthetic_export(root, COUNTS, formats, num_shards=2, row_group_size=16)
+    return {c: list(collection_bench.synthetic_rows(c, per_kind)) for c, per_kind in COUNTS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -189,15 +188,16 @@ def test_iteration_is_deterministic_and_resumes_at_a_saved_position(registered, 
     lengths, batch, resume_at = {"inputs": 64, "targets": 16}, 4, 6
     state_dir = str(tmp_path / "state")
     small = {"seed": 3, "pack_buffer_size": 64}  # Packing blocks of 64 examples: a fast first batch.
-    it = data.TrainIterator("flan2022", lengths, batch, state_dir=state_dir, **small)
+    it = data.TrainIterator("flan2022", lengths, batch, **small)
     first = [next(it) for _ in range(resume_at)]
-    assert it.save()
+    assert it.write_state(state_dir)
     rest = [next(it) for _ in range(6)]
     del it
     again = data.get_train_dataset("flan2022", lengths, batch, **small).take(resume_at + 6).as_numpy_iterator()
     for a, b in zip(first + rest, again):
         assert all(np.array_equal(a[k], b[k]) for k in a)
-    resumed = data.TrainIterator("flan2022", lengths, batch, state_dir=state_dir, start_batch=resume_at, **small)
+    resumed = data.TrainIterator("flan2022", lengths, batch, **small)
+    assert resumed.read_state(state_dir) and resumed.position == resume_at
     for a in rest:
         b = next(resumed)
         assert all(np.array_equal(a[k], b[k]) for k in a)

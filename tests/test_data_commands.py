@@ -1,13 +1,13 @@
-"""`flan-jax data list|show|stats` (flan_jax/commands/data_report.py) and `bench data`, on real registered tasks."""
+"""`flan-jax data list|show|stats` (tasks/data_report.py) and `bench data`, on real registered tasks."""
 
 from __future__ import annotations
 
 import pytest
 
-from flan_jax import bench
-from flan_jax.commands import catalog, data_report
+from flan_jax.bench import data as bench_data
+from flan_jax.commands import catalog
 from flan_jax.errors import UserError
-from tasks import mixing
+from tasks import data_report, mixing
 
 SMALL = {"inputs": 256, "targets": 64}
 
@@ -99,8 +99,8 @@ def test_stats_of_a_task_at_generous_lengths():
     assert result["packing"]["examples_per_row"] > 5  # Short arithmetic questions pack densely.
 
 def test_bench_data_runs(capsys):
-    figures = bench.bench_data("builtin_train", {"inputs": 64, "targets": 32}, batch_size=4,
-                               repeats=1, batches_per_repeat=2)
+    figures = bench_data.bench_data("builtin_train", {"inputs": 64, "targets": 32}, batch_size=4,
+                                     repeats=1, batches_per_repeat=2)
     assert figures["examples_per_sec"] > 0 and figures["tokens_per_sec"] > figures["examples_per_sec"]
     assert 0 < figures["fill_rate/inputs"] <= 1 and 0 < figures["fill_rate/targets"] <= 1
     assert "examples/s" in capsys.readouterr().out

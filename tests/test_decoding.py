@@ -142,9 +142,9 @@ def test_sampling(hf_and_params, inputs):
 
 def test_top_p_keeps_the_smallest_nucleus():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-    kept = lambda p: np.isfinite(np.asarray(decoding._top_p_filter(logits, p)))[0].tolist()  # noqa: E731
+    kept = lambda p: np.isfinite(np.asarray(decoding.top_p_filter(logits, p)))[0].tolist()  # noqa: E731
     assert kept(0.5) == [True, False, False, False]
     assert kept(0.6) == [True, True, False, False]
     assert kept(0.9) == [True, True, True, False]
     assert kept(1.0) == [True, True, True, True]
-    assert np.isfinite(np.asarray(decoding._top_k_filter(logits, 2)))[0].tolist() == [True, True, False, False]
+    assert np.isfinite(np.asarray(decoding.top_k_filter(logits, 2)))[0].tolist() == [True, True, False, False]

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 import tasks
-from flan_jax import evaluation, formats, inference, suites, training_eval
+from flan_jax import batching, evaluation, inference, suites, training_eval
 from flan_jax.model import T5Config, Transformer
+from flan_jax.suite_results import format_results
 from tasks import bbh, gsm8k, mmlu, registry, vocab
 
 tasks.register()  # Every task module's tasks, registered with SeqIO (once per process).
@@ -213,11 +214,11 @@ def test_training_evaluation_ranks_multiple_choice_tasks_and_generates_the_rest(
 
 @needs_data
 def test_padded_lengths_step_a_quarter_octave_and_never_cut():
-    padded = {n: evaluation.bucket(n, 2048) for n in range(1, 2049)}
+    padded = {n: batching.bucket(n, 2048) for n in range(1, 2049)}
     assert all(n <= p < n + max(16, n / 4) and p % 16 == 0 for n, p in padded.items())
     assert sorted(set(p for n, p in padded.items() if n > 1024)) == [1280, 1536, 1792, 2048]
     assert len(set(padded.values())) == 8 + 4 * 4  # 16..128 in steps of 16, then four per octave
-    assert evaluation.bucket(1100, 1024) == 1024  # the cap; the rows were cut to it already
+    assert batching.bucket(1100, 1024) == 1024  # the cap; the rows were cut to it already
 
 
 def test_over_length_prompts_are_counted_not_hidden():
@@ -232,11 +233,10 @@ def test_over_length_prompts_are_counted_not_hidden():
 
 
 @needs_data
-def test_eval_suites_end_to_end_on_a_tiny_random_model(tmp_path, capsys, tiny_model):
+def test_eval_suites_end_to_end_on_a_tiny_random_model(tmp_path, capsys, tiny_run):
     from flan_jax import cli
 
-    module, params = tiny_model(vocab.get_default_vocabulary().vocab_size)
-    run = formats.save_flan_jax(str(tmp_path / "run"), module.config, params, vocab.default_vocabulary_path(), 3)
+    run = tiny_run(tmp_path / "run", 3)
     output = tmp_path / "results.json"
     cli.main(["eval", f"--checkpoint={run}", f"--suite={','.join(SUITES)}", "--limit=10", "--input_length=256",
               "--target_length=4", "--method=rank", f"--output={output}"])
@@ -443,4 +443,4 @@ def test_mmlu_averages_over_questions_with_the_subject_macro_average_beside(fake
     assert report["averages"][suites.MACRO]["score"] == pytest.approx(50.0)  # over subjects
     assert report["categories"]["STEM"]["score"] == pytest.approx(100.0 * 11 / 45)
     assert report["normalized"] == pytest.approx(suites.normalize(100.0 * 11 / 45, 25.0))
-    assert "macro over tasks" in suites.format_results(results)
+    assert "macro over tasks" in format_results(results)

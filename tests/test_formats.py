@@ -30,7 +30,8 @@ V1_1 = T5Config(
 ORIGINAL = dataclasses.replace(V1_1, mlp_activations=("relu",), logits_via_embedding=True)
 
 
-def _hf_model(config: T5Config, seed: int = 0):
+def hf_model(config: T5Config, seed: int = 0):
+    """A randomly initialised transformers T5 of `config` (test_checkpoint_errors uses it too)."""
     torch.manual_seed(seed)
     hf_config = transformers.T5Config(**{**hf.config_to_hf(config), "architectures": None})
     model = transformers.T5ForConditionalGeneration(hf_config).eval()
@@ -62,7 +63,7 @@ def _our_logits(config, params, enc, dec, tgt) -> np.ndarray:
 
 @pytest.mark.parametrize("config", [V1_1, ORIGINAL], ids=["v1_1", "original"])
 def test_hf_round_trip_gives_identical_logits(config, tmp_path):
-    src = _hf_model(config)
+    src = hf_model(config)
     src.save_pretrained(tmp_path / "src")
     (tmp_path / "src" / "spiece.model").write_bytes(b"not a real model, only copied")
     loaded = formats.load_checkpoint(str(tmp_path / "src"))
@@ -80,7 +81,7 @@ def test_hf_round_trip_gives_identical_logits(config, tmp_path):
 
 
 def test_sharded_safetensors_and_bin_load_like_the_model(tmp_path):
-    src = _hf_model(V1_1)
+    src = hf_model(V1_1)
     want = {k: v.detach().numpy() for k, v in src.state_dict().items()}
     src.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()

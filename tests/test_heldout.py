@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import tasks
-from flan_jax import evaluation, formats, suites
+from flan_jax import evaluation, suites
 from flan_jax.errors import UserError
-from tasks import gsm8k, heldout, mgsm, registry, sources, tydiqa, vocab
+from tasks import gsm8k, heldout, mgsm, registry, sources, tydiqa
 
 tasks.register()  # Every task module's tasks, registered with SeqIO (once per process).
 
@@ -199,7 +199,6 @@ def test_malformed_exemplars_file_is_one_line_naming_it(tmp_path):
         with pytest.raises(UserError) as error:
             mgsm.read_exemplars("mgsm_en", str(tmp_path))
         assert str(path) in str(error.value) and "\n" not in str(error.value), text
-        mgsm._EXEMPLARS_CACHE.clear()
 
 
 # --- TyDiQA ----------------------------------------------------------------------------------
@@ -276,11 +275,10 @@ def test_flan_heldout_is_the_six_with_mmlu_on_validation_and_suites_run_once():
 
 
 @needs_data
-def test_flan_heldout_end_to_end_on_a_tiny_random_model(tmp_path, goldp_dir, capsys, tiny_model):
+def test_flan_heldout_end_to_end_on_a_tiny_random_model(tmp_path, goldp_dir, capsys, tiny_run):
     from flan_jax import cli
 
-    module, params = tiny_model(vocab.get_default_vocabulary().vocab_size)
-    run = formats.save_flan_jax(str(tmp_path / "run"), module.config, params, vocab.default_vocabulary_path(), 5)
+    run = tiny_run(tmp_path / "run", 5)
     output = tmp_path / "heldout.json"
     cli.main(["eval", f"--checkpoint={run}", "--suite=flan_heldout,gsm8k_cot", "--limit=2", "--input_length=256",
               "--target_length=4", f"--output={output}"])

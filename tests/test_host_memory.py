@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flan_jax import cli
+from flan_jax.commands import process
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,14 +48,14 @@ def _plain_env(**extra: str) -> dict:
 
 def test_huge_pages_remove_the_per_step_page_faults(monkeypatch):
     monkeypatch.setattr(os, "environ", _plain_env(JAX_PLATFORMS="cpu"))
-    tuned = cli.huge_page_environment()
+    tuned = process.huge_page_environment()
     if tuned is None:
         pytest.skip("this host has no glibc 2.35+ or no transparent huge pages")
     plain = _probe(_plain_env())
     # Without it every round faults in all 65,536 pages (what the tuning removes).
     assert min(plain["faults"]) > PAGES // 2, plain
     got = _probe(tuned)
-    assert cli.HUGE_PAGES_TUNABLE in got["tunables"]
+    assert process.HUGE_PAGES_TUNABLE in got["tunables"]
     assert max(got["faults"]) < PAGES // 20, got
 
 
@@ -67,28 +67,28 @@ def test_huge_pages_remove_the_per_step_page_faults(monkeypatch):
 ], ids=["cpu", "opted_out", "gpu", "already_set"])
 def test_huge_page_environment_applies_only_on_cpu_once(monkeypatch, extra, applies):
     monkeypatch.setattr(os, "environ", _plain_env(**extra))
-    if applies and cli.huge_page_environment() is None:
+    if applies and process.huge_page_environment() is None:
         pytest.skip("this host has no glibc 2.35+ or no transparent huge pages")
-    assert (cli.huge_page_environment() is not None) == applies
+    assert (process.huge_page_environment() is not None) == applies
 
 
 def test_other_glibc_tunables_are_kept(monkeypatch):
     monkeypatch.setattr(os, "environ", _plain_env(GLIBC_TUNABLES="glibc.malloc.arena_max=2"))
-    env = cli.huge_page_environment()
+    env = process.huge_page_environment()
     if env is None:
         pytest.skip("this host has no glibc 2.35+ or no transparent huge pages")
-    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + cli.HUGE_PAGES_TUNABLE
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + process.HUGE_PAGES_TUNABLE
 
 
 def test_run_re_executes_itself_once_under_the_tunable():
     """`run` execs the same command line with GLIBC_TUNABLES set; the new process
     (which runs this same code again) goes straight on to `main`."""
-    code = ("import os; from flan_jax import cli; "
+    code = ("import os, sys; from flan_jax import cli; sys.argv = ['flan-jax', 'data', 'list']; "
             "cli.main = lambda: print('main:', os.environ.get('GLIBC_TUNABLES')); cli.run()")
     out = subprocess.run([sys.executable, "-c", code], env=_plain_env(JAX_PLATFORMS="cpu"),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(os, "environ", _plain_env(JAX_PLATFORMS="cpu"))
-        expected = cli.HUGE_PAGES_TUNABLE if cli.huge_page_environment() is not None else "None"
+        expected = process.HUGE_PAGES_TUNABLE if process.huge_page_environment() is not None else "None"
     assert out.stdout.splitlines() == [f"main: {expected}"]

@@ -53,10 +53,10 @@ def test_wheel_installs_with_its_gin_configs(tmp_path):
     # PYTHONPATH comes before the editable install's finder (appended to sys.meta_path).
     env = dict(os.environ, PYTHONPATH=str(site), TF_CPP_MIN_LOG_LEVEL="3")
     code = (
-        "import importlib.util, flan_jax, flan_jax.cli as cli; from flan_jax import config_files;"
+        "import importlib.util, flan_jax; from flan_jax import config_files; from flan_jax.commands import gin_flags;"
         "print(flan_jax.__file__); print(importlib.util.find_spec('tasks').origin);"  # (importing tasks is slow)
         "print(config_files.gin_config_dir()); print(*config_files.candidate_dirs(), sep=',');"
-        "print(cli._resolve_gin_file('models/flan_t5_base.gin')); print(cli._resolve_gin_file('runs/smoke.gin'))"
+        "print(gin_flags.resolve_file('models/flan_t5_base.gin')); print(gin_flags.resolve_file('runs/smoke.gin'))"
     )
     check = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stderr[-3000:]

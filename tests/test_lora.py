@@ -13,12 +13,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import random
 import shutil
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import RESUMABLE_TRAIN, SMALL_MIXTURE, run_cli, run_on_8_devices, start_cli, train_flags
 from flax import traverse_util
 
 from flan_jax import peft
@@ -34,7 +33,6 @@ from flan_jax.errors import UserError
 from flan_jax.model import T5Config, Transformer
 from flan_jax.model.lora import LORA_ATTENTION_MLP, LORA_QUERY_VALUE, LoraConfig
 
-REPO = Path(__file__).resolve().parent.parent
 CONFIG = T5Config(vocab_size=1024, emb_dim=32, num_heads=2, head_dim=16, num_encoder_layers=2, num_decoder_layers=2,
                   mlp_dim=64, mlp_activations=("gelu", "linear"), logits_via_embedding=False, dropout_rate=0.0)
 CLI_MODEL = ["--gin.T5Config.emb_dim=32", "--gin.T5Config.num_heads=2", "--gin.T5Config.head_dim=16",
@@ -141,7 +139,7 @@ def _train(model_dir: Path, base_dir: Path, config: T5Config = LORA, **overrides
     from flan_jax import optim, trainer
 
     tasks.register()
-    settings = dict(mixture_or_task_name="builtin_train", num_steps=TRAIN_STEPS, task_feature_lengths=LENGTHS,
+    settings = dict(mixture_or_task_name=SMALL_MIXTURE, num_steps=TRAIN_STEPS, task_feature_lengths=LENGTHS,
                     batch_size=4, log_every=2)
     optimizer = optim.adafactor(learning_rate=1e-2, multiply_by_parameter_scale=False)
     return trainer.train(
@@ -232,17 +230,13 @@ def test_training_changes_only_the_adapters_and_saves_only_them(lora_run):
 # ------------------------------------------------- 3. any mesh, 8 devices
 
 MESH_SCRIPT = textwrap.dedent("""
-    import os
-    # Appended: keeps the flags tests/conftest.py sets for every test process.
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     import dataclasses
     import jax, jax.numpy as jnp, numpy as np
+    from conftest import random_batch, relative_error as relative
     from flan_jax import optim, partitioning, peft, step
     from flan_jax.model import T5Config, Transformer
     from flan_jax.model.lora import LORA_ATTENTION_MLP, LoraConfig
 
-    jax.config.update("jax_default_matmul_precision", "highest")
-    assert len(jax.devices()) == 8
     # Adapters on every attention and MLP kernel; no dropout, so that 4
     # microbatches compute what one batch does. The base is held in bfloat16.
     CONFIG = T5Config(vocab_size=128, emb_dim=32, num_heads=4, head_dim=8, num_encoder_layers=2,
@@ -250,17 +244,7 @@ MESH_SCRIPT = textwrap.dedent("""
                       lora=LoraConfig(rank=4, alpha=8, dropout=0.0, targets=LORA_ATTENTION_MLP),
                       frozen_dtype="bfloat16")
     lengths = {"inputs": 16, "targets": 8}
-    rng = np.random.default_rng(0)
-    tgt = rng.integers(2, 128, (32, 8)).astype(np.int32)
-    tgt[::3, -3:] = 0  # padding, so rows carry different token counts
-    enc = rng.integers(2, 128, (32, 16)).astype(np.int32)
-    enc[::4, -5:] = 0
-    batch = {
-        "encoder_input_tokens": enc,
-        "decoder_target_tokens": tgt,
-        "decoder_input_tokens": np.concatenate([np.zeros((32, 1), np.int32), tgt[:, :-1]], 1),
-        "decoder_loss_weights": (tgt > 0).astype(np.float32),
-    }
+    batch = random_batch(32, lengths["inputs"], lengths["targets"], CONFIG.vocab_size)
     RULES = {"standard": partitioning.STANDARD_LOGICAL_AXIS_RULES, "fsdp": partitioning.FSDP_LOGICAL_AXIS_RULES,
              "dp": partitioning.DATA_PARALLEL_LOGICAL_AXIS_RULES}
     tx = optim.adafactor(learning_rate=1e-2, multiply_by_parameter_scale=False)
@@ -285,10 +269,6 @@ MESH_SCRIPT = textwrap.dedent("""
     def flat(tree):
         return {"/".join(k): np.asarray(v) for k, v in
                 __import__("flax").traverse_util.flatten_dict(jax.device_get(tree)).items()}
-
-    def relative(a, b):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
     ref_losses, ref_params = two_steps((1, 1), "dp", devices=jax.devices()[:1])
     init, ref = flat(INIT), flat(ref_params)
@@ -329,26 +309,16 @@ MESH_SCRIPT = textwrap.dedent("""
 
 
 def test_two_lora_steps_are_the_same_on_every_mesh_and_microbatching():
-    result = subprocess.run([sys.executable, "-c", MESH_SCRIPT], capture_output=True, text=True, timeout=900)
-    print(result.stdout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
-    assert "all 5 cases within" in result.stdout
+    assert "all 5 cases within" in run_on_8_devices(MESH_SCRIPT)
 
 
 # ------------------------------------------- 4. kill -9, then resume exactly
 
 KILL_STEPS = 40
 CLI_TRAIN = [
-    "--gin_file=runs/smoke.gin", "--gin_file=peft/lora.gin", *CLI_MODEL,
-    "--gin.TrainConfig.task_feature_lengths={'inputs': 32, 'targets': 16}",
-    "--gin.TrainConfig.batch_size=4",
-    f"--gin.TrainConfig.num_steps={KILL_STEPS}",
-    "--gin.TrainConfig.log_every=5",
-    "--gin.TrainConfig.eval_every=0",
-    "--gin.EvalConfig.mixture_or_task_name=None",
-    "--gin.CheckpointConfig.save_every=10",
-    "--gin.CheckpointConfig.keep_last=3",
-    "--gin.CheckpointConfig.best_metric=None",
+    *train_flags({"TrainConfig.task_feature_lengths": LENGTHS, "TrainConfig.num_steps": KILL_STEPS, **RESUMABLE_TRAIN},
+                 gin_files=["peft/lora.gin"]),
+    *CLI_MODEL,
 ]
 # What the interrupted run must log exactly as the uninterrupted one does (the rest are timings).
 EXACT = ("loss", "cross_ent_loss", "accuracy", "grad_norm", "skipped_steps")
@@ -356,11 +326,8 @@ EXACT = ("loss", "cross_ent_loss", "accuracy", "grad_norm", "skipped_steps")
 
 def _cli_train(model_dir: Path, base_dir: Path, log: Path) -> subprocess.Popen:
     """`flan-jax train` with the LoRA preset (rank 16 on q and v, dropout 0.05, bfloat16 base) on `base_dir`."""
-    command = [sys.executable, "-m", "flan_jax.cli", "train", *CLI_TRAIN,
-               f"--gin.TrainConfig.model_dir='{model_dir}'", f"--gin.TrainConfig.init_checkpoint='{base_dir}'"]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
-    with open(log, "w") as out:
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    return start_cli(["train", *CLI_TRAIN, f"--gin.TrainConfig.model_dir='{model_dir}'",
+                      f"--gin.TrainConfig.init_checkpoint='{base_dir}'"], log)
 
 
 def _finish(proc: subprocess.Popen, log: Path) -> str:
@@ -467,9 +434,7 @@ def test_resuming_adapters_on_another_base_names_both_fingerprints(lora_run, bas
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run([sys.executable, "-m", "flan_jax.cli", *args], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     return result

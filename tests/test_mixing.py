@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 
 import numpy as np
 import pytest
@@ -211,9 +210,9 @@ def _same(a: list[dict], b: list[dict]) -> bool:
 def reference(tmp_path_factory):
     """The first 100 batches of builtin_train, with the input position saved after batch 40."""
     state_dir = str(tmp_path_factory.mktemp("input_state"))
-    batches = data.TrainIterator("builtin_train", LENGTHS, BATCH, seed=SEED, state_dir=state_dir)
+    batches = data.TrainIterator("builtin_train", LENGTHS, BATCH, seed=SEED)
     first = [next(batches) for _ in range(RESUME_AT)]
-    assert batches.save()
+    assert batches.write_state(state_dir)
     rest = [next(batches) for _ in range(NUM_BATCHES - RESUME_AT)]
     del batches
     return first + rest, state_dir
@@ -235,8 +234,8 @@ def test_resume_by_skipping_continues_exactly(reference):
 
 def test_resume_from_saved_position_continues_exactly(reference):
     batches, state_dir = reference
-    assert os.listdir(os.path.join(state_dir, "process_0")) == [str(RESUME_AT)]
-    resumed = data.TrainIterator("builtin_train", LENGTHS, BATCH, seed=SEED, state_dir=state_dir, start_batch=RESUME_AT)
+    resumed = data.TrainIterator("builtin_train", LENGTHS, BATCH, seed=SEED)
+    assert resumed.read_state(state_dir)
     assert resumed.position == RESUME_AT
     assert _same([next(resumed) for _ in range(10)], batches[RESUME_AT:RESUME_AT + 10])
     assert resumed.position == RESUME_AT + 10

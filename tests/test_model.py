@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import pack_row
 
 from flan_jax import decoding
 from flan_jax.errors import UserError
@@ -224,17 +225,8 @@ def test_packed_example_sees_what_it_sees_alone(fused_attention):
         for n, m in [(5, 4), (7, 3), (4, 5)]
     ]
 
-    def pack(parts, length):
-        tokens, segments, positions = (np.zeros((1, length), np.int32) for _ in range(3))
-        start = 0
-        for segment, part in enumerate(parts, 1):
-            end = start + len(part)
-            tokens[0, start:end], segments[0, start:end], positions[0, start:end] = part, segment, np.arange(len(part))
-            start = end
-        return tokens, segments, positions
-
-    enc, enc_seg, enc_pos = pack([x for x, _ in examples], 20)
-    tgt, dec_seg, dec_pos = pack([y for _, y in examples], 14)
+    enc, enc_seg, enc_pos = pack_row([x for x, _ in examples], 20)
+    tgt, dec_seg, dec_pos = pack_row([y for _, y in examples], 14)
     # seqio shifts targets right within each packed example.
     dec_in = np.where(dec_pos == 0, 0, np.roll(tgt, 1, axis=1))
     packed = apply(

@@ -55,7 +55,6 @@ def planted(tmp_path_factory):
     seqio_tasks.refresh()
     mixing.add_mixture(MIXTURE, {**{n: 1.0 for n in names}, TEXT_TASK: 1.0})
     yield names
-    overlap.exclude_overlap(None)
     registry.remove_mixture(MIXTURE)
     registry.remove_text_task(TEXT_TASK)
     registry.remove_source("planted")
@@ -72,24 +71,22 @@ def test_planted_copies_are_found_exactly_and_each_source_read_once(planted):
     assert "planted" in table and "3/1319" in table
 
 
-def test_exclusion_drops_exactly_the_planted_rows_and_counts_them(planted, tmp_path):
+def test_exclusion_drops_exactly_the_planted_rows_and_counts_them(planted):
     sources.reset_stats()
-    train_command.exclude_overlap(("gsm8k_cot",))
+    exclusion = train_command.overlap_exclusion(("gsm8k_cot",))
     lengths = {"inputs": 256, "targets": 16}
     kept = {}
-    for task in [*planted, TEXT_TASK]:
-        ds = seqio.get_mixture_or_task(task).get_dataset(lengths, split="train", shuffle=False,
-                                                         use_cached=False, num_epochs=1)
-        kept[task] = [ex["inputs"] for ex in ds.as_numpy_iterator()]
+    with exclusion.installed():
+        for task in [*planted, TEXT_TASK]:
+            ds = seqio.get_mixture_or_task(task).get_dataset(lengths, split="train", shuffle=False,
+                                                             use_cached=False, num_epochs=1)
+            kept[task] = [ex["inputs"] for ex in ds.as_numpy_iterator()]
     assert {task: len(rows) for task, rows in kept.items()} == {planted[0]: 20, planted[1]: 20, TEXT_TASK: 9}
     assert overlap.excluded_counts() == {"planted": 6, TEXT_TASK: 1}  # Counted per pipeline built: two variants.
-    train_command.report_excluded(("gsm8k_cot",), str(tmp_path))
-    assert json.loads((tmp_path / train_command.EXCLUDED_FILE).read_text()) == {
-        "suites": ["gsm8k_cot"], "checked": 56, "dropped": {"planted": 6, TEXT_TASK: 1}}
-    overlap.exclude_overlap(None)
+    assert exclusion.report() == {"suites": ["gsm8k_cot"], "checked": 56, "dropped": {"planted": 6, TEXT_TASK: 1}}
     ds = seqio.get_mixture_or_task(planted[0]).get_dataset(lengths, split="train", shuffle=False, use_cached=False,
                                                            num_epochs=1)
-    assert sum(1 for _ in ds.as_numpy_iterator()) == 23
+    assert sum(1 for _ in ds.as_numpy_iterator()) == 23  # Built after: the filter is gone.
 
 
 def test_training_logs_the_running_exclusion_counts(planted, tmp_path, tiny_config):
@@ -97,22 +94,19 @@ def test_training_logs_the_running_exclusion_counts(planted, tmp_path, tiny_conf
     ones of excluded_overlap.json (the pipeline reads ahead), and each planted source has dropped by then."""
     import dataclasses
 
-    from flan_jax import checkpoints, data, optim, trainer
+    from flan_jax import checkpoints, data, optim, run_dir, trainer
 
     sources.reset_stats()
-    pipeline_metrics = train_command.exclude_overlap(("gsm8k_cot",))
+    exclusion = train_command.overlap_exclusion(("gsm8k_cot",))
     vocab_size = data.targets_vocabulary(seqio.get_mixture_or_task(MIXTURE)).vocab_size
     config = trainer.TrainConfig(model_dir=str(tmp_path), mixture_or_task_name=MIXTURE, num_steps=3, batch_size=2,
-                                 log_every=2, task_feature_lengths={"inputs": 64, "targets": 8})
-    try:
-        trainer.train(config, model_config=dataclasses.replace(tiny_config, vocab_size=vocab_size),
-                      optimizer=optim.adafactor(learning_rate=1e-2), show_progress=False,
-                      checkpoint_config=checkpoints.CheckpointConfig(save_every=100, best_metric=None),
-                      pipeline_metrics=pipeline_metrics)
-        train_command.report_excluded(("gsm8k_cot",), str(tmp_path))
-    finally:
-        overlap.exclude_overlap(None)
-    written = json.loads((tmp_path / train_command.EXCLUDED_FILE).read_text())
+                                 log_every=2, task_feature_lengths={"inputs": 64, "targets": 8},
+                                 exclude_overlap_with=("gsm8k_cot",))
+    trainer.train(config, model_config=dataclasses.replace(tiny_config, vocab_size=vocab_size),
+                  optimizer=optim.adafactor(learning_rate=1e-2), show_progress=False,
+                  checkpoint_config=checkpoints.CheckpointConfig(save_every=100, best_metric=None),
+                  example_filter=exclusion)
+    written = json.loads((tmp_path / run_dir.EXCLUDED_FILE).read_text())
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3]

@@ -124,9 +124,9 @@ ITERATOR_KWARGS = dict(seed=5, packer="best_fit", pack_buffer_size=24)
 def reference(tmp_path_factory):
     """builtin_train batches through TrainIterator with best-fit packing, the position saved after batch SAVE_AT."""
     state_dir = str(tmp_path_factory.mktemp("input_state"))
-    batches = data.TrainIterator("builtin_train", LENGTHS, BATCH, state_dir=state_dir, **ITERATOR_KWARGS)
+    batches = data.TrainIterator("builtin_train", LENGTHS, BATCH, **ITERATOR_KWARGS)
     first = [next(batches) for _ in range(SAVE_AT)]
-    assert batches.save()
+    assert batches.write_state(state_dir)
     rest = [next(batches) for _ in range(AFTER)]
     del batches  # A tf.data iterator alive at exit can hang TensorFlow's shutdown.
     return first + rest, state_dir
@@ -134,8 +134,8 @@ def reference(tmp_path_factory):
 
 def test_train_iterator_resumes_exactly_with_best_fit(reference):
     batches, state_dir = reference
-    resumed = data.TrainIterator("builtin_train", LENGTHS, BATCH, state_dir=state_dir, start_batch=SAVE_AT,
-                                 **ITERATOR_KWARGS)
+    resumed = data.TrainIterator("builtin_train", LENGTHS, BATCH, **ITERATOR_KWARGS)
+    assert resumed.read_state(state_dir) and resumed.position == SAVE_AT
     got = [next(resumed) for _ in range(AFTER)]
     del resumed
     for a, b in zip(got, batches[SAVE_AT:], strict=True):

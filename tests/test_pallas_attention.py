@@ -158,7 +158,7 @@ def test_cudnn_kernel_falls_back_to_xla_with_one_warning(caplog):
         False,
     )
     batch = _packed_batch(np.random.default_rng(2))
-    attention._warned.clear()
+    attention.WARNED.clear()
     want_loss, want_grads = _loss_and_grads(TINY, params, batch, dropout=False)
     with caplog.at_level(logging.WARNING, logger="flan_jax.model.attention"):
         got_loss, got_grads = _loss_and_grads(dataclasses.replace(TINY, attention_kernel="cudnn"), params, batch, False)
@@ -179,7 +179,8 @@ FSDP_SCRIPT = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     import dataclasses
     import jax, jax.numpy as jnp, numpy as np
-    from flan_jax import bench_train, optim, partitioning, step
+    from flan_jax import optim, partitioning, step
+    from flan_jax.bench.common import synthetic_batch
     from flan_jax.model import T5Config, Transformer
 
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -188,7 +189,7 @@ FSDP_SCRIPT = textwrap.dedent("""
                     mlp_dim=48, dropout_rate=0.1, scan_layers=True, relative_attention_num_buckets=8,
                     relative_attention_max_distance=16)
     lengths = {"inputs": 32, "targets": 16}
-    batch = bench_train.synthetic_batch(8, lengths, BASE.vocab_size)  # packed: several segments per row
+    batch = synthetic_batch(8, lengths, BASE.vocab_size)  # packed: several segments per row
     assert batch["encoder_segment_ids"].max() > 1
 
     def one_step(config, fused_stacked):

@@ -1,35 +1,21 @@
 """One training step gives the same result on every mesh, layer layout, remat
 policy and microbatch count (8 fake CPU devices, float32)."""
 
-import subprocess
-import sys
 import textwrap
 
+from conftest import run_on_8_devices
+
 SCRIPT = textwrap.dedent("""
-    import os
-    # Appended: keeps the flags tests/conftest.py sets for every test process.
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     import dataclasses
-    import jax, jax.numpy as jnp, numpy as np
+    import jax, jax.numpy as jnp
+    from conftest import random_batch, relative_error as relative
     from flan_jax import optim, partitioning, step
     from flan_jax.model import T5Config, Transformer, scan
 
-    jax.config.update("jax_default_matmul_precision", "highest")
-    assert len(jax.devices()) == 8
     BASE = T5Config(vocab_size=128, emb_dim=32, num_heads=4, head_dim=8, num_encoder_layers=2,
                     num_decoder_layers=3, mlp_dim=64, dropout_rate=0.0)
     lengths = {"inputs": 16, "targets": 8}
-    rng = np.random.default_rng(0)
-    tgt = rng.integers(2, 128, (32, 8)).astype(np.int32)
-    tgt[::3, -3:] = 0  # padding, so rows carry different token counts
-    enc = rng.integers(2, 128, (32, 16)).astype(np.int32)
-    enc[::4, -5:] = 0
-    batch = {
-        "encoder_input_tokens": enc,
-        "decoder_target_tokens": tgt,
-        "decoder_input_tokens": np.concatenate([np.zeros((32, 1), np.int32), tgt[:, :-1]], 1),
-        "decoder_loss_weights": (tgt > 0).astype(np.float32),
-    }
+    batch = random_batch(32, lengths["inputs"], lengths["targets"], BASE.vocab_size)
     RULES = {"dp": partitioning.DATA_PARALLEL_LOGICAL_AXIS_RULES, "fsdp": partitioning.FSDP_LOGICAL_AXIS_RULES}
 
     # (mesh, rules, devices, scan_layers) -> (partitioner, model): the shardings
@@ -59,10 +45,6 @@ SCRIPT = textwrap.dedent("""
         partitioning.Partitioner(devices=jax.devices()[:1]), lengths, seed=0)[1])
     ref_loss, ref_params, _ = one_step((1, 1), "dp", devices=jax.devices()[:1])
     ref_params = jax.device_get(ref_params)
-
-    def relative(a, b):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
     cases = {
         "8x1 data parallel": dict(mesh_shape=(8, 1), rules="dp"),
@@ -108,7 +90,4 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_one_step_is_the_same_on_every_mesh_layout_and_microbatching():
-    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=900)
-    print(result.stdout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
-    assert "all 9 cases within" in result.stdout
+    assert "all 9 cases within" in run_on_8_devices(SCRIPT)

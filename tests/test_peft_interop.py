@@ -187,7 +187,7 @@ def test_convert_merges_an_adapter_directory_onto_its_base(tmp_path):
     np.testing.assert_allclose(_logits(loaded.config, loaded.params), want, atol=1e-5)
 
     _convert(str(tmp_path / "adapter"), str(tmp_path / "again"), "--to=hf_peft", f"--base={tmp_path / 'base'}")
-    first, second = (hf._read_safetensors(str(tmp_path / d / "adapter_model.safetensors")) for d in ("adapter", "again"))
+    first, second = (hf.read_safetensors(str(tmp_path / d / "adapter_model.safetensors")) for d in ("adapter", "again"))
     assert first.keys() == second.keys() and all(np.array_equal(first[k], second[k]) for k in first)
 
     # For eval and continued training: onto the base in the configured layout; a different LoRA is refused.
@@ -217,7 +217,7 @@ def _bad_dir(tmp_path, config_fields=None, extra_tensor=None):
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **(config_fields or {})}))
     if extra_tensor:
         weights = str(tmp_path / "adapter_model.safetensors")
-        tensors = {**hf._read_safetensors(weights), extra_tensor: np.zeros((4, 32), np.float32)}
+        tensors = {**hf.read_safetensors(weights), extra_tensor: np.zeros((4, 32), np.float32)}
         safetensors.numpy.save_file(tensors, weights)
     return str(tmp_path)
 

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import seqio
 import tensorflow as tf
+from conftest import pack_row
 from flax import traverse_util
 
 import tasks
-from flan_jax import data, evaluation, inference, optim, partitioning, peft
+from flan_jax import batching, data, evaluation, inference, optim, partitioning, peft
 from flan_jax import step as step_lib
 from flan_jax.errors import UserError
 from flan_jax.model import Transformer
@@ -49,17 +50,6 @@ def _shift_right(targets: np.ndarray) -> np.ndarray:
     return np.concatenate([np.zeros_like(targets[..., :1]), targets[..., :-1]], axis=-1)
 
 
-def _pack(parts: list[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One packed row [1, length] (tokens, segment ids, positions), as the packer lays it out."""
-    tokens, segments, positions = (np.zeros((1, length), np.int32) for _ in range(3))
-    start = 0
-    for segment, part in enumerate(parts, 1):
-        end = start + len(part)
-        tokens[0, start:end], segments[0, start:end], positions[0, start:end] = part, segment, np.arange(len(part))
-        start = end
-    return tokens, segments, positions
-
-
 # ------------------------------------------------------------------ the model
 
 
@@ -68,8 +58,8 @@ def test_packed_logits_equal_unpacked_with_a_prompt(prompt_config):
     apply = jax.jit(Transformer(prompt_config).apply, static_argnames="enable_dropout")
     rng = np.random.default_rng(0)
     examples = [_example(rng, n, m, prompt_config.vocab_size) for n, m in [(5, 4), (7, 3), (4, 5)]]
-    enc, enc_seg, enc_pos = _pack([x for x, _ in examples], 32)
-    tgt, dec_seg, dec_pos = _pack([y for _, y in examples], 14)
+    enc, enc_seg, enc_pos = pack_row([x for x, _ in examples], 32)
+    tgt, dec_seg, dec_pos = pack_row([y for _, y in examples], 14)
     dec_in = np.where(dec_pos == 0, 0, np.roll(tgt, 1, axis=1))  # seqio shifts right within each example
     # No positions: the model finds each segment's start from the segment ids.
     packed = np.asarray(apply({"params": params}, enc, dec_in, tgt, enc_seg, dec_seg, enable_dropout=False))
@@ -149,7 +139,7 @@ def test_evaluation_inputs_carry_the_slots(prompt_config):
     runner = inference.ModelRunner(Transformer(prompt_config))
     params = _init(prompt_config)
     targets = np.array([[5, 1, 0, 0]], np.int32)
-    runner.score(params, evaluation.pad_rows([examples.features[0]["inputs"]], 1, 32), targets)
+    runner.score(params, batching.pad_rows([examples.features[0]["inputs"]], 1, 32), targets)
     with pytest.raises(ValueError, match="prompt slots"):
         runner.score(params, np.array([[7, 8, 9, 1]], np.int32), targets)
 

@@ -131,8 +131,7 @@ def test_a_bad_normalizing_factor_is_named(value):
 def test_flan_2022_weighs_cot_ii_and_dialog_ii_at_0_3_within_their_submixture(tmp_path):
     """Per template type, the input-inversion tasks ("_ii") get 0.3 / 1.3 of the submixture
     and the rest 1 / 1.3, each group example-proportional (FLAN's flan/v2/mixtures.py)."""
-    from flan_jax.commands import bench_collection
-    from tasks import flan2022, mixing, registry
+    from tasks import collection_bench, flan2022, mixing, registry
 
     assert mixing.FLAN_2022["cot"].inverted_rate == mixing.FLAN_2022["dialog"].inverted_rate == 0.3
     assert {c.inverted_rate for name, c in mixing.FLAN_2022.items() if name not in ("cot", "dialog")} == {None}
@@ -141,7 +140,7 @@ def test_flan_2022_weighs_cot_ii_and_dialog_ii_at_0_3_within_their_submixture(tm
                 ("cot_esnli", "fs_opt"): 12},  # fs_opt has no inverted task: the rest takes all of it
         "dialog": {("wiki_dialog", "zs_opt"): 8, ("wiki_dialog_ii", "zs_opt"): 8, ("qrecc_ii", "zs_opt"): 24},
     }
-    bench_collection.write_synthetic_export(str(tmp_path), counts, {"cot": "jsonl", "dialog": "jsonl"})
+    collection_bench.write_synthetic_export(str(tmp_path), counts, {"cot": "jsonl", "dialog": "jsonl"})
     try:
         flan2022.register(str(tmp_path))
         shares = {c: registry.text_tasks()[f"flan2022_{c}"][0].shares() for c in counts}
@@ -207,18 +206,17 @@ def test_a_finetune_takes_the_architecture_and_vocabulary_of_its_hf_checkpoint(h
     import gin
     import seqio
 
-    from flan_jax import formats
-    from flan_jax.commands import train as train_command
+    from flan_jax import checkpoint_bindings, formats
 
     seen = {}
-    take = train_command.take_from_checkpoint
+    take = checkpoint_bindings.take_from_checkpoint
 
     def recording(*args):  # what gin holds once the checkpoint's settings are in, before training
         take(*args)
         seen["T5Config"] = gin.get_bindings("T5Config")
         seen["vocab"] = gin.get_bindings("get_default_vocabulary").get("sentencepiece_model")
 
-    monkeypatch.setattr(train_command, "take_from_checkpoint", recording)
+    monkeypatch.setattr(checkpoint_bindings, "take_from_checkpoint", recording)
     model_dir = tmp_path / "run"
     _train_in_process([*FINETUNE, *peft_file, f"--gin.TrainConfig.model_dir='{model_dir}'",
                        f"--gin.TrainConfig.init_checkpoint='{hf_checkpoint}'"])
@@ -263,7 +261,7 @@ def test_a_t5x_checkpoint_states_only_what_its_shapes_tell():
     from flan_jax import formats
     from flan_jax.model import T5Config
 
-    stated = formats.Architecture(T5Config(), formats._SHAPE_FIELDS, None)
+    stated = formats.Architecture(T5Config(), formats.SHAPE_FIELDS, None)
     unbound = formats.unbound_architecture(stated, {"mlp_activations": ("silu", "linear"), "num_heads": 6}, "ckpt")
     assert "mlp_activations" not in unbound and "num_heads" not in unbound and unbound["emb_dim"] == 512
 

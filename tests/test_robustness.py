@@ -6,54 +6,36 @@ one uninterrupted run is the reference for all of them.
 """
 
 import json
-import os
 import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import RESUMABLE_TRAIN, SMALL_MIXTURE, run_cli, start_cli, train_flags
 
-REPO = Path(__file__).resolve().parent.parent
 NUM_STEPS = 60
-FLAGS = [
-    "--gin_file=runs/smoke.gin",
-    "--gin.TrainConfig.task_feature_lengths={'inputs': 64, 'targets': 32}",
-    "--gin.TrainConfig.batch_size=4",
-    f"--gin.TrainConfig.num_steps={NUM_STEPS}",
-    "--gin.TrainConfig.log_every=5",
-    "--gin.TrainConfig.eval_every=0",
-    "--gin.EvalConfig.mixture_or_task_name=None",
-    "--gin.CheckpointConfig.save_every=10",
-    "--gin.CheckpointConfig.keep_last=3",
-    "--gin.CheckpointConfig.best_metric=None",
-]
+FLAGS = train_flags({"TrainConfig.num_steps": NUM_STEPS, **RESUMABLE_TRAIN})
 # What an interrupted run must log exactly as the uninterrupted one does (the
 # rest are timings).
 EXACT = ("loss", "cross_ent_loss", "accuracy", "grad_norm", "skipped_steps", "fill_rate/inputs", "fill_rate/targets")
 
 
-def _command(model_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "flan_jax.cli", "train", *FLAGS, f"--gin.TrainConfig.model_dir='{model_dir}'", *extra]
-
-
-def _env() -> dict:
-    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+def _train_args(model_dir: Path, *extra: str) -> list[str]:
+    return ["train", *FLAGS, f"--gin.TrainConfig.model_dir='{model_dir}'", *extra]
 
 
 def _train(model_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(_command(model_dir, *extra), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    result = run_cli(*_train_args(model_dir, *extra))
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
 def _start(model_dir: Path, log: Path) -> subprocess.Popen:
-    with open(log, "w") as out:
-        return subprocess.Popen(_command(model_dir), cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
+    return start_cli(_train_args(model_dir), log)
 
 
 def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
@@ -173,10 +155,7 @@ def test_unreadable_newest_step_is_set_aside_for_infer_eval_and_resume(reference
     shutil.rmtree(run_dir)
     shutil.copytree(reference, run_dir)
     _truncate_newest(run_dir)
-    answer = subprocess.run(
-        [sys.executable, "-m", "flan_jax.cli", "infer", f"--model_dir={run_dir}", "--max_decode_length=4", "Hi"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600,
-    )
+    answer = run_cli("infer", f"--model_dir={run_dir}", "--max_decode_length=4", "Hi")
     assert answer.returncode == 0, answer.stderr[-2000:]
     assert f"step {newest} in {run_dir / 'checkpoints'} cannot be read" in answer.stderr
     assert "Traceback" not in answer.stderr
@@ -199,7 +178,7 @@ def _small_train_config(model_dir: Path, **overrides):
     from flan_jax import trainer
 
     return trainer.TrainConfig(
-        model_dir=str(model_dir), mixture_or_task_name="builtin_train", num_steps=12,
+        model_dir=str(model_dir), mixture_or_task_name=SMALL_MIXTURE, num_steps=12,
         task_feature_lengths={"inputs": 32, "targets": 16}, batch_size=4, log_every=4, **overrides,
     )
 
@@ -252,7 +231,7 @@ def test_nonfinite_loss_stops_or_is_skipped(tmp_path, tiny_config, monkeypatch, 
             run()
         message = str(error.value)
         assert "step 7 has loss nan" in message
-        assert "batch index 6 of 'builtin_train', seed 0" in message
+        assert f"batch index 6 of '{SMALL_MIXTURE}', seed 0" in message
         assert f"Last good checkpoint: step 5 in {model_dir / 'checkpoints'}" in message
         assert "on_nonfinite='skip'" in message
         assert sorted(p.name for p in (model_dir / "checkpoints").iterdir()) == ["5"]  # nothing saved after
@@ -267,6 +246,30 @@ def test_nonfinite_loss_stops_or_is_skipped(tmp_path, tiny_config, monkeypatch, 
     assert meta["metrics_window"]["skipped_total"] == 1
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
     ckpt.close()
+
+
+def test_a_stop_before_any_checkpoint_says_so_and_its_progress_bar_stays_at_the_last_good_step(
+        tmp_path, tiny_config, monkeypatch, capsys):
+    """Poisoned at step 2 (noticed at the log of step 4), no checkpoint exists yet: the message says so,
+    and the bar ends at 1/12 (the last good step), never redrawn at the steps dispatched past it."""
+    import dataclasses
+
+    import tasks
+    from flan_jax import checkpoints as ckpt_lib
+    from flan_jax import optim, trainer
+
+    tasks.register()
+    _poison_step(monkeypatch, at_step=2)
+    model_dir = tmp_path / "run"
+    with pytest.raises(trainer.NonFiniteLossError) as error:
+        trainer.train(_small_train_config(model_dir), model_config=dataclasses.replace(tiny_config, vocab_size=1024),
+                      optimizer=optim.adafactor(learning_rate=1e-2),
+                      checkpoint_config=ckpt_lib.CheckpointConfig(save_every=5, best_metric=None))
+    assert f"No checkpoint was saved yet in {model_dir / 'checkpoints'}." in str(error.value)
+    assert "step None" not in str(error.value)
+    bar = capsys.readouterr().err
+    assert "100%" not in bar
+    assert " 1/12 " in bar.replace("\r", "\n").strip().splitlines()[-1]
 
 
 def _tiny_state():
@@ -352,13 +355,21 @@ def test_an_unwritable_model_dir_is_named(tmp_path):
 def test_each_dropout_rng_impl_trains_and_resumes_exactly(tmp_path):
     """TrainConfig.rng_impl (T5X's hardware RNG): with dropout on, a run stopped at step 2 and
     resumed logs and ends as the uninterrupted one; each PRNG draws its own masks. (The
-    default, threefry2x32, is the PRNG of the other tests here.)"""
+    default, threefry2x32, is the PRNG of the other tests here.) The stopped run is a copy of
+    the uninterrupted one without its step-4 checkpoint: a run killed after step 4 was logged
+    and before it was saved, which must resume at step 2 exactly as one stopped there."""
     flags = ["--gin.T5Config.dropout_rate=0.1", "--gin.TrainConfig.num_steps=4", "--gin.TrainConfig.log_every=1",
              "--gin.CheckpointConfig.save_every=2"]
 
     def run(model_dir: Path, *extra: str) -> dict[int, tuple]:
         _train(model_dir, *flags, *extra)
         return _logged(model_dir)
+
+    def stopped_at_step_2(model_dir: Path, copy: Path) -> Path:
+        shutil.copytree(model_dir, copy)
+        shutil.rmtree(copy / "checkpoints" / "4")
+        assert sorted(p.name for p in (copy / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+        return copy
 
     def final(model_dir: Path) -> list[np.ndarray]:
         import jax
@@ -374,7 +385,7 @@ def test_each_dropout_rng_impl_trains_and_resumes_exactly(tmp_path):
     for impl in ("rbg", "unsafe_rbg"):
         choice = f"--gin.TrainConfig.rng_impl='{impl}'"
         logged[impl] = run(tmp_path / impl, choice)
-        run(tmp_path / f"{impl}_resumed", choice, "--gin.TrainConfig.num_steps=2")
+        stopped_at_step_2(tmp_path / impl, tmp_path / f"{impl}_resumed")
         assert run(tmp_path / f"{impl}_resumed", choice) == logged[impl], impl
         for a, b in zip(final(tmp_path / f"{impl}_resumed"), final(tmp_path / impl)):
             np.testing.assert_array_equal(a, b)

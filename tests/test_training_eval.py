@@ -21,7 +21,7 @@ def _result(accuracy: float) -> evaluation.TaskResult:
 def test_task_metrics_are_averaged_over_all_tasks_and_per_template_variant():
     results = {"a_zs_noopt": _result(10.0), "b_zs_noopt": _result(30.0), "a_fs_cot": _result(50.0),
                "mmlu_anatomy": _result(70.0)}
-    flat = training_eval._task_averages(results)
+    flat = training_eval.task_averages(results)
     assert flat["eval/a_fs_cot/accuracy"] == 50.0
     assert flat["eval/average_accuracy"] == 40.0
     assert flat["eval/variant/zs_noopt/accuracy"] == 20.0

@@ -116,16 +116,16 @@ def check_decode(args: argparse.Namespace) -> None:
 
 def run_decode(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
     _start_with_data(gin)
-    from flan_jax import bench
+    from flan_jax.bench import decode
     from flan_jax.model import T5Config
 
-    config = T5Config() if gin.files else bench.DECODE_CONFIG  # e.g. --gin_file=models/t5_1_1_small.gin
+    config = T5Config() if gin.files else decode.DECODE_CONFIG  # e.g. --gin_file=models/t5_1_1_small.gin
     if args.scan_layers:
         config = dataclasses.replace(config, scan_layers=True)
     if args.dtype:
         config = dataclasses.replace(config, dtype=args.dtype)
-    bench.bench_decode(config, batch_size=args.batch_size, input_length=args.input_length, new_tokens=args.new_tokens,
-                       repeats=args.repeats, compare_hf=not args.no_hf)
+    decode.bench_decode(config, batch_size=args.batch_size, input_length=args.input_length,
+                        new_tokens=args.new_tokens, repeats=args.repeats, compare_hf=not args.no_hf)
 
 
 def check_data(args: argparse.Namespace) -> None:
@@ -135,13 +135,14 @@ def check_data(args: argparse.Namespace) -> None:
 def run_data(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
     _start_with_data(gin)
     catalog.load_tasks()
-    from flan_jax import bench, data
+    from flan_jax import data
+    from flan_jax.bench import data as bench_data
 
     packers = [data.check_packer(p, "--packer") for p in args.packer.split(",")] if args.packer else [None]
     for i, packer in enumerate(packers):  # One after the other, to compare them in the same run.
         if i:
             print()
-        bench.bench_data(args.mixture, _lengths(args), repeats=args.repeats, packer=packer)
+        bench_data.bench_data(args.mixture, _lengths(args), repeats=args.repeats, packer=packer)
 
 
 def check_train(args: argparse.Namespace) -> None:
@@ -168,7 +169,9 @@ def run_train(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
     if args.devices:
         process.fake_cpu_devices(args.devices)
     gin_flags.parse(gin, with_data=False)
-    from flan_jax import bench_peft, bench_plan, bench_train
+    from flan_jax.bench import peft as bench_peft
+    from flan_jax.bench import plan as bench_plan
+    from flan_jax.bench import train as bench_train
     from flan_jax.model import T5Config
 
     batch_size, lengths, num_microbatches = _train_shape(args)
@@ -195,6 +198,6 @@ def check_collection(args: argparse.Namespace) -> None:
 
 def run_collection(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
     _start_with_data(gin)
-    from flan_jax.commands import bench_collection
+    from tasks import collection_bench
 
-    bench_collection.bench_collection(args.dir, generate_gb=args.generate_gb, file_format=args.format)
+    collection_bench.bench_collection(args.dir, generate_gb=args.generate_gb, file_format=args.format)

@@ -3,7 +3,7 @@
 `data overlap --mixture=M --suite=S`: training examples sharing a 13-word
 n-gram with evaluation questions (tasks/overlap.py).
 
-The reports themselves are in `data_report` (imported when a command runs: it needs SeqIO and tasks/).
+The reports themselves are in tasks/data_report.py (imported when a command runs: it needs SeqIO).
 """
 
 from __future__ import annotations
@@ -78,21 +78,21 @@ def _load(gin: gin_flags.GinFlags) -> None:
 
 def run_list(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
     _load(gin)
-    from flan_jax.commands import data_report
+    from tasks import data_report
 
     data_report.list_registered()
 
 
 def run_show(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
     _load(gin)
-    from flan_jax.commands import data_report
+    from tasks import data_report
 
     data_report.show(args.name, variant=args.variant, n=args.n, split=args.split)
 
 
 def run_stats(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
     _load(gin)
-    from flan_jax.commands import data_report
+    from tasks import data_report
 
     lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
     data_report.stats(args.name, split=args.split, num_examples=args.num_examples, task_feature_lengths=lengths,

@@ -35,7 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "JSON Lines (suite, task, index, inputs, target, stops), evaluate nothing")
     parser.add_argument("--predictions", metavar="FILE", help="suite: score a JSON Lines file of "
                         "{task, index, prediction} made elsewhere, with the suite's own extraction and metrics")
-    parser.add_argument("--output", help="suite: results JSON (default eval_results/<checkpoint>-step<N>.json)")
+    parser.add_argument("--output", help="suite: results JSON, written by process 0 (default "
+                        "eval_results/<checkpoint>-step<N>.json)")
     parser.add_argument("--tb_dir", help="suite: TensorBoard directory (default: next to --output)")
     parser.add_argument("--compare", nargs="+", metavar="RESULTS_JSON", help="print results files side by side")
     parser.set_defaults(check=check, run=run)
@@ -59,7 +60,7 @@ def check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
     process.quiet_backends()
     gin_flags.parse(gin)
-    from flan_jax.suites import compare_results, read_results
+    from flan_jax.suite_results import compare_results, read_results
 
     if args.compare:
         print(compare_results([(path, read_results(path)) for path in args.compare]))
@@ -89,7 +90,7 @@ def _train_setting(name: str) -> Any:
 
 def _eval_configured(args: argparse.Namespace) -> None:
     """`eval` without --suite: EvalConfig's tasks, at the training lengths unless EvalConfig sets its own."""
-    from flan_jax import evaluation, inference
+    from flan_jax import evaluation, inference, suite_results
     from flan_jax.training_eval import Evaluator
 
     model_dir = args.checkpoint or _train_setting("model_dir")
@@ -104,6 +105,8 @@ def _eval_configured(args: argparse.Namespace) -> None:
                           prompt_length=model.module.config.prompt_length)
     metrics = evaluator.evaluate(inference.ModelRunner(model.module, model.partitioner).fns(model.params), model.step,
                                  show_progress=True)
+    if not suite_results.is_writer():  # Every process has the same scores; one table is enough.
+        return
     print(f"step {model.step}")
     for key, value in sorted(metrics.items()):
         print(f"  {key.removeprefix('eval/'):<56} {value:7.2f}")
@@ -120,10 +123,8 @@ def _suite_lengths(args: argparse.Namespace, suites: list) -> dict[str, int]:
 
 def _suite_files(args: argparse.Namespace) -> None:
     """`--export_prompts`: the suites' prompts out; `--predictions`: predictions made elsewhere scored."""
-    import json
-
-    from flan_jax import suite_files
-    from flan_jax.suites import format_results, load_suites, score_predictions
+    from flan_jax import suite_files, suite_results
+    from flan_jax.suites import load_suites, score_predictions
 
     suites = catalog.get_suites(args.suite)
     if args.checkpoint:  # Tokenized (exemplars dropped to fit) with the checkpoint's vocabulary.
@@ -138,28 +139,21 @@ def _suite_files(args: argparse.Namespace) -> None:
     catalog.load_tasks(vocabulary)
     loaded = load_suites(suites, _suite_lengths(args, suites), args.limit)
     if args.export_prompts:
+        if not suite_results.is_writer():  # One file, written once, whichever process reads it.
+            return
         count = suite_files.export_prompts(loaded, args.export_prompts)
         print(f"{count} prompts of {', '.join(s.name for s in loaded.suites)} written to {args.export_prompts}")
         return
     results = score_predictions(loaded, suite_files.read_predictions(args.predictions, loaded))
     results = {"predictions": os.path.abspath(args.predictions), **results}
-    output = args.output or os.path.join("eval_results", f"{Path(args.predictions).stem}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-        json.dump(results, f, indent=1)
-    print(format_results(results))
-    print(f"results      {output}")
+    suite_results.report(results, args.output or os.path.join("eval_results", f"{Path(args.predictions).stem}.json"))
 
 
 def _eval_suites(args: argparse.Namespace) -> None:
     """`eval --suite`: held-out benchmarks of any checkpoint, to JSON, TensorBoard and a table."""
-    import json
-
-    from clu import metric_writers
-
     from flan_jax import data as data_lib
-    from flan_jax import inference
-    from flan_jax.suites import format_results, run_suites, tensorboard_scalars
+    from flan_jax import inference, suite_results
+    from flan_jax.suites import run_suites
 
     suites = catalog.get_suites(args.suite)
     if not args.checkpoint:
@@ -181,11 +175,4 @@ def _eval_suites(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, limit=args.limit, prompt_length=prompt_length,
     )
     results = {"checkpoint": os.path.abspath(args.checkpoint), "format": model.format, "step": model.step, **results}
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-        json.dump(results, f, indent=1)
-    writer = metric_writers.create_default_writer(tb_dir)
-    writer.write_scalars(model.step, tensorboard_scalars(results))
-    writer.close()
-    print(format_results(results))
-    print(f"results      {output}\ntensorboard  {tb_dir}")
+    suite_results.report(results, output, tb_dir, model.step)

@@ -3,6 +3,8 @@
 `--gin_file` is searched relative to the working directory, then the gin
 configs shipped with the package (the checkout's `gin/` when run from source).
 `--gin.KEY=VALUE` adds the binding `KEY = VALUE`.
+A LoraConfig bound without `T5Config.lora` is an error (`_check_lora_enabled`),
+not a silent full finetune.
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ def parse(flags: GinFlags, *, with_data: bool = True) -> None:
         tasks.import_modules()  # Their configurables (vocabulary, data directories); registers nothing.
         from flan_jax import trainer  # noqa: F401  (registers the configurables)
     else:
-        from flan_jax import bench_train, train_config  # noqa: F401  (register model, optimizer, partitioner, TrainConfig)
+        from flan_jax import train_config  # noqa: F401  (registers TrainConfig)
+        from flan_jax.bench import train  # noqa: F401  (registers the model, optimizer and partitioner)
 
     if GIN_DIR:
         gin.add_config_file_search_path(str(GIN_DIR))
@@ -104,3 +107,18 @@ def parse(flags: GinFlags, *, with_data: bool = True) -> None:
         # gin's message, then where: "  In bindings string line 2", the line, "    ^".
         message, *where = [line.strip() for line in str(e).splitlines() if line.strip().strip("^")] or [repr(e)]
         raise UserError(f"bad gin config: {message}" + (f" ({': '.join(where)})" if where else "")) from None
+    _check_lora_enabled()
+
+
+def _check_lora_enabled() -> None:
+    """A UserError when LoraConfig is bound but T5Config.lora is not: the model would have no
+    adapters and the run would silently train (and save) every parameter. Called once `parse`
+    has registered both; `T5Config.lora = None` bound explicitly is taken as meant and passes."""
+    import gin
+
+    # Unresolved: resolving would build `@LoraConfig()` and any other reference here, not where the model is.
+    lora_bindings = gin.get_bindings("LoraConfig", resolve_references=False)
+    if lora_bindings and "lora" not in gin.get_bindings("T5Config", resolve_references=False):
+        key = "targets" if "targets" in lora_bindings else next(iter(lora_bindings))
+        raise UserError(f"LoraConfig.{key} is bound but T5Config.lora is None: add --gin_file=peft/lora.gin "
+                        "or bind T5Config.lora = @LoraConfig()")

@@ -5,29 +5,27 @@ layout (`t5x_legacy`, `t5x_orbax`), and flan-jax's own run directory or step
 directory (`flan_jax`). Everything past this module sees only a T5Config and
 the model's parameter tree.
 
-flan-jax's own steps: `StepMeta` is their metadata (one writer, `to_dict`;
-one reader, `from_dict`), `restore_in_layout` reads params (and optimizer
-state) in either layer layout, scanned or unrolled, the one place a saved
-layout is converted.
+flan-jax's own steps are read and written by `formats.native` (a run resumes
+through it alone); this module loads them as any other format, with the base
+of a run's adapters from wherever it lives.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
 
 from flan_jax import checkpoints as ckpt_lib
 from flan_jax import peft
 from flan_jax.errors import UserError
-from flan_jax.formats import hf, hf_peft, t5x
+from flan_jax.formats import hf, hf_peft, native, t5x
 from flan_jax.formats.meta import DataPosition, StepMeta, config_from_dict
+from flan_jax.formats.native import save_flan_jax
 from flan_jax.model import T5Config, scan
 
 PyTree = Any
@@ -73,7 +71,7 @@ ARCHITECTURE_FIELDS = (
 )
 # Those a T5X checkpoint's parameter shapes tell (it stores no config): of the
 # activations only whether the MLP is gated, nothing of the others.
-_SHAPE_FIELDS = tuple(f for f in ARCHITECTURE_FIELDS if f not in (
+SHAPE_FIELDS = tuple(f for f in ARCHITECTURE_FIELDS if f not in (
     "mlp_activations", "relative_attention_max_distance", "layer_norm_epsilon"))
 
 
@@ -98,14 +96,14 @@ def read_architecture(path: str) -> Architecture:
         config, vocab_file = hf.read_hf_config(path)
         return Architecture(config, ARCHITECTURE_FIELDS, vocab_file)
     if fmt in ("t5x_legacy", "t5x_orbax"):
-        return Architecture(config_from_params(t5x.open_checkpoint(path, fmt).shapes, path), _SHAPE_FIELDS, None)
-    checkpoint_dir, step, run_dir = flan_jax_location(path)
+        return Architecture(config_from_params(t5x.open_checkpoint(path, fmt).shapes, path), SHAPE_FIELDS, None)
+    checkpoint_dir, step, run_dir = native.flan_jax_location(path)
     ckpt = ckpt_lib.open_for_reading(checkpoint_dir)
     try:
         if step is None:
-            _, meta = ckpt.read_newest(lambda s: _read_meta(ckpt, s), _best_then_newest(ckpt))
+            _, meta = ckpt.read_newest(lambda s: native.read_meta(ckpt, s), native.best_then_newest(ckpt))
         else:
-            meta = _read_meta(ckpt, step)
+            meta = native.read_meta(ckpt, step)
     finally:
         ckpt.close()
     return Architecture(meta.model_config, ARCHITECTURE_FIELDS, _vocab_file(meta.vocabulary, run_dir))
@@ -190,82 +188,23 @@ def check_params(params: PyTree, config: T5Config, source: str) -> None:
     ckpt_lib.check_fits(params, abstract_params(config), source, "parameter")
 
 
-def flan_jax_location(path: str, step: int | None = None) -> tuple[str, int | None, str]:
-    """(checkpoints dir, step or None for "best, else newest readable", run dir) of a run or step directory."""
-    if os.path.isdir(os.path.join(path, "params")):  # a step directory
-        name = os.path.basename(os.path.normpath(path))
-        if not name.isdigit():
-            raise UserError(f"{path}: a step directory's name is its step number, not {name!r}")
-        return os.path.dirname(path), int(name), os.path.dirname(os.path.dirname(path))
-    return os.path.join(path, "checkpoints"), step, path
-
-
-def _read_meta(checkpointer: ckpt_lib.Checkpointer, step: int) -> StepMeta:
-    """The typed metadata of a flan-jax step."""
-    return StepMeta.from_dict(checkpointer.meta(step), f"{checkpointer.directory}/{step}/meta")
-
-
-def restore_in_layout(
-    checkpointer: ckpt_lib.Checkpointer, step: int, params: PyTree, opt_state: PyTree | None = None
-) -> tuple[PyTree, PyTree | None, StepMeta]:
-    """A flan-jax step's params (and optimizer state, unless None) in the layer layout and on the
-    shardings of the abstract trees given (ShapeDtypeStructs), and its metadata.
-
-    A step saved with the other layer layout (scanned vs unrolled) is read in
-    its own, replicated, and converted on the devices: the parameters and the
-    per-parameter optimizer state follow the same tree. Params without
-    shardings are read as saved and converted on the host.
-    """
-    meta = _read_meta(checkpointer, step)
-    saved, scanned = meta.model_config.scan_layers, scan.is_scanned(params)
-    if jax.tree.leaves(params)[0].sharding is None:
-        restored = scan.to_layout(checkpointer.restore_params(step)[0], scanned)
-        ckpt_lib.check_fits(restored, params, f"{checkpointer.directory}/{step}", "parameter")
-        return restored, None, meta
-    targets = (params, opt_state)
-    if saved != scanned:
-        replicated = _replicated(jax.tree.leaves(params)[0].sharding)
-        as_saved = jax.eval_shape(lambda trees: _to_layout(trees, saved), targets)
-        targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), as_saved)
-    # orbax compares the saved shapes to the wanted ones before it reads anything.
-    if opt_state is None:
-        restored = checkpointer.restore_params(step, targets[0])[0], None
-    else:
-        restored = checkpointer.restore(step, *targets)[:2]
-    if saved != scanned:
-        shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
-        restored = jax.jit(lambda trees: _to_layout(trees, scanned), out_shardings=shardings)(restored)
-    return *restored, meta
-
-
-def _to_layout(trees: tuple, scan_layers: bool) -> tuple:
-    return tuple(None if t is None else scan.to_layout(t, scan_layers) for t in trees)
-
-
-def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
-    """The whole array on every device of `sharding`'s mesh."""
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-    return sharding
-
-
 def _load_flan_jax(
     path: str, config: T5Config | None, shardings: Shardings, step: int | None, dtype: str | None
 ) -> LoadedCheckpoint:
-    checkpoint_dir, step, run_dir = flan_jax_location(path, step)
+    checkpoint_dir, step, run_dir = native.flan_jax_location(path, step)
     ckpt = ckpt_lib.open_for_reading(checkpoint_dir)
 
     def read(step: int) -> tuple[T5Config, PyTree, StepMeta]:
-        meta = _read_meta(ckpt, step)
+        meta = native.read_meta(ckpt, step)
         wanted = config or meta.model_config
         if meta.base is not None:  # a run with adapters: its steps hold only them
             return wanted, *_load_adapters_and_base(ckpt, step, wanted, _resolve(shardings, wanted), dtype)
-        params, _, meta = restore_in_layout(ckpt, step, abstract_params(wanted, _resolve(shardings, wanted)))
+        params, _, meta = native.restore_in_layout(ckpt, step, abstract_params(wanted, _resolve(shardings, wanted)))
         return wanted, params, meta
 
     try:
         if step is None:
-            step, (loaded_config, params, meta) = ckpt.read_newest(read, _best_then_newest(ckpt))
+            step, (loaded_config, params, meta) = ckpt.read_newest(read, native.best_then_newest(ckpt))
         elif step not in ckpt.all_steps():
             raise UserError(f"no step {step} in {ckpt.directory}; available: {ckpt.all_steps()}")
         else:
@@ -275,20 +214,13 @@ def _load_flan_jax(
     return LoadedCheckpoint("flan_jax", loaded_config, params, meta.vocabulary, run_dir, step)
 
 
-def _best_then_newest(ckpt: ckpt_lib.Checkpointer) -> list[int]:
-    """The steps to read a run from: the best, else the newest first (an unreadable one is
-    reported and set aside for the next, `Checkpointer.read_newest`)."""
-    best = ckpt.best_step()
-    return ([best] if best is not None else []) + sorted(set(ckpt.all_steps()) - {best}, reverse=True)
-
-
 def _load_adapters_and_base(
     ckpt: ckpt_lib.Checkpointer, step: int, config: T5Config, shardings: PyTree | None, dtype: str | None
 ) -> tuple[PyTree, StepMeta]:
     """A step that holds only adapters (see flan_jax.peft), combined with the
     base recorded in its metadata, whose fingerprint must match."""
     where = f"step {step} in {ckpt.directory}"
-    meta = _read_meta(ckpt, step)
+    meta = native.read_meta(ckpt, step)
     if meta.base.path is None:
         raise UserError(f"{where} holds adapters trained on a random base, which is not saved")
     try:
@@ -297,7 +229,7 @@ def _load_adapters_and_base(
         raise UserError(f"the base of {where} cannot be read: {e}") from e
     meta.base.check_same(base.ref, where)
     like = abstract_params(config, shardings)
-    adapters, _, _ = restore_in_layout(ckpt, step, peft.trainable(config, like))
+    adapters, _, _ = native.restore_in_layout(ckpt, step, peft.trainable(config, like))
     return peft.combine(adapters, base.params), meta
 
 
@@ -406,23 +338,6 @@ def _place(params: PyTree, shardings: PyTree | None) -> PyTree:
     if shardings is None:
         return params
     return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
-
-
-def save_flan_jax(directory: str, config: T5Config, params: PyTree, vocab_file: str | None, step: int) -> str:
-    """Writes params as a flan-jax run directory (checkpoints/<step>/ + spiece.model); returns it."""
-    if os.path.exists(directory) and os.listdir(directory):
-        raise UserError(f"{directory} exists and is not empty; refusing to overwrite it")
-    os.makedirs(directory, exist_ok=True)
-    vocab_record = None
-    if vocab_file:
-        shutil.copyfile(vocab_file, os.path.join(directory, "spiece.model"))
-        vocab_record = {"type": "sentencepiece", "file": "spiece.model", "extra_ids": 0}
-    ckpt = ckpt_lib.Checkpointer(os.path.join(directory, "checkpoints"), ckpt_lib.CheckpointConfig(best_metric=None))
-    # Fresh `Transformer.init` params come boxed in nn.Partitioned; the checkpoint holds the plain tree.
-    ckpt.save(step, nn.unbox(params), None, StepMeta(step, config, vocab_record).to_dict())
-    ckpt.wait()
-    ckpt.close()
-    return directory
 
 
 def vocab_file_of(loaded: LoadedCheckpoint) -> str | None:

@@ -218,7 +218,7 @@ def is_hf_directory(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def _read_json_object(path: str) -> dict[str, Any]:
+def read_json_object(path: str) -> dict[str, Any]:
     """A JSON file holding an object; a UserError naming the file otherwise."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -230,7 +230,8 @@ def _read_json_object(path: str) -> dict[str, Any]:
     return value
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """{name: array} of a safetensors file; a UserError naming the file if it cannot be read."""
     try:
         return safetensors.numpy.load_file(path)
     # TypeError: a dtype numpy lacks (bfloat16 files); KeyError: one the reader does not know.
@@ -242,13 +243,13 @@ def load_state_dict(directory: str) -> dict[str, np.ndarray]:
     """All tensors of a HF model directory: safetensors (single or sharded) or pytorch_model.bin."""
     join = lambda name: os.path.join(directory, name)  # noqa: E731
     for weights, index, reader in (
-        ("model.safetensors", "model.safetensors.index.json", _read_safetensors),
+        ("model.safetensors", "model.safetensors.index.json", read_safetensors),
         ("pytorch_model.bin", "pytorch_model.bin.index.json", load_torch_state_dict),
     ):
         if os.path.isfile(join(weights)):
             return dict(reader(join(weights)))
         if os.path.isfile(join(index)):
-            weight_map = _read_json_object(join(index)).get("weight_map")
+            weight_map = read_json_object(join(index)).get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise UserError(f"{join(index)}: expected a 'weight_map' object of tensor name -> shard file")
             state: dict[str, np.ndarray] = {}
@@ -266,7 +267,7 @@ def load_state_dict(directory: str) -> dict[str, np.ndarray]:
 def read_hf_config(directory: str) -> tuple[T5Config, str | None]:
     """(config, path of spiece.model or None) of a HF T5 directory, its weights unread."""
     config_path = os.path.join(directory, "config.json")
-    config = config_from_hf(_read_json_object(config_path), source=config_path)
+    config = config_from_hf(read_json_object(config_path), source=config_path)
     vocab = os.path.join(directory, "spiece.model")
     return config, vocab if os.path.isfile(vocab) else None
 

@@ -160,7 +160,7 @@ def load_hf_peft(directory: str, config: T5Config) -> tuple[LoraConfig, PyTree]:
     rank, alpha = fields["r"], fields["lora_alpha"]
     if fields.get("use_rslora"):
         alpha = alpha * math.sqrt(rank)  # PEFT's rsLoRA scale alpha / sqrt(r) as our alpha / r
-    tensors = hf._read_safetensors(_require_file(directory, WEIGHTS_FILE))
+    tensors = hf.read_safetensors(_require_file(directory, WEIGHTS_FILE))
     adapters = _adapter_tree(tensors, config, rank, os.path.join(directory, WEIGHTS_FILE))
     targeted = {path[:-1] + ("kernel",) for path in traverse_util.flatten_dict(adapters)}
     try:
@@ -183,7 +183,7 @@ def _require_file(directory: str, name: str) -> str:
 def _read_config(directory: str) -> dict[str, Any]:
     """adapter_config.json, checked to describe a plain LoRA adapter."""
     path = _require_file(directory, CONFIG_FILE)
-    fields = hf._read_json_object(path)
+    fields = hf.read_json_object(path)
     if fields.get("peft_type") != "LORA":
         raise UserError(f"{path}: peft_type {fields.get('peft_type')!r}; only LoRA adapters (\"LORA\") can be read")
     for key, kinds in (("r", int), ("lora_alpha", (int, float))):

@@ -112,12 +112,12 @@ def fused_dot_product_attention(query: Array, key: Array, value: Array, mask: Ar
 
 
 ATTENTION_KERNELS = ("xla", "pallas", "cudnn")
-_warned: set[str] = set()
+WARNED: set[str] = set()  # Messages logged once already (a test clears it to see one again).
 
 
 def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
+    if message not in WARNED:
+        WARNED.add(message)
         logging.getLogger(__name__).warning(message)
 
 

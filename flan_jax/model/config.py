@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from flan_jax import errors
 from flan_jax.model.attention import ATTENTION_KERNELS
-from flan_jax.model.layers import _ACTIVATIONS
+from flan_jax.model import layers
 from flan_jax.model.lora import LoraConfig
 
 
@@ -26,8 +26,9 @@ def _is_float_dtype(name: object) -> bool:
 
 FLOAT_DTYPE = errors.Check("a floating-point dtype name such as 'float32' or 'bfloat16'", _is_float_dtype)
 ACTIVATIONS = errors.Check(
-    f"a non-empty list of activations from {', '.join(map(repr, _ACTIVATIONS))}",
-    lambda v: isinstance(v, (list, tuple)) and bool(v) and all(isinstance(a, str) and a in _ACTIVATIONS for a in v),
+    f"a non-empty list of activations from {', '.join(map(repr, layers.ACTIVATIONS))}",
+    lambda v: (isinstance(v, (list, tuple)) and bool(v)
+               and all(isinstance(a, str) and a in layers.ACTIVATIONS for a in v)),
 )
 
 

@@ -208,7 +208,7 @@ class RelativePositionBiases(nn.Module):
 
 # ----------------------------------------------------------------------- MLP
 
-_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "gelu": lambda x: nn.gelu(x, approximate=True),  # HF's gelu_new / T5X's gelu
     "gelu_exact": lambda x: nn.gelu(x, approximate=False),
     "relu": nn.relu,
@@ -234,7 +234,7 @@ class MlpBlock(nn.Module):
         """[b, l, e] -> [b, l, e]."""
         if len(self.activations) == 1:
             wi = Dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype, lora=self.lora, name="wi")
-            hidden = _ACTIVATIONS[self.activations[0]](wi(x, deterministic))
+            hidden = ACTIVATIONS[self.activations[0]](wi(x, deterministic))
         else:
             # All branches in one product against the stacked kernels [e, n, m]:
             # the gradient for x is then one matmul, not a sum of n (plus a
@@ -249,7 +249,7 @@ class MlpBlock(nn.Module):
             for i, (name, wi) in enumerate(zip(self.activations, wis)):
                 branch = branches[:, :, i]
                 delta = wi.lora_delta(x, deterministic)
-                branch = _ACTIVATIONS[name](branch if delta is None else branch + delta)
+                branch = ACTIVATIONS[name](branch if delta is None else branch + delta)
                 hidden = branch if hidden is None else hidden * branch  # [b, l, m]
         hidden = nn.Dropout(rate=self.dropout_rate, broadcast_dims=(-2,))(hidden, deterministic=deterministic)
         hidden = constrain(hidden, ("batch", "length", "mlp"))

@@ -22,6 +22,9 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 
+from tasks import collection, collection_index, mixing
+from tasks.collection_index import FIELDS
+
 MB = 1 << 20
 
 
@@ -44,8 +47,6 @@ def _reset_peak_rss() -> None:
 
 def synthetic_counts(total_rows: int, tasks_per_submixture: int, seed: int = 0) -> dict[str, dict[tuple[str, str], int]]:
     """{collection: {(task, template): rows}}: rows split by the recipe's rates, task sizes Zipf-like."""
-    from tasks import collection, mixing
-
     rng = np.random.default_rng(seed)
     templates = ("zs_opt", "zs_noopt", "fs_opt", "fs_noopt")
     out = {}
@@ -71,8 +72,6 @@ def bench_collection(
 ) -> Mapping[str, float]:
     """Streams every row of the export under `directory` once (made first if `generate_gb`); prints figures."""
     import tensorflow as tf
-
-    from tasks import collection, collection_index
 
     rss_start = _rss_mb()
     if generate_gb and not tf.io.gfile.exists(directory):
@@ -131,8 +130,6 @@ def write_shards(directory: str, rows: Iterable[Mapping[str, str]], file_format:
     Streams: holds at most `row_group_size` rows per shard.
     """
     import tensorflow as tf
-
-    from tasks.collection_index import FIELDS
 
     if file_format not in EXPORT_FORMATS:
         raise ValueError(f"file_format={file_format!r}: expected one of {EXPORT_FORMATS}")
@@ -203,9 +200,7 @@ def write_synthetic_export(root: str, counts: Mapping[str, Mapping[tuple[str, st
                            formats: Mapping[str, str], *, num_shards: int = 2, row_group_size: int = 1000,
                            words: int = 20, target_words: int = 0) -> None:
     """A made-up export under `root`: {collection: {(task, template type): rows}}, each in its format."""
-    from tasks.collection import SUBMIXTURES
-
     for c, per_kind in counts.items():
         rows = synthetic_rows(c, per_kind, words=words, target_words=target_words)
-        write_shards(os.path.join(root, SUBMIXTURES[c][0]), rows, formats[c], num_shards=num_shards,
+        write_shards(os.path.join(root, collection.SUBMIXTURES[c][0]), rows, formats[c], num_shards=num_shards,
                      row_group_size=row_group_size)

@@ -11,16 +11,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flan_jax import optim, partitioning, peft
 from flan_jax import step as step_lib
-from flan_jax.bench_train import (
-    _xla_peak, describe, named_depths, print_batch, print_device, synthetic_batch, write_json,
+from flan_jax.bench.common import (
+    count, describe, named_depths, per_device_bytes, print_batch, print_device, synthetic_batch, write_json, xla_peak,
 )
 from flan_jax.model import T5Config, Transformer
 
@@ -80,19 +78,6 @@ class CompiledPlan:
         return lines
 
 
-def per_device_bytes(tree: Any) -> int:
-    """Bytes of one device's shard (the largest) of every array in a tree of
-    arrays or sharded ShapeDtypeStructs."""
-    return sum(
-        int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
-    )
-
-
-def count(tree: Any) -> int:
-    """Elements in all arrays (or shapes) of a tree."""
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
 def plan_flan_jax(
     config: T5Config, batch_size: int, lengths: Mapping[str, int], *, num_microbatches: int = 1, name: str = "flan-jax"
 ) -> CompiledPlan:
@@ -114,7 +99,7 @@ def plan_flan_jax(
     trained, frozen = peft.split(config, params)
     return CompiledPlan(
         name, compile_seconds, len(jax.devices()), per_device_bytes(params), per_device_bytes(opt_state),
-        per_device_bytes(batch), None if analysis is None else int(analysis.temp_size_in_bytes), _xla_peak(compiled),
+        per_device_bytes(batch), None if analysis is None else int(analysis.temp_size_in_bytes), xla_peak(compiled),
         backend, per_device_bytes(frozen), per_device_bytes(trained), count(frozen), count(trained),
     )
 

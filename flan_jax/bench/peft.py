@@ -9,13 +9,14 @@ import os
 import statistics
 import tempfile
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 
 from flan_jax import partitioning, peft
-from flan_jax.bench_plan import count, per_device_bytes
-from flan_jax.bench_train import (
-    _compile_step, _time_steps, _xla_peak, describe, print_batch, print_device, synthetic_batch, write_json,
+from flan_jax.bench.common import (
+    compile_step, count, describe, per_device_bytes, print_batch, print_device, synthetic_batch, time_steps,
+    write_json, xla_peak,
 )
 from flan_jax.errors import UserError
 from flan_jax.model import T5Config
@@ -77,17 +78,17 @@ def compare_peft(
     partitioner = partitioning.Partitioner()
     host_batch = synthetic_batch(batch_size, lengths, config.vocab_size)
     sides = [("full finetuning", peft.base_config(config)), (_adapters_name(config), config)]
-    compiled = [_compile_step(cfg, partitioner, host_batch, lengths, num_microbatches) for _, cfg in sides]
+    compiled = [compile_step(cfg, partitioner, host_batch, lengths, num_microbatches) for _, cfg in sides]
     times: list[list[float]] = [[] for _ in sides]
     with partitioner.activate():
         for step in compiled:
             jax.block_until_ready(step.run())  # first step: allocation
         for _ in range(rounds):
             for i, step in enumerate(compiled):
-                times[i].append(_time_steps(step.run, jax.block_until_ready, steps)[0])
+                times[i].append(time_steps(step.run, jax.block_until_ready, steps)[0])
     return [
         PeftFigures(
-            name, step.compile_seconds, statistics.median(seconds), _xla_peak(step.compiled),
+            name, step.compile_seconds, statistics.median(seconds), xla_peak(step.compiled),
             count(peft.trainable(step.config, step.state["params"])), per_device_bytes(step.state["opt_state"]),
             checkpoint_bytes(step.config, step.state["params"], step.state["opt_state"]),
         )

@@ -1,4 +1,4 @@
-"""The bodies of `flan-jax data list|show|stats`, over the tasks and mixtures registered from tasks/.
+"""The reports of `flan-jax data list|show|stats`, over the tasks and mixtures registered from tasks/.
 
 Each function prints a report to stdout and returns the same figures as
 plain data, for tests and notebooks. Names are looked up with
@@ -23,7 +23,7 @@ import seqio
 from flan_jax import data, data_inspect
 from flan_jax.data_inspect import DEFAULT_LENGTHS
 from flan_jax.errors import UserError
-from tasks import mixing
+from tasks import collection, mixing
 
 
 def _tasks_of(provider: seqio.Task | seqio.Mixture) -> list[seqio.Task]:
@@ -121,8 +121,6 @@ def list_registered() -> dict[str, Any]:
 
 def _collections(name: str, recipe: mixing.RecipeMixture) -> dict[str, dict[str, Any]]:
     """{collection: share, entry and what it reads} of a recipe mixture; an export's by template type."""
-    from tasks import collection
-
     out = {}
     for c, share in recipe.shares.items():
         entry = f"{name}_{c}"
@@ -290,8 +288,6 @@ def _export_template_shares(configured: Mapping[str, float], sampled: Mapping[st
                             drawn: Mapping[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
     """{"<stream task>/<template type>": configured and sampled shares} for tasks streaming a Flan Collection
     export (one task mixes a whole submixture, so its template types are shown here instead of as tasks)."""
-    from tasks import collection
-
     out = {}
     for task, share in configured.items():
         source = seqio.get_mixture_or_task(task).source

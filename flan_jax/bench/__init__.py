@@ -1,0 +1,12 @@
+"""Benchmarks that print figures (never timed tests), one module per `flan-jax bench` mode.
+
+  decode.py  `bench decode`: cached decoding steps (and transformers' for comparison)
+  data.py    `bench data`: the input pipeline
+  train.py   `bench train`: the real training step on synthetic batches; with
+             plan.py (`--compile_only`) and peft.py (`--peft_compare`)
+  common.py  what the train modes share (batches, the compiled step, timing, memory, output)
+
+`bench collection` reads a Flan Collection export through tasks/, so it lives
+there (tasks/collection_bench.py). Importing this package imports nothing heavy;
+each module imports JAX (data.py: TensorFlow and SeqIO when it runs).
+"""
