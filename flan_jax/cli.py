@@ -52,10 +52,12 @@ def _message(error: UserError) -> str:
 
 def run() -> None:
     """The `flan-jax` console script (and `python -m flan_jax.cli`): on CPU
-    hosts, re-executes itself once under `process.huge_page_environment`, then `main`."""
+    hosts, re-executes itself once under `process.huge_page_environment`, then
+    `main`, and exits without a last collection (`process.exit_without_collecting`)."""
     # --help and malformed flags are answered here: the re-execution would double their start-up.
     build_parser().parse_args(gin_flags.split_args(sys.argv[1:])[1])
     process.reexec_with_huge_pages()
+    process.exit_without_collecting()
     main()
 
 

@@ -1,6 +1,7 @@
 """The `flan-jax` command end to end: train, resume, infer, and its error messages."""
 
 import dataclasses
+import io
 import json
 import os
 import re
@@ -9,56 +10,64 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SMALL_MIXTURE, run_cli, train_flags
+from conftest import SMALL_MIXTURE, main_in_process, run_cli, train_flags
 
 REPO = Path(__file__).resolve().parent.parent
 
 # A few steps of the smoke config on the small mixture, small enough for a test; the
 # evaluation at the end is on the same 4 tasks' validation split (not the smoke run's
 # 18 evaluation tasks, whose pipelines each run would build).
+LOG_AND_SAVE = {"TrainConfig.log_every": 2, "CheckpointConfig.save_every": 2}
 SMALL = train_flags({
-    "TrainConfig.log_every": 2,
+    **LOG_AND_SAVE,
     "EvalConfig.mixture_or_task_name": SMALL_MIXTURE,
     "EvalConfig.num_examples": 2,
     "EvalConfig.batch_size": 4,
-    "CheckpointConfig.save_every": 2,
 })
-
-
-def test_bad_gin_flag_names_the_key(tmp_path):
-    result = run_cli("train", *SMALL, f"--gin.TrainConfig.model_dir='{tmp_path}'", "--gin.TrainConfig.num_stepz=3")
-    assert result.returncode != 0
-    assert "num_stepz" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not any(tmp_path.iterdir())  # nothing was written
-
-
-def test_unknown_gin_file_is_named():
-    result = run_cli("train", "--gin_file=runs/nope.gin")
-    assert result.returncode != 0
-    assert "runs/nope.gin" in result.stderr and "Traceback" not in result.stderr
-
-
-def test_unknown_task_is_named(tmp_path):
-    result = run_cli(
-        "train", *SMALL, f"--gin.TrainConfig.model_dir='{tmp_path}'",
-        "--gin.TrainConfig.mixture_or_task_name='no_such_task'",
-    )
-    assert result.returncode != 0
-    assert "no_such_task" in result.stderr
-    assert "builtin_train" in result.stderr  # lists what exists
-    assert "Traceback" not in result.stderr
+# The same without the evaluation, for the runs whose tests look at no evaluation result.
+SMALL_WITHOUT_EVAL = train_flags(LOG_AND_SAVE)
 
 
 @pytest.fixture
 def in_process_cli():
-    """cli.main in this process; gin's bindings are cleared afterwards."""
-    import gin
+    """`flan-jax ARGV` in this process (conftest.main_in_process)."""
+    return main_in_process
 
-    from flan_jax import cli
 
-    yield cli.main
-    gin.clear_config()
+def _error_line(cli_main, argv: list[str]) -> str:
+    """The one line `flan-jax ARGV` ends with: cli.main raises SystemExit with it, which Python prints to
+    stderr and exits 1 with (any other exception would end it with a traceback: it fails the test here)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    message = exit_info.value.code
+    assert isinstance(message, str) and message.startswith("flan-jax: error:"), message
+    return message
+
+
+# The errors below are cli.main's, checked in this process (a `flan-jax` process would import
+# TensorFlow again for each); test_infer_on_missing_run_is_clear checks such a line as the
+# command's stderr and exit status.
+def test_bad_gin_flag_names_the_key(in_process_cli, capfd, tmp_path):
+    message = _error_line(in_process_cli, ["train", *SMALL, f"--gin.TrainConfig.model_dir='{tmp_path}'",
+                                           "--gin.TrainConfig.num_stepz=3"])
+    assert "num_stepz" in message
+    assert "Traceback" not in capfd.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_unknown_gin_file_is_named(in_process_cli, capfd):
+    message = _error_line(in_process_cli, ["train", "--gin_file=runs/nope.gin"])
+    assert "runs/nope.gin" in message and "Traceback" not in capfd.readouterr().err
+
+
+def test_unknown_task_is_named(in_process_cli, capfd, tmp_path):
+    message = _error_line(in_process_cli, [
+        "train", *SMALL, f"--gin.TrainConfig.model_dir='{tmp_path}'",
+        "--gin.TrainConfig.mixture_or_task_name='no_such_task'",
+    ])
+    assert "no_such_task" in message
+    assert "builtin_train" in message  # lists what exists
+    assert "Traceback" not in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("argv, key", [
@@ -103,8 +112,8 @@ def test_terminal_is_free_of_native_info_lines():
 
 @dataclasses.dataclass
 class ResumedRun:
-    """`flan-jax train` of SMALL for 4 steps, the same command again, then resumed to 6 steps: each
-    command's result, and the run directory's files as the first command left them."""
+    """`flan-jax train` of SMALL for 4 steps, then resumed to 6 steps: each command's result, and the
+    run directory's files as the first command left them."""
 
     model_dir: Path
     first: subprocess.CompletedProcess
@@ -112,8 +121,11 @@ class ResumedRun:
     config_after_first: str
     tb_after_first: list[str]
     checkpoints_after_first: list[str]
-    again: subprocess.CompletedProcess | None
     longer: subprocess.CompletedProcess | None
+
+
+def _train_argv(model_dir: Path, steps: int) -> list[str]:
+    return ["train", *SMALL, f"--gin.TrainConfig.model_dir='{model_dir}'", f"--gin.TrainConfig.num_steps={steps}"]
 
 
 @pytest.fixture(scope="module")
@@ -122,21 +134,21 @@ def resumed_run(tmp_path_factory) -> ResumedRun:
     made, test_convert_infer_and_finetune_from_any_format starts from its 6 steps (which equal an
     uninterrupted run's: test_robustness.py)."""
     model_dir = tmp_path_factory.mktemp("resumed") / "run"
-
-    def train(steps: int) -> subprocess.CompletedProcess:
-        return run_cli("train", *SMALL, f"--gin.TrainConfig.model_dir='{model_dir}'", f"--gin.TrainConfig.num_steps={steps}")
-
-    first = train(4)
+    first = run_cli(*_train_argv(model_dir, 4))
     if first.returncode != 0:  # the tests report it; nothing more to run
-        return ResumedRun(model_dir, first, "", "", [], [], None, None)
+        return ResumedRun(model_dir, first, "", "", [], [], None)
     snapshot = ((model_dir / "metrics.jsonl").read_text(), (model_dir / "config.gin").read_text(),
                 sorted(p.name for p in (model_dir / "tb").iterdir()),
                 sorted(p.name for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit()))
-    again = train(4)
-    return ResumedRun(model_dir, first, *snapshot, again, train(6))
+    return ResumedRun(model_dir, first, *snapshot, run_cli(*_train_argv(model_dir, 6)))
 
 
-def test_train_resume_and_infer(resumed_run):
+def _contents(directory: Path) -> dict[str, bytes]:
+    """{relative path: bytes} of every file under `directory`."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_train_resume_and_infer(resumed_run, in_process_cli, capfd, monkeypatch):
     run = resumed_run
     model_dir, first = run.model_dir, run.first
     assert first.returncode == 0, first.stderr[-3000:]
@@ -151,10 +163,6 @@ def test_train_resume_and_infer(resumed_run):
     assert run.tb_after_first, "no TensorBoard event files"
     assert run.checkpoints_after_first == ["2", "4"]
 
-    again = run.again
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "already complete" in again.stdout
-
     longer = run.longer
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert "Resumed from" in longer.stdout and "steps           4 -> 6" in longer.stdout
@@ -163,9 +171,20 @@ def test_train_resume_and_infer(resumed_run):
     assert (model_dir / "config.gin").read_text() == config_text  # never overwritten
     assert (model_dir / "config_resumed_at_4.gin").exists()
 
-    answer = run_cli("infer", f"--model_dir={model_dir}", "--max_decode_length=8", stdin="What is 2 plus 3?\n")
-    assert answer.returncode == 0, answer.stderr[-3000:]
-    assert "> What is 2 plus 3?" in answer.stdout
+    # The same command again (in this process: the command's own work, without a second start-up
+    # of TensorFlow) finds the run complete and overwrites nothing saved.
+    files = _contents(model_dir)
+    capfd.readouterr()
+    in_process_cli(_train_argv(model_dir, 6))
+    assert "already complete" in capfd.readouterr().out
+    after = _contents(model_dir)
+    assert {name: after.get(name) for name in files} == files
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 2 plus 3?\n"))  # the prompt on stdin
+    in_process_cli(["infer", f"--model_dir={model_dir}", "--max_decode_length=8"])
+    out, err = capfd.readouterr()
+    assert "> What is 2 plus 3?" in out
+    assert "Traceback" not in err
 
 
 def test_infer_on_missing_run_is_clear(tmp_path):
@@ -174,18 +193,20 @@ def test_infer_on_missing_run_is_clear(tmp_path):
     assert str(tmp_path) in result.stderr and "Traceback" not in result.stderr
 
 
-def test_convert_infer_and_finetune_from_any_format(resumed_run, tmp_path):
-    """A run -> HF directory -> (infer with beam search; finetune from it) and -> flan-jax copy."""
+def test_convert_infer_and_finetune_from_any_format(resumed_run, tmp_path, in_process_cli, capfd):
+    """A run -> HF directory -> (infer with beam search; finetune from it) and -> flan-jax copy.
+
+    Converting and answering run in this process (their output is the command's); the finetune is
+    a `flan-jax train` of its own, so that its tasks are registered with the checkpoint's vocabulary
+    as a fresh command registers them."""
     source = resumed_run.model_dir  # 6 steps of SMALL; read, never written
     trained = resumed_run.longer
     assert trained is not None and trained.returncode == 0, (trained or resumed_run.first).stderr[-3000:]
     losses = [json.loads(line)["loss"] for line in (source / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
-    to_hf = run_cli("convert", str(source), str(tmp_path / "hf"), "--to=hf")
-    assert to_hf.returncode == 0, to_hf.stderr[-3000:]
+    in_process_cli(["convert", str(source), str(tmp_path / "hf"), "--to=hf"])
     assert {"config.json", "model.safetensors", "spiece.model"} <= {p.name for p in (tmp_path / "hf").iterdir()}
-    again = run_cli("convert", str(source), str(tmp_path / "hf"), "--to=hf")
-    assert again.returncode != 0 and "refusing to overwrite" in again.stderr
+    assert "refusing to overwrite" in _error_line(in_process_cli, ["convert", str(source), str(tmp_path / "hf"), "--to=hf"])
 
     prompt = "Q: What is 3 plus 4?"
     answers = {}
@@ -194,14 +215,16 @@ def test_convert_infer_and_finetune_from_any_format(resumed_run, tmp_path):
         ("hf", tmp_path / "hf", ["--decode=beam", "--num_beams=3"]),
         ("sample", tmp_path / "hf", ["--decode=sample", "--top_k=5", "--seed=1"]),
     ]:
-        result = run_cli("infer", f"--checkpoint={path}", "--max_decode_length=12", *flags, prompt)
-        assert result.returncode == 0, result.stderr[-3000:]
-        answers[name] = result.stdout
+        capfd.readouterr()
+        in_process_cli(["infer", f"--checkpoint={path}", "--max_decode_length=12", *flags, prompt])
+        answers[name] = capfd.readouterr().out
+        assert answers[name].startswith(f"> {prompt}\n"), answers[name]
     assert answers["run"] == answers["hf"]  # the same network, whichever format it was read from
+    assert "Traceback" not in capfd.readouterr().err
 
     finetuned = tmp_path / "finetuned"
     result = run_cli(
-        "train", *SMALL, f"--gin.TrainConfig.model_dir='{finetuned}'", "--gin.TrainConfig.num_steps=1",
+        "train", *SMALL_WITHOUT_EVAL, f"--gin.TrainConfig.model_dir='{finetuned}'", "--gin.TrainConfig.num_steps=1",
         f"--gin.TrainConfig.init_checkpoint='{tmp_path / 'hf'}'",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -216,9 +239,9 @@ def test_gin_vocabulary_binding_reregisters_tasks(tmp_path):
     """Finetuning a pretrained T5 swaps in its spiece.model for every task."""
     import shutil
 
-    import gin
     import seqio
 
+    import gin
     import tasks
     from tasks import vocab
 
@@ -240,7 +263,7 @@ def test_resume_restores_the_saved_input_state(tmp_path):
     """With save_input_state, each checkpoint step holds the input position and a resumed run restores
     the pipeline from it instead of re-reading it."""
     model_dir = tmp_path / "run"
-    flags = [*SMALL, f"--gin.TrainConfig.model_dir='{model_dir}'", "--gin.TrainConfig.save_input_state=True"]
+    flags = [*SMALL_WITHOUT_EVAL, f"--gin.TrainConfig.model_dir='{model_dir}'", "--gin.TrainConfig.save_input_state=True"]
     first = run_cli("train", *flags, "--gin.TrainConfig.num_steps=2")
     assert first.returncode == 0, first.stderr[-3000:]
     assert (model_dir / "checkpoints" / "2" / "input_state" / "process_0" / "spec.json").exists()

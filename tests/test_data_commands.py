@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import SMALL_MIXTURE
 
 from flan_jax.bench import data as bench_data
 from flan_jax.commands import catalog
@@ -99,7 +100,7 @@ def test_stats_of_a_task_at_generous_lengths():
     assert result["packing"]["examples_per_row"] > 5  # Short arithmetic questions pack densely.
 
 def test_bench_data_runs(capsys):
-    figures = bench_data.bench_data("builtin_train", {"inputs": 64, "targets": 32}, batch_size=4,
+    figures = bench_data.bench_data(SMALL_MIXTURE, {"inputs": 64, "targets": 32}, batch_size=4,
                                      repeats=1, batches_per_repeat=2)
     assert figures["examples_per_sec"] > 0 and figures["tokens_per_sec"] > figures["examples_per_sec"]
     assert 0 < figures["fill_rate/inputs"] <= 1 and 0 < figures["fill_rate/targets"] <= 1

@@ -166,7 +166,7 @@ def test_rank_classification_picks_the_option_transformers_scores_highest():
                 for s in ("anatomy", "virology", "marketing")]
     fns = inference.ModelRunner(Transformer(config)).fns(params)
     results = evaluation.evaluate_tasks(examples, fns, method="rank", target_length=8, show_progress=False)
-    chosen = []
+    chosen, rows, expected_loglik = [], [], []
     for task in examples:
         assert results[task.name].method == "rank"
         for i, ex in enumerate(task.features):
@@ -179,9 +179,14 @@ def test_rank_classification_picks_the_option_transformers_scores_highest():
                                   decoder_input_ids=torch.tensor(np.pad(padded[:, :-1], ((0, 0), (1, 0))))).logits
             token_loglik = torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(padded)[..., None])[..., 0]
             loglik = (token_loglik * torch.tensor(padded > 0)).sum(1)
-            ours = fns.score(np.repeat(ex["inputs"][None], 4, 0), padded.astype(np.int32))
-            np.testing.assert_allclose(ours, loglik.numpy(), rtol=1e-4, atol=1e-4)
+            rows += [(ex["inputs"], target) for target in padded]
+            expected_loglik += loglik.tolist()
             chosen.append(options[int(np.argmax(loglik.numpy()))])
+    # Ours, every (example, option) row in one call (one compilation, not one per prompt length):
+    # prompts and targets zero-padded, which the score masks.
+    ours = fns.score(batching.pad_rows([i for i, _ in rows], len(rows), lengths["inputs"]),
+                     batching.pad_rows([t.astype(np.int32) for _, t in rows], len(rows), lengths["targets"]))
+    np.testing.assert_allclose(ours, expected_loglik, rtol=1e-4, atol=1e-4)
     answers = [mmlu.answer_letter(t) for task in examples for t in task.texts("targets")]
     expected = 100.0 * np.mean([c == a for c, a in zip(chosen, answers)])
     assert np.mean([r.metrics["accuracy"] for r in results.values()]) == pytest.approx(expected)
@@ -238,7 +243,7 @@ def test_eval_suites_end_to_end_on_a_tiny_random_model(tmp_path, capsys, tiny_ru
 
     run = tiny_run(tmp_path / "run", 3)
     output = tmp_path / "results.json"
-    cli.main(["eval", f"--checkpoint={run}", f"--suite={','.join(SUITES)}", "--limit=10", "--input_length=256",
+    cli.main(["eval", f"--checkpoint={run}", f"--suite={','.join(SUITES)}", "--limit=2", "--input_length=256",
               "--target_length=4", "--method=rank", f"--output={output}"])
     printed = capsys.readouterr().out
     results = json.loads(output.read_text())
@@ -246,8 +251,8 @@ def test_eval_suites_end_to_end_on_a_tiny_random_model(tmp_path, capsys, tiny_ru
     for name in SUITES:
         report = results["suites"][name]
         assert report["num_tasks"] == len(registry.get_suite(name).tasks)
-        assert all(row["num_examples"] == 10 for row in report["tasks"].values())
-        assert report["num_examples"] == 10 * report["num_tasks"]
+        assert all(row["num_examples"] == 2 for row in report["tasks"].values())
+        assert report["num_examples"] == 2 * report["num_tasks"]
         assert 0.0 <= report["score"] <= 100.0 and report["over_length"] > 0
         assert report["methods"] == (["rank"] if name == "mmlu_direct" else ["generate"]), name
         assert name in printed

@@ -58,6 +58,20 @@ def goldp_dir(tmp_path, monkeypatch):
     return directory
 
 
+@pytest.fixture(scope="module")
+def heldout_examples(tmp_path_factory):
+    """flan_heldout's six suites and GSM8K, the first 3 examples of each task (TyDiQA from GoldP files
+    written as `goldp_dir` writes them), loaded once for the tests that read them without changing them."""
+    directory = tmp_path_factory.mktemp("heldout") / "tydiqa"
+    directory.mkdir()
+    (directory / tydiqa.FILES["dev"]).write_text(json.dumps(_goldp(WORDS, 4), ensure_ascii=False), encoding="utf-8")
+    (directory / tydiqa.FILES["train"]).write_text(json.dumps(_goldp(WORDS, 2, offset=100)), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv(tydiqa.DIR_ENV, str(directory))
+        return suites.load_suites([registry.get_suite("flan_heldout"), registry.get_suite("gsm8k_cot")],
+                                  {"inputs": 512, "targets": 64}, limit=3, log=lambda _: None)
+
+
 # --- MGSM and GSM8K --------------------------------------------------------------------------
 
 
@@ -168,11 +182,11 @@ def test_gsm8k_bad_or_missing_exemplars_file_is_one_line_naming_it(tmp_path):
 
 
 @needs_data
-def test_gold_targets_score_100_and_a_constant_answer_its_frequency(goldp_dir, fake_generate):
+def test_gold_targets_score_100_and_a_constant_answer_its_frequency(heldout_examples, fake_generate):
     for suite in ("mgsm_cot", "tydiqa_direct", "gsm8k_cot"):
         spec = registry.get_suite(suite)
-        examples = [evaluation.load_task_examples(t, spec.split, {"inputs": 1024, "targets": 64}, 6)
-                    for t in spec.tasks]
+        examples = heldout_examples.examples[suite]  # the first 3 of each task, at 512 input tokens
+        assert [task.name for task in examples] == list(spec.tasks), suite
         assert all(task.features for task in examples), suite
         gold, _ = fake_generate(examples, lambda task, i: task.texts("targets")[i])
         assert all(r.metrics[spec.metric] == 100.0 for r in gold.values()), (suite, gold)
@@ -322,11 +336,11 @@ def _write_jsonl(path: Path, records) -> Path:
 
 @needs_data
 def test_exported_prompts_answered_with_their_gold_targets_score_100_and_a_constant_its_frequency(
-        tmp_path, goldp_dir):
+        tmp_path, heldout_examples):
     from flan_jax import suite_files
 
-    wanted = [registry.get_suite("flan_heldout"), registry.get_suite("gsm8k_cot")]
-    loaded = suites.load_suites(wanted, {"inputs": 512, "targets": 64}, limit=3, log=lambda _: None)
+    loaded = heldout_examples  # flan_heldout and gsm8k_cot, the first 3 examples of each task
+    assert loaded.limit == 3
     exported = tmp_path / "prompts.jsonl"
     count = suite_files.export_prompts(loaded, str(exported))
     records = [json.loads(line) for line in exported.read_text("utf-8").splitlines()]

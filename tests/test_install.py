@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+from conftest import SMALL_MIXTURE
 from seqio import version as seqio_version
 
 
@@ -73,6 +74,7 @@ def test_wheel_installs_with_its_gin_configs(tmp_path):
         [
             sys.executable, "-m", "flan_jax.cli", "train", "--gin_file=runs/smoke.gin",
             "--gin.TrainConfig.num_steps=3", f"--gin.TrainConfig.model_dir='{model_dir}'",
+            f"--gin.TrainConfig.mixture_or_task_name='{SMALL_MIXTURE}'",
             "--gin.TrainConfig.task_feature_lengths={'inputs': 64, 'targets': 32}",
             "--gin.TrainConfig.batch_size=4", "--gin.TrainConfig.eval_every=0",
             "--gin.EvalConfig.mixture_or_task_name=None",

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import seqio
 import tensorflow as tf
+from conftest import SMALL_MIXTURE
 
 import tasks
 from flan_jax import data
@@ -208,9 +209,9 @@ def _same(a: list[dict], b: list[dict]) -> bool:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The first 100 batches of builtin_train, with the input position saved after batch 40."""
+    """The first 100 batches of builtin_small (4 tasks), with the input position saved after batch 40."""
     state_dir = str(tmp_path_factory.mktemp("input_state"))
-    batches = data.TrainIterator("builtin_train", LENGTHS, BATCH, seed=SEED)
+    batches = data.TrainIterator(SMALL_MIXTURE, LENGTHS, BATCH, seed=SEED)
     first = [next(batches) for _ in range(RESUME_AT)]
     assert batches.write_state(state_dir)
     rest = [next(batches) for _ in range(NUM_BATCHES - RESUME_AT)]
@@ -220,21 +221,21 @@ def reference(tmp_path_factory):
 
 def test_same_seed_gives_the_same_batches(reference):
     batches, _ = reference
-    ds = data.get_train_dataset("builtin_train", LENGTHS, BATCH, seed=SEED)
+    ds = data.get_train_dataset(SMALL_MIXTURE, LENGTHS, BATCH, seed=SEED)
     assert _same(list(ds.take(NUM_BATCHES).as_numpy_iterator()), batches)
-    other = data.get_train_dataset("builtin_train", LENGTHS, BATCH, seed=SEED + 1)
+    other = data.get_train_dataset(SMALL_MIXTURE, LENGTHS, BATCH, seed=SEED + 1)
     assert not _same(list(other.take(1).as_numpy_iterator()), batches[:1])
 
 
 def test_resume_by_skipping_continues_exactly(reference):
     batches, _ = reference
-    ds = data.get_train_dataset("builtin_train", LENGTHS, BATCH, seed=SEED, start_batch=RESUME_AT)
+    ds = data.get_train_dataset(SMALL_MIXTURE, LENGTHS, BATCH, seed=SEED, start_batch=RESUME_AT)
     assert _same(list(ds.take(10).as_numpy_iterator()), batches[RESUME_AT:RESUME_AT + 10])
 
 
 def test_resume_from_saved_position_continues_exactly(reference):
     batches, state_dir = reference
-    resumed = data.TrainIterator("builtin_train", LENGTHS, BATCH, seed=SEED)
+    resumed = data.TrainIterator(SMALL_MIXTURE, LENGTHS, BATCH, seed=SEED)
     assert resumed.read_state(state_dir)
     assert resumed.position == RESUME_AT
     assert _same([next(resumed) for _ in range(10)], batches[RESUME_AT:RESUME_AT + 10])

@@ -126,9 +126,11 @@ SMALL_TRAIN = [
     "--gin.TrainConfig.num_steps=2",
     "--gin.TrainConfig.log_every=1",
     "--gin.TrainConfig.eval_every=0",
+    "--gin.EvalConfig.mixture_or_task_name=None",  # (eval's case names its tasks)
     "--gin.EvalConfig.num_examples=4",
     "--gin.EvalConfig.batch_size=4",
     "--gin.CheckpointConfig.save_every=2",
+    "--gin.CheckpointConfig.best_metric=None",
     "--gin.get_train_dataset.pack_buffer_size=16",
 ]
 BAD_ROWS = [json.dumps({"input": "no target"}), "{not json", json.dumps({"input": "x", "target": "y", "steps": {"a": 1}})]

@@ -18,20 +18,13 @@ SCRIPT = textwrap.dedent("""
     batch = random_batch(32, lengths["inputs"], lengths["targets"], BASE.vocab_size)
     RULES = {"dp": partitioning.DATA_PARALLEL_LOGICAL_AXIS_RULES, "fsdp": partitioning.FSDP_LOGICAL_AXIS_RULES}
 
-    # (mesh, rules, devices, scan_layers) -> (partitioner, model): the shardings
-    # step.initialize gives do not depend on remat or microbatching, so the
-    # cases that differ only in those share one (initialising costs a compile).
-    INITIALIZED = {}
-
     def one_step(mesh_shape, rules, microbatches=1, devices=None, **model_kwargs):
         config = dataclasses.replace(BASE, **model_kwargs)
         tx = optim.adafactor(learning_rate=1e-2)
-        key = (mesh_shape, rules, devices is None, config.scan_layers)
-        if key not in INITIALIZED:
-            partitioner = partitioning.Partitioner(mesh_shape, RULES[rules], devices=devices)
-            INITIALIZED[key] = partitioner, step.initialize(Transformer(config), tx, partitioner, lengths, seed=0)[0]
-        partitioner, model = INITIALIZED[key]
-        model = dataclasses.replace(model, module=Transformer(config))
+        partitioner = partitioning.Partitioner(mesh_shape, RULES[rules], devices=devices)
+        # The shardings step.initialize gives (it calls abstract_state), without
+        # compiling an initialisation whose weights would be replaced below.
+        model = step.abstract_state(Transformer(config), tx, partitioner, lengths)[0]
         # The same starting weights everywhere: the 1x1 reference's, in this layout.
         params = jax.device_put(scan.to_layout(REFERENCE_INIT, config.scan_layers), model.params_shardings)
         with partitioner.activate():

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
+from conftest import SMALL_MIXTURE
 from flax import traverse_util
 
 from flan_jax import cli, formats, peft
@@ -254,8 +255,8 @@ def test_training_continues_a_peft_adapter_on_the_base_it_records(tmp_path):
     """init_checkpoint = a PEFT directory: its adapters on its recorded base; with a zero
     learning rate the run's saved adapters are the PEFT ones, exactly."""
     import tasks
-    from flan_jax import optim, trainer
     from flan_jax import checkpoints as ckpt_lib
+    from flan_jax import optim, trainer
 
     tasks.register()
     config = dataclasses.replace(BASE, vocab_size=1024, lora=LORA)  # the built-in vocabulary's size
@@ -264,7 +265,7 @@ def test_training_continues_a_peft_adapter_on_the_base_it_records(tmp_path):
     formats.save_flan_jax(base_dir, peft.base_config(config), peft.split(config, params)[1], None, 0)
     hf_peft.save_hf_peft(adapter_dir, config, params, base_dir)
     run = trainer.TrainConfig(
-        model_dir=str(tmp_path / "run"), mixture_or_task_name="builtin_train", num_steps=1, batch_size=2,
+        model_dir=str(tmp_path / "run"), mixture_or_task_name=SMALL_MIXTURE, num_steps=1, batch_size=2,
         task_feature_lengths={"inputs": 32, "targets": 16}, init_checkpoint=adapter_dir,
     )
     trainer.train(run, model_config=config, optimizer=optim.adafactor(learning_rate=0.0),

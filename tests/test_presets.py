@@ -5,6 +5,7 @@ command line's own gin parsing, and a LoraConfig bound without
 from __future__ import annotations
 
 import pytest
+from conftest import SMALL_MIXTURE
 
 from flan_jax.commands import gin_flags
 from flan_jax.errors import UserError
@@ -91,6 +92,7 @@ def test_lora_attention_preset_alone_trains_and_saves_only_attention_adapters(tm
         "train", "--gin_file=runs/smoke.gin", "--gin_file=peft/lora_attention.gin",
         "--gin.T5Config.emb_dim=32", "--gin.T5Config.num_heads=2", "--gin.T5Config.head_dim=16",
         "--gin.T5Config.mlp_dim=64", "--gin.LoraConfig.rank=2",
+        f"--gin.TrainConfig.mixture_or_task_name='{SMALL_MIXTURE}'",
         "--gin.TrainConfig.task_feature_lengths={'inputs': 32, 'targets': 16}", "--gin.TrainConfig.batch_size=2",
         "--gin.TrainConfig.num_steps=1", "--gin.TrainConfig.log_every=1", "--gin.TrainConfig.eval_every=0",
         "--gin.EvalConfig.mixture_or_task_name=None", "--gin.CheckpointConfig.save_every=1",

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import SMALL_MIXTURE, main_in_process
 
 from flan_jax import losses
 from flan_jax.errors import UserError
@@ -179,20 +180,16 @@ def hf_checkpoint(tmp_path_factory) -> Path:
 
 def _train_in_process(argv: list[str]) -> None:
     """`flan-jax train` in this process; gin and the tasks' vocabulary are reset afterwards."""
-    import gin
-
     import tasks
-    from flan_jax import cli
 
     try:
-        cli.main(["train", *argv])
+        main_in_process(["train", *argv])
     finally:
-        gin.clear_config()
         tasks.register(again=True)
 
 
 # No model file: runs/finetune.gin binds no architecture and no vocabulary.
-FINETUNE = ["--gin_file=runs/finetune.gin", "--gin.TrainConfig.mixture_or_task_name='builtin_train'",
+FINETUNE = ["--gin_file=runs/finetune.gin", f"--gin.TrainConfig.mixture_or_task_name='{SMALL_MIXTURE}'",
             "--gin.TrainConfig.task_feature_lengths={'inputs': 32, 'targets': 16}", "--gin.TrainConfig.batch_size=2",
             "--gin.TrainConfig.num_steps=1", "--gin.TrainConfig.log_every=1", "--gin.TrainConfig.eval_every=0",
             "--gin.CheckpointConfig.save_every=1"]
@@ -203,9 +200,9 @@ def test_a_finetune_takes_the_architecture_and_vocabulary_of_its_hf_checkpoint(h
                                                                                monkeypatch):
     """Full and LoRA finetunes of a HF checkpoint with no model file nor vocabulary binding train
     (before, they stopped with 'lacks the parameter ...' or a vocabulary too large for T5Config)."""
-    import gin
     import seqio
 
+    import gin
     from flan_jax import checkpoint_bindings, formats
 
     seen = {}
@@ -228,7 +225,7 @@ def test_a_finetune_takes_the_architecture_and_vocabulary_of_its_hf_checkpoint(h
     assert (model_dir / "spiece.model").read_bytes() == (hf_checkpoint / "spiece.model").read_bytes()
     logged = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     assert logged[0]["step"] == 1 and np.isfinite(logged[0]["loss"])
-    assert (seqio.get_mixture_or_task("builtin_train").output_features["targets"].vocabulary.sentencepiece_model_file
+    assert (seqio.get_mixture_or_task(SMALL_MIXTURE).output_features["targets"].vocabulary.sentencepiece_model_file
             != str(hf_checkpoint / "spiece.model"))  # the reset registered the default again
 
 
@@ -276,7 +273,7 @@ def test_flan_t5_small_recipe_trains_five_steps(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     result = subprocess.run(
         [sys.executable, "-m", "flan_jax.cli", "train", "--gin_file=runs/flan_t5_small.gin",
-         f"--gin.TrainConfig.model_dir='{model_dir}'", "--gin.TrainConfig.mixture_or_task_name='builtin_train'",
+         f"--gin.TrainConfig.model_dir='{model_dir}'", f"--gin.TrainConfig.mixture_or_task_name='{SMALL_MIXTURE}'",
          "--gin.TrainConfig.task_feature_lengths={'inputs': 32, 'targets': 16}", "--gin.TrainConfig.batch_size=2",
          "--gin.TrainConfig.num_steps=5", "--gin.TrainConfig.log_every=5", "--gin.CheckpointConfig.save_every=5",
          "--gin.T5Config.dtype='float32'"],
@@ -301,7 +298,6 @@ def test_flan_t5_small_recipe_trains_five_steps(tmp_path):
 def test_each_size_binds_the_papers_recipe(size, steps, partitioning):
     """Every per-size file parses without the data stack (as `bench train` reads it) into the recipe."""
     import gin
-
     from flan_jax import partitioning as partitioning_lib
     from flan_jax.commands import gin_flags
 

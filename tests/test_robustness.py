@@ -15,7 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import RESUMABLE_TRAIN, SMALL_MIXTURE, run_cli, start_cli, train_flags
+from conftest import (
+    RESUMABLE_TRAIN,
+    SMALL_MIXTURE,
+    main_in_process,
+    run_cli,
+    start_cli,
+    train_flags,
+)
 
 NUM_STEPS = 60
 FLAGS = train_flags({"TrainConfig.num_steps": NUM_STEPS, **RESUMABLE_TRAIN})
@@ -32,6 +39,11 @@ def _train(model_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     result = run_cli(*_train_args(model_dir, *extra))
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def _train_here(model_dir: Path, *extra: str) -> None:
+    """`flan-jax train` in this process (no interpreter, TensorFlow or JAX to start)."""
+    main_in_process(_train_args(model_dir, *extra))
 
 
 def _start(model_dir: Path, log: Path) -> subprocess.Popen:
@@ -70,9 +82,9 @@ def _final_params(model_dir: Path) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    """An uninterrupted run."""
+    """An uninterrupted run, in this process (the interrupted ones, which must match it, run in their own)."""
     model_dir = tmp_path_factory.mktemp("reference") / "run"
-    _train(model_dir)
+    _train_here(model_dir)
     return model_dir
 
 
@@ -365,6 +377,11 @@ def test_each_dropout_rng_impl_trains_and_resumes_exactly(tmp_path):
         _train(model_dir, *flags, *extra)
         return _logged(model_dir)
 
+    def run_here(model_dir: Path, *extra: str) -> dict[int, tuple]:
+        """The same run in this process (the resumed one, which must match it, in its own)."""
+        _train_here(model_dir, *flags, *extra)
+        return _logged(model_dir)
+
     def stopped_at_step_2(model_dir: Path, copy: Path) -> Path:
         shutil.copytree(model_dir, copy)
         shutil.rmtree(copy / "checkpoints" / "4")
@@ -384,7 +401,7 @@ def test_each_dropout_rng_impl_trains_and_resumes_exactly(tmp_path):
     logged = {}
     for impl in ("rbg", "unsafe_rbg"):
         choice = f"--gin.TrainConfig.rng_impl='{impl}'"
-        logged[impl] = run(tmp_path / impl, choice)
+        logged[impl] = run_here(tmp_path / impl, choice)
         stopped_at_step_2(tmp_path / impl, tmp_path / f"{impl}_resumed")
         assert run(tmp_path / f"{impl}_resumed", choice) == logged[impl], impl
         for a, b in zip(final(tmp_path / f"{impl}_resumed"), final(tmp_path / impl)):

@@ -15,6 +15,7 @@ from flan_jax import run_dir
 DRIVER = """
 import hashlib, os, sys
 from flan_jax import checkpoints, cli, data
+from flan_jax.commands import process
 
 next_batch, save = data.TrainIterator.__next__, checkpoints.Checkpointer.save
 
@@ -33,6 +34,7 @@ def save_then_die(self, step, *args, **kwargs):
     return held
 
 data.TrainIterator.__next__, checkpoints.Checkpointer.save = recorded, save_then_die
+process.exit_without_collecting()
 cli.main(sys.argv[1:])
 """
 
@@ -64,14 +66,29 @@ def uninterrupted(tmp_path_factory):
     return _batches(root / "batches.log")
 
 
-def test_killed_after_a_save_resumes_with_the_same_batches(uninterrupted, tmp_path):
-    """Killed between the save of step 2 and step 3, the rerun restores the position from step 2 itself."""
-    log = tmp_path / "batches.log"
-    killed = _train(tmp_path / "run", 4, log, kill_at=2)
+@pytest.fixture(scope="module")
+def killed_at_2(tmp_path_factory):
+    """A run killed between the save of step 2 and step 3: (its directory, its batch log)."""
+    root = tmp_path_factory.mktemp("killed")
+    killed = _train(root / "run", 4, root / "batches.log", kill_at=2)
     assert killed.returncode == 137, killed.stderr[-3000:]
-    step = tmp_path / "run" / "checkpoints" / "2"
+    return root / "run", root / "batches.log"
+
+
+def _copy(run, tmp_path):
+    """A copy of a run (directory, batch log) in tmp_path, to resume there."""
+    model_dir, log = tmp_path / "run", tmp_path / "batches.log"
+    shutil.copytree(run[0], model_dir)
+    shutil.copy(run[1], log)
+    return model_dir, log
+
+
+def test_killed_after_a_save_resumes_with_the_same_batches(uninterrupted, killed_at_2, tmp_path):
+    """Killed between the save of step 2 and step 3, the rerun restores the position from step 2 itself."""
+    model_dir, log = _copy(killed_at_2, tmp_path)
+    step = model_dir / "checkpoints" / "2"
     assert {p.name for p in step.iterdir()} >= {"params", "opt_state", "meta", "input_state"}
-    resumed = _train(tmp_path / "run", 4, log)
+    resumed = _train(model_dir, 4, log)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed from" in resumed.stdout and "at step 2" in resumed.stdout
     assert "reading and dropping" not in resumed.stderr  # restored, not re-read
@@ -79,12 +96,10 @@ def test_killed_after_a_save_resumes_with_the_same_batches(uninterrupted, tmp_pa
     assert set(range(1, 5)) <= set(_batches(log))
 
 
-def test_a_run_with_the_old_input_state_directory_resumes(uninterrupted, tmp_path):
+def test_a_run_with_the_old_input_state_directory_resumes(uninterrupted, killed_at_2, tmp_path):
     """A run saved before 0.2 (input position in MODEL_DIR/input_state/process_0/<step>/, its spec.json the
     data settings alone, checkpoint steps without it) resumes from that position."""
-    model_dir, log = tmp_path / "run", tmp_path / "batches.log"
-    first = _train(model_dir, 2, log)
-    assert first.returncode == 0, first.stderr[-3000:]
+    model_dir, log = _copy(killed_at_2, tmp_path)
     saved = model_dir / "checkpoints" / "2" / "input_state"
     old = model_dir / "input_state" / "process_0" / "2"
     shutil.copytree(saved / "process_0", old)

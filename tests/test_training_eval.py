@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SMALL_MIXTURE
 
 from flan_jax import evaluation, training_eval
 
@@ -44,6 +45,8 @@ def test_training_evaluates_suites_logs_their_normalized_average_and_keeps_the_b
     model_dir = tmp_path / "run"
     flags = [
         "--gin_file=runs/smoke.gin",
+        f"--gin.TrainConfig.mixture_or_task_name='{SMALL_MIXTURE}'",
+        f"--gin.EvalConfig.mixture_or_task_name='{SMALL_MIXTURE}'",  # its validation split, not 18 tasks'
         "--gin.TrainConfig.task_feature_lengths={'inputs': 64, 'targets': 32}",
         "--gin.TrainConfig.batch_size=4", "--gin.TrainConfig.log_every=1", "--gin.TrainConfig.eval_every=1",
         "--gin.TrainConfig.num_steps=2", f"--gin.TrainConfig.model_dir='{model_dir}'",
@@ -62,7 +65,7 @@ def test_training_evaluates_suites_logs_their_normalized_average_and_keeps_the_b
     for record in evals:
         assert 0.0 <= record["eval/gsm8k_cot/score"] <= 100.0
         assert record["eval/normalized_average"] == record["eval/gsm8k_cot/normalized"]
-        assert "eval/average_accuracy" in record  # the held-in/held-out mixture beside the suite
+        assert "eval/average_accuracy" in record  # the mixture's evaluation beside the suite
         assert any(k.startswith("eval/variant/") and k.endswith("/accuracy") for k in record)
     # Each save handed orbax the suite's average for best_metric (a missing metric fails the save).
     saved = sorted(p.name for p in (model_dir / "checkpoints").iterdir() if p.name.isdigit())

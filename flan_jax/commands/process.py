@@ -2,18 +2,33 @@
 
 Huge pages for glibc's large allocations on CPU hosts (`huge_page_environment`,
 applied by re-executing the process once), joining a multi-process run,
-quiet TensorFlow/absl logs, and fake CPU devices for planning a mesh.
+quiet TensorFlow/absl logs, fake CPU devices for planning a mesh, and an exit
+that does not walk the heap.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import os
 import re
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def exit_without_collecting() -> None:
+    """Lets the interpreter exit without a garbage collection over the whole heap.
+
+    With TensorFlow and JAX imported, the collections of Python's shutdown walk
+    millions of objects: 2-4 s of CPU after the command is done, on every
+    command. `gc.freeze()` at exit (after the other exit handlers, so that they
+    run as usual) leaves them out; the operating system reclaims the memory.
+    Everything the commands write is flushed and closed before they return.
+    """
+    atexit.register(gc.freeze)  # Exit handlers run last-registered first: this one after the rest.
 
 
 def init_distributed() -> None:
