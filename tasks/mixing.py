@@ -36,6 +36,9 @@ rates (`seqio.Mixture.get_rate`). On top of it:
         builtin_eval           held-out plus in-distribution zero-shot: what
                                the smoke run evaluates.
 
+      (`builtin_small`, four tasks covering every kind of variant for quick
+      runs and the tests, is registered beside them by tasks/builtin.py.)
+
 `tasks/flan2022.py` applies the recipe to the collections present here.
 A task named `{family}_{variant}` (e.g. `flan_cot_gsm8k_fs_cot`) belongs to
 `family` (`split_variant`); the variants are those of tasks/templates.py.
