@@ -180,6 +180,11 @@ def fetch(array: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(array))
 
 
+def _fallback_jit(fn: Callable[..., Any], module: Transformer) -> step_lib.FallbackJit:
+    """fn(module, ...) jitted behind `step.FallbackJit`."""
+    return step_lib.FallbackJit(lambda m: jax.jit(functools.partial(fn, m)), module)
+
+
 class ModelRunner:
     """Greedy decoding, next-token logits and sequence scoring of one module on one mesh, jit-compiled
     once per shape.
@@ -197,8 +202,9 @@ class ModelRunner:
         self.decode_chunk = decode_chunk
         self._init_decoding: dict[int, Callable[..., decoding.DecodeState]] = {}
         self._extend = jax.jit(functools.partial(decoding.extend_decoding, module), donate_argnums=1)
-        self._score = jax.jit(functools.partial(decoding.sequence_log_likelihood, module))
-        self._next_logits = jax.jit(functools.partial(decoding.next_token_logits, module))
+        # Scoring and the encoder take the training path's attention kernel, and its fallback.
+        self._score = _fallback_jit(decoding.sequence_log_likelihood, module)
+        self._next_logits = _fallback_jit(decoding.next_token_logits, module)
 
     def _check_slots(self, inputs: np.ndarray) -> None:
         """Inputs of a prompt-tuned model must start with its prompt slots (`evaluation.load_task_examples`
@@ -213,8 +219,8 @@ class ModelRunner:
         together are at most `max_decode_length` long; it ends early once every row has emitted EOS."""
         self._check_slots(inputs)
         if max_decode_length not in self._init_decoding:
-            self._init_decoding[max_decode_length] = jax.jit(functools.partial(
-                decoding.init_decoding, self.module, max_decode_length=max_decode_length))
+            self._init_decoding[max_decode_length] = _fallback_jit(
+                functools.partial(decoding.init_decoding, max_decode_length=max_decode_length), self.module)
         with self.partitioner.activate():
             state = self._init_decoding[max_decode_length](params, jnp.asarray(inputs))
         decoded = 0

@@ -8,6 +8,7 @@ step that training runs with nothing but jax, flax and optax installed.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from flan_jax import losses, partitioning, peft
-from flan_jax.model import T5Config, Transformer
+from flan_jax.model import T5Config, Transformer, cudnn_attention
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -133,12 +134,84 @@ def _split_microbatches(batch: Batch, num_microbatches: int, sharding: jax.shard
     return jax.tree.map(split, batch)
 
 
+class FallbackJit:
+    """`build(module)`, a jitted function of the model. Where the module's
+    attention_kernel is 'cudnn' and XLA or cuDNN rejects its fused attention
+    while lowering or compiling (at any call's new shapes, or in
+    `lower(...).compile()`), it is built again with 'xla', logging one line:
+    the one place such a rejection is handled (trace-time ones:
+    `attention.cudnn_segment_attention`)."""
+
+    def __init__(self, build: Callable[[Transformer], Any], module: Transformer) -> None:
+        self._build, self.module = build, module
+        self._jitted = build(module)
+
+    def __call__(self, *args: Any) -> Any:
+        try:
+            return self._jitted(*args)
+        except Exception as e:  # noqa: BLE001 (anything but cuDNN's rejection is raised again)
+            # A deleted (donated) argument means the step ran: not a compile-time rejection.
+            ran = any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(args))
+            self._fall_back(e, ran)
+            return self._jitted(*args)
+
+    def lower(self, *args: Any) -> _FallbackLowered:
+        try:
+            lowered = self._jitted.lower(*args)
+        except Exception as e:  # noqa: BLE001 (as in __call__)
+            self._fall_back(e)
+            lowered = self._jitted.lower(*args)
+        return _FallbackLowered(self, args, lowered)
+
+    def _fall_back(self, error: Exception, ran: bool = False) -> None:
+        """Rebuilds with 'xla' where `error` is cuDNN's rejection; raises it otherwise."""
+        cudnn = self.module.config.attention_kernel == "cudnn" and not ran
+        reason = cudnn_attention.cudnn_rejection(error) if cudnn else None
+        if reason is None:
+            raise error
+        logging.getLogger(__name__).warning(f"attention_kernel='cudnn' did not compile here ({reason}); using 'xla'")
+        self.module = Transformer(dataclasses.replace(self.module.config, attention_kernel="xla"))
+        self._jitted = self._build(self.module)
+
+
+class _FallbackLowered:
+    """A `jax.stages.Lowered` whose `compile` falls back as `FallbackJit` does."""
+
+    def __init__(self, owner: FallbackJit, args: tuple, lowered: jax.stages.Lowered) -> None:
+        self._owner, self._args, self._lowered = owner, args, lowered
+
+    def compile(self, *args: Any, **kwargs: Any) -> jax.stages.Compiled:
+        try:
+            return self._lowered.compile(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 (as in FallbackJit.__call__)
+            self._owner._fall_back(e)
+            return self._owner.lower(*self._args).compile(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._lowered, name)
+
+
 def make_train_step(
     model: Model,
     tx: optax.GradientTransformation,
     partitioner: partitioning.Partitioner,
     loss_config: LossConfig = LossConfig(),
     num_microbatches: int = 1,
+) -> FallbackJit:
+    """The train step, jitted (`_jit_train_step`) behind `FallbackJit`."""
+
+    def build(module: Transformer) -> StepFn:
+        return _jit_train_step(dataclasses.replace(model, module=module), tx, partitioner, loss_config, num_microbatches)
+
+    return FallbackJit(build, model.module)
+
+
+def _jit_train_step(
+    model: Model,
+    tx: optax.GradientTransformation,
+    partitioner: partitioning.Partitioner,
+    loss_config: LossConfig,
+    num_microbatches: int,
 ) -> StepFn:
     """A jit-compiled (params, opt_state, batch, rng, step) -> (params, opt_state, metrics).
 

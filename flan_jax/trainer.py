@@ -42,6 +42,7 @@ from flan_jax.train_config import TrainConfig
 from flan_jax.errors import UserError
 from flan_jax.formats import DataPosition, StepMeta
 from flan_jax.model import T5Config, Transformer
+from flan_jax.model.config import with_segment_bound
 from flan_jax.run_dir import RunDir, TrainSummary
 
 __all__ = ["TrainConfig", "TrainSummary", "NonFiniteLossError", "train"]
@@ -85,6 +86,7 @@ def train(
     evaluator = (Evaluator(eval_config, dict(config.task_feature_lengths), suites, model_config.prompt_length)
                  if eval_config.enabled else None)
     is_chief = jax.process_index() == 0
+    model_config = with_segment_bound(model_config, config.task_feature_lengths)
     module = Transformer(model_config)
     with RunDir(config.model_dir, checkpoint_config or ckpt_lib.CheckpointConfig(), is_chief=is_chief,
                 pipeline_metrics=example_filter.metrics if example_filter else None) as run:
@@ -180,6 +182,7 @@ class _Loop:
                 for host_batch in batches:
                     if state.step >= config.num_steps:
                         break
+                    check_segment_bound(host_batch, model_config)
                     run.throughput.add_step(data_lib.num_real_tokens(host_batch) * self.layout.num_shards)
                     step = jnp.asarray(state.step, jnp.int32)
                     params, opt_state, metrics = self.train_step(
@@ -281,6 +284,22 @@ class _Loop:
             )
         for bad_step, values in skipped:
             self.progress.write(f"step {bad_step}: loss {values['loss']}, gradient norm {values['grad_norm']}; update skipped")
+
+
+def check_segment_bound(host_batch: Mapping[str, np.ndarray], model_config: T5Config) -> None:
+    """Stops before a step whose packed rows hold more examples than the cuDNN
+    route's slots (T5Config.max_segments_per_row): it would give NaN."""
+    bound = model_config.max_segments_per_row
+    if model_config.attention_kernel != "cudnn" or not bound:
+        return
+    # seqio's segment ids count a row's examples: 1, 2, ...
+    most = max((int(np.max(host_batch[k], initial=0)) for k in ("encoder_segment_ids", "decoder_segment_ids")
+                if k in host_batch), default=0)
+    if most > bound:
+        raise UserError(
+            f"a packed row holds {most} examples, more than T5Config.max_segments_per_row={bound} "
+            "(attention_kernel='cudnn'); raise it"
+        )
 
 
 def _input_pipeline(config: TrainConfig, model_config: T5Config, layout: partitioning.DataLayout,

@@ -229,7 +229,12 @@ def iter_rows(data: bytes, path: str, file_format: str, source_stats: SourceStat
 
 
 def _has_undecodable(text: str) -> bool:
-    return any("\udc80" <= c <= "\udcff" for c in text)
+    """Whether `text` holds a byte that surrogateescape kept from undecodable input."""
+    try:  # decoded UTF-8 holds no surrogates, and a surrogate does not encode (in C, unlike a scan)
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def parse_rows(rows: Iterable[tuple[str, Row]], parse: RowParser, source_stats: SourceStats) -> list[Example]:

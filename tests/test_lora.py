@@ -470,24 +470,27 @@ def test_infer_and_eval_load_the_recorded_base(lora_run, capfd):
 
 # ------------------------------------------------------- 5. LoRA learns
 
-LEARN_STEPS = 120
+LEARN_STEPS = 60
 
 
-def test_lora_alone_halves_the_loss_of_a_held_in_task(tmp_path):
+def test_lora_alone_fits_a_held_in_task(tmp_path):
     """A random base (not pretrained: a tiny.gin-sized model, emb_dim 128, so
     that its frozen logits layer can express a confident answer) with the
     attention+MLP preset (rank 16, alpha 32, dropout 0.05, bfloat16 base,
-    absolute Adafactor steps of 1e-2) learns builtin_number_comparison_zs_opt,
-    whose answers are copied from its inputs: the last logged loss is under
-    half the first, well within the smoke budget (gin/runs/smoke.gin: 600
-    steps of 16 rows)."""
+    absolute Adafactor steps of 1e-2) fits builtin_boolean_expressions_zs_noopt,
+    whose targets are "True" or "False": the adapters alone take the loss from
+    the random base's ~7 (ln of the 1024-token vocabulary) to about 0.5 by step
+    20 (the answer's form and the labels' frequencies; chance on the label is
+    ln 2 / 2 per token), and the last logged loss is under a quarter of the
+    first. (A task with 3-digit answers was tried first: its loss stays at a
+    noisy 3.2-4.3 for 240 steps, too close to half the first to test.)"""
     config = dataclasses.replace(CONFIG, emb_dim=128, head_dim=32, mlp_dim=128)
     base_dir = _save_base_of(config, tmp_path / "base")
     lora = dataclasses.replace(config, lora=LoraConfig(rank=16, alpha=32, dropout=0.05, targets=LORA_ATTENTION_MLP),
                                frozen_dtype="bfloat16")
-    summary = _train(tmp_path / "run", base_dir, lora, mixture_or_task_name="builtin_number_comparison_zs_opt",
+    summary = _train(tmp_path / "run", base_dir, lora, mixture_or_task_name="builtin_boolean_expressions_zs_noopt",
                      num_steps=LEARN_STEPS, task_feature_lengths={"inputs": 64, "targets": 16}, batch_size=8,
                      log_every=20)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 1 + LEARN_STEPS // 20 and summary.last_step == LEARN_STEPS
-    assert losses[-1] < losses[0] / 2, losses
+    assert losses[-1] < losses[0] / 4, losses

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from flan_jax.model import T5Config, Transformer, attention, layers, scan
-from flan_jax.model.pallas_attention import bias_runs, t5_attention
-from flan_jax.model.relpos import relative_bias, relative_position_bucket
+from flan_jax.model.pallas_attention import offset_bias, t5_attention
+from flan_jax.model.relpos import relative_bias
 
 NUM_BUCKETS, MAX_DISTANCE = 32, 20
 
@@ -40,14 +40,15 @@ def _einsum_attention(q, k, v, q_seg, k_seg, table, causal):
     return attention.dot_product_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), bias, float32_logits=False)
 
 
-def test_bias_runs_reproduce_the_buckets():
+def test_offset_bias_holds_the_bias_of_every_query_key_pair():
+    """T5's bias at (q, k) is the offset vector's entry k - q + (query_length - 1)."""
+    table = jnp.asarray(np.random.default_rng(0).normal(size=(3, NUM_BUCKETS)), jnp.float32)
+    queries, keys = np.arange(70)[:, None], np.arange(90)[None, :]
     for bidirectional in (True, False):
-        starts, buckets = bias_runs(70, 90, bidirectional, NUM_BUCKETS, MAX_DISTANCE)
-        offsets = np.arange(-69, 90)
-        run_of = np.searchsorted(np.asarray(starts), offsets, side="right") - 1
-        want = relative_position_bucket(offsets, bidirectional, NUM_BUCKETS, MAX_DISTANCE)
-        np.testing.assert_array_equal(np.asarray(buckets)[run_of], want)
-        assert len(starts) < NUM_BUCKETS  # runs, not offsets
+        vector = np.asarray(offset_bias(table, 70, 90, bidirectional, NUM_BUCKETS, MAX_DISTANCE))
+        want = np.asarray(relative_bias(table, 70, 90, bidirectional, NUM_BUCKETS, MAX_DISTANCE))[0]
+        np.testing.assert_array_equal(vector[:, keys - queries + 69], want)
+        assert vector.shape == (3, 70 + 90 - 1)
 
 
 CASES = {

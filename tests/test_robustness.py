@@ -374,11 +374,8 @@ def test_each_dropout_rng_impl_trains_and_resumes_exactly(tmp_path):
              "--gin.CheckpointConfig.save_every=2"]
 
     def run(model_dir: Path, *extra: str) -> dict[int, tuple]:
-        _train(model_dir, *flags, *extra)
-        return _logged(model_dir)
-
-    def run_here(model_dir: Path, *extra: str) -> dict[int, tuple]:
-        """The same run in this process (the resumed one, which must match it, in its own)."""
+        """In this process: resuming across processes is the other tests' (threefry's key data is
+        saved and restored as every PRNG's is)."""
         _train_here(model_dir, *flags, *extra)
         return _logged(model_dir)
 
@@ -401,7 +398,7 @@ def test_each_dropout_rng_impl_trains_and_resumes_exactly(tmp_path):
     logged = {}
     for impl in ("rbg", "unsafe_rbg"):
         choice = f"--gin.TrainConfig.rng_impl='{impl}'"
-        logged[impl] = run_here(tmp_path / impl, choice)
+        logged[impl] = run(tmp_path / impl, choice)
         stopped_at_step_2(tmp_path / impl, tmp_path / f"{impl}_resumed")
         assert run(tmp_path / f"{impl}_resumed", choice) == logged[impl], impl
         for a, b in zip(final(tmp_path / f"{impl}_resumed"), final(tmp_path / impl)):

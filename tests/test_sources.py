@@ -348,6 +348,14 @@ def test_malformed_rows_are_skipped_counted_and_reported(tmp_path, clean_gin, ca
         assert len(source.load()["train"]) > 2 and sources.stats("flan_cot_aqua").skipped == 0
 
 
+def test_a_csv_row_with_bytes_that_are_not_utf8_is_skipped_alone():
+    data = b'q1,"A\nstill q1",B\nq\xff2,A,B\nq3,A,B\n'
+    stats = sources.SourceStats("f")
+    rows = list(sources.iter_rows(data, "f.csv", "csv", stats))
+    assert rows == [(1, ["q1", "A\nstill q1", "B"]), (4, ["q3", "A", "B"])]
+    assert stats.problems == ["f.csv:3: not valid UTF-8"]
+
+
 @pytest.mark.parametrize("task, split, source, folder, file, published", [
     ("flan_cot_aqua_zs_opt", "train", "flan_cot_aqua", "flan_cot", "aqua_train.tsv",
      "https://github.com/google-research/FLAN/tree/main/flan/v2/cot_data"),

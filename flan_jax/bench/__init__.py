@@ -5,6 +5,7 @@
   train.py   `bench train`: the real training step on synthetic batches; with
              plan.py (`--compile_only`) and peft.py (`--peft_compare`)
   common.py  what the train modes share (batches, the compiled step, timing, memory, output)
+  kernels.py `bench kernels`: the Pallas attention kernels compiled to PTX (no GPU)
 
 `bench collection` reads a Flan Collection export through tasks/, so it lives
 there (tasks/collection_bench.py). Importing this package imports nothing heavy;

@@ -18,6 +18,7 @@ import numpy as np
 from flan_jax import optim, partitioning
 from flan_jax import step as step_lib
 from flan_jax.model import T5Config, Transformer
+from flan_jax.model.config import with_segment_bound
 
 FILL_RATES = {"inputs": 0.9, "targets": 0.6}  # fraction of non-padding positions per packed row
 
@@ -101,7 +102,8 @@ def compile_step(
 ) -> CompiledStep:
     """Initialises the model and compiles `step.make_train_step` exactly as training runs it."""
     tx = optim.adafactor()
-    model, params, opt_state = step_lib.initialize(Transformer(config), tx, partitioner, lengths, seed=0)
+    module = Transformer(with_segment_bound(config, lengths))  # the cuDNN route's slots as training sets them
+    model, params, opt_state = step_lib.initialize(module, tx, partitioner, lengths, seed=0)
     with partitioner.activate():
         batch = partitioner.shard_batch(dict(host_batch))
         train_step = step_lib.make_train_step(model, tx, partitioner, num_microbatches=num_microbatches)

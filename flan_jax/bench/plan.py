@@ -21,6 +21,7 @@ from flan_jax.bench.common import (
     count, describe, named_depths, per_device_bytes, print_batch, print_device, synthetic_batch, write_json, xla_peak,
 )
 from flan_jax.model import T5Config, Transformer
+from flan_jax.model.config import with_segment_bound
 
 
 # XLA:CPU has no bfloat16 matmul: it converts each bf16 kernel to float32 for
@@ -84,7 +85,8 @@ def plan_flan_jax(
     """Compiles the training step for the gin-bound mesh on abstract parameters and reports its memory."""
     partitioner = partitioning.Partitioner()
     tx = optim.adafactor()
-    model, params, opt_state = step_lib.abstract_state(Transformer(config), tx, partitioner, lengths)
+    module = Transformer(with_segment_bound(config, lengths))  # the cuDNN route's slots as training sets them
+    model, params, opt_state = step_lib.abstract_state(module, tx, partitioner, lengths)
     backend = jax.devices()[0].platform
     with partitioner.activate():
         sharding = partitioner.batch_sharding()

@@ -1,4 +1,4 @@
-"""`flan-jax bench decode | data | train | collection`: benchmarks that print figures, each with its own flags."""
+"""`flan-jax bench decode | data | train | collection | kernels`: benchmarks that print figures, each with its own flags."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from flan_jax.errors import UserError
 LENGTHS_HELP = "inputs,targets lengths"
 # bench train's shape where neither its flags nor gin's TrainConfig bindings give one.
 TRAIN_DEFAULTS = {"batch_size": 32, "task_feature_lengths": {"inputs": 1024, "targets": 256}, "num_microbatches": 1}
+# bench kernels' shapes (flan_jax/bench/kernels.py MODELS), named here so that --help imports no JAX.
+KERNEL_MODELS = ("base", "large")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -65,6 +67,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     collection.add_argument("--format", choices=["jsonl", "jsonl.gz", "parquet"], default="jsonl",
                             help="the made-up export's file format")
     collection.set_defaults(check=check_collection, run=run_collection)
+
+    kernels = benchmarks.add_parser("kernels", help="the Pallas attention kernels as Triton compiles them for sm_90a "
+                                                    "(no GPU; needs `pip install triton`): PTX, barriers, spills")
+    kernels.add_argument("--models", default="base", help=f"comma-separated, of {', '.join(KERNEL_MODELS)}")
+    kernels.add_argument("--lengths", default="1024,256", help=LENGTHS_HELP)
+    kernels.set_defaults(check=check_kernels, run=run_kernels)
 
 
 def _positive_ints(flag: str, text: str, example: str, count: int | None = None) -> list[int]:
@@ -201,3 +209,24 @@ def run_collection(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
     from tasks import collection_bench
 
     collection_bench.bench_collection(args.dir, generate_gb=args.generate_gb, file_format=args.format)
+
+
+def _kernel_models(args: argparse.Namespace) -> list[str]:
+    models = args.models.split(",")
+    unknown = [m for m in models if m not in KERNEL_MODELS]
+    if unknown:
+        raise UserError(f"--models={args.models!r}: expected comma-separated names of {', '.join(KERNEL_MODELS)}")
+    return models
+
+
+def check_kernels(args: argparse.Namespace) -> None:
+    _kernel_models(args)
+    _lengths(args)
+
+
+def run_kernels(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
+    """JAX alone (lowering for CUDA from any host), then Triton's compiler; no data stack."""
+    del gin
+    from flan_jax.bench import kernels
+
+    kernels.bench_kernels(_kernel_models(args), _lengths(args))

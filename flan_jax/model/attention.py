@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flan_jax.model import pallas_attention
+from flan_jax.model import cudnn_attention, pallas_attention
 from flan_jax.model.layers import (
     Array,
     Dense,
@@ -121,51 +121,22 @@ def _warn_once(message: str) -> None:
         logging.getLogger(__name__).warning(message)
 
 
-def _packed_layout(segments: Array) -> tuple[Array, Array]:
-    """[b, l] ids -> (lengths [b, l], offsets [b, l + 1]) of each row's runs of
-    equal nonzero ids, -1 past the last run: cuDNN's packed ("THD") layout."""
-
-    def row(ids: Array) -> tuple[Array, Array]:
-        live = ids != 0
-        starts = live & jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]])
-        ends = live & jnp.concatenate([ids[1:] != ids[:-1], jnp.ones((1,), bool)])
-        (first,) = jnp.nonzero(starts, size=ids.shape[0], fill_value=-1)
-        (last,) = jnp.nonzero(ends, size=ids.shape[0], fill_value=-1)
-        lengths = jnp.where(first >= 0, last - first + 1, -1)
-        return lengths.astype(jnp.int32), jnp.append(first, -1).astype(jnp.int32)
-
-    return jax.vmap(row)(segments)
-
-
-def _cudnn_packed_attention(query: Array, key: Array, value: Array, segments: Segments, bias: Array | None, causal: bool):
-    """cuDNN's fused attention on the packed layout (private JAX API, GPU only):
-    segments as offsets and lengths, the bias unbatched [1, h, q, k]. cuDNN pairs
-    the m-th query segment with the m-th key segment, so both rows must list
-    their (non-empty) examples in the same order, as seqio's packing does."""
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn  # private: guarded by the caller
-
-    q_lengths, q_offsets = _packed_layout(segments.query)
-    k_lengths, k_offsets = _packed_layout(segments.key)
-    mask_type = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
-    return cudnn.dot_product_attention(
-        query, key, value, None if bias is None else bias.astype(query.dtype), None,
-        q_lengths, k_lengths, q_offsets, k_offsets, scale=1.0, mask_type=mask_type,
-    )
-
-
 def cudnn_segment_attention(
-    query: Array, key: Array, value: Array, segments: Segments, bias: Array | None, causal: bool
+    query: Array, key: Array, value: Array, segments: Segments, bias: Array | None, causal: bool,
+    max_segments: int = 0,
 ) -> Array:
     """Segment-aware attention through cuDNN's packed layout where this JAX and
     device support it; otherwise (CPU, float32, or cuDNN refusing the call at
     trace time) `fused_dot_product_attention` on the equivalent mask, with a
-    one-time warning. Shapes as in `fused_dot_product_attention`."""
+    one-time warning. Shapes as in `fused_dot_product_attention`; `max_segments`
+    as in `segment_bound`. A rejection when the step compiles is
+    `flan_jax.step.FallbackJit`'s to handle."""
     reason = None
     if jax.default_backend() != "gpu" or query.dtype not in (jnp.bfloat16, jnp.float16):
         reason = f"needs a GPU and bf16/fp16 (have {jax.default_backend()}, {query.dtype})"
     else:
         try:
-            return _cudnn_packed_attention(query, key, value, segments, bias, causal)
+            return cudnn_attention.packed_attention(query, key, value, segments, bias, causal, max_segments)
         except (ImportError, AttributeError, TypeError, ValueError, NotImplementedError, RuntimeError) as e:
             reason = f"{type(e).__name__}: {e}"
     _warn_once(f"attention_kernel='cudnn' is not available here ({reason}); using XLA's attention")
@@ -202,6 +173,8 @@ class MultiHeadDotProductAttention(nn.Module):
     # Outside decoding, "pallas" or "cudnn" take the mask as `Segments` and the
     # bias as the [h, n] bucket table (see `_kernel_attention`).
     kernel: str = "xla"
+    # The "cudnn" route's slots per row (`segment_bound`; 0: the shorter side's length).
+    max_segments: int = 0
     num_buckets: int = 32
     max_distance: int = 128
     lora: LoraConfig | None = None
@@ -290,7 +263,7 @@ class MultiHeadDotProductAttention(nn.Module):
         if table is not None:
             lq, lk = query.shape[1], key.shape[1]
             bias = relative_bias(table, lq, lk, not self.causal, self.num_buckets, self.max_distance)
-        return cudnn_segment_attention(query, key, value, segments, bias, self.causal)
+        return cudnn_segment_attention(query, key, value, segments, bias, self.causal, self.max_segments)
 
     def _value_dropout(self, batch_and_length: tuple[int, int], deterministic: bool) -> Array | None:
         """Attention dropout as scaled keep-masks [b, h, k, 1] on the value vectors.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import gin
 import jax.numpy as jnp
@@ -77,6 +78,15 @@ class T5Config:
     # bucket table, packing as segment ids) or "cudnn" (cuDNN's packed layout
     # via JAX's private fused-attention API; XLA with a warning where absent).
     attention_kernel: str = "xla"
+    # The "cudnn" route's bound M on the examples packed in one row: cuDNN takes
+    # M segment slots per row and keeps softmax statistics [batch * M, heads,
+    # length] per layer for the backward pass. 0: each attention call's
+    # shorter side (encoder self-attention: the inputs length); training sets
+    # it to min(task_feature_lengths) (`with_segment_bound`): every packed
+    # example holds at least one token (its EOS) of each feature. Rows with
+    # more examples than M give NaN attention outputs (the trainer checks its
+    # batches first and stops with a clear error). M is at least 2.
+    max_segments_per_row: int = 0
     # Layers per iteration of the scanned layer loop (`scan_layers`): 1 is a
     # plain loop; num_layers or more unrolls it fully. The parameter tree stays
     # stacked either way; unrolling trades compile time for the loop's
@@ -101,6 +111,7 @@ class T5Config:
             scan_layers=errors.BOOL, remat_policy=errors.one_of(*REMAT_POLICIES), fused_attention=errors.BOOL,
             attention_kernel=errors.one_of(*ATTENTION_KERNELS), scan_unroll=errors.POSITIVE_INT,
             prompt_length=errors.NON_NEGATIVE_INT, frozen_dtype=FLOAT_DTYPE,
+            max_segments_per_row=errors.NON_NEGATIVE_INT,
         )
         if isinstance(self.lora, dict):  # the JSON form in a checkpoint's metadata
             object.__setattr__(self, "lora", LoraConfig(**self.lora))
@@ -118,3 +129,11 @@ class T5Config:
     def activation_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
 
+
+def with_segment_bound(config: T5Config, feature_lengths: Mapping[str, int]) -> T5Config:
+    """`config` with `max_segments_per_row` = min(feature_lengths) where it is 0
+    (auto) and the attention kernel is "cudnn": each packed example holds at
+    least one token of every feature, so no row holds more examples."""
+    if config.attention_kernel != "cudnn" or config.max_segments_per_row:
+        return config
+    return dataclasses.replace(config, max_segments_per_row=min(feature_lengths.values()))

@@ -43,6 +43,7 @@ def _attention(config: T5Config, name: str, causal: bool = False) -> attention.M
         fused=config.fused_attention,
         causal=causal,
         kernel=config.attention_kernel,
+        max_segments=config.max_segments_per_row,
         num_buckets=config.relative_attention_num_buckets,
         max_distance=config.relative_attention_max_distance,
         lora=config.lora,
