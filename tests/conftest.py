@@ -351,7 +351,6 @@ def flan_cot_data():
 
 EXPECTED_SECONDS = {
     "tests/test_robustness.py::test_each_dropout_rng_impl_trains_and_resumes_exactly": 50,
-    "tests/test_cli.py::test_resume_restores_the_saved_input_state": 75,
     "tests/test_cli.py::test_convert_infer_and_finetune_from_any_format": 70,
     "tests/test_robustness.py::test_sigterm_saves_where_it_stopped_and_the_rerun_matches": 100,  # with its fixture: the reference run
     "tests/test_robustness.py::test_sigkill_then_rerun_logs_one_entry_per_step_as_uninterrupted": 60,

@@ -259,23 +259,6 @@ def test_gin_vocabulary_binding_reregisters_tasks(tmp_path):
     assert seqio.get_mixture_or_task("builtin_train").output_features["targets"].vocabulary.sentencepiece_model_file != str(model)
 
 
-def test_resume_restores_the_saved_input_state(tmp_path):
-    """With save_input_state, each checkpoint step holds the input position and a resumed run restores
-    the pipeline from it instead of re-reading it."""
-    model_dir = tmp_path / "run"
-    flags = [*SMALL_WITHOUT_EVAL, f"--gin.TrainConfig.model_dir='{model_dir}'", "--gin.TrainConfig.save_input_state=True"]
-    first = run_cli("train", *flags, "--gin.TrainConfig.num_steps=2")
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert (model_dir / "checkpoints" / "2" / "input_state" / "process_0" / "spec.json").exists()
-    longer = run_cli("train", *flags, "--gin.TrainConfig.num_steps=4")
-    assert longer.returncode == 0, longer.stderr[-3000:]
-    assert "Resumed from" in longer.stdout
-    assert "reading and dropping" not in longer.stderr
-    held = sorted((model_dir / "checkpoints").glob("*/input_state/process_0/spec.json"))
-    assert [p.parts[-4] for p in held] == ["2", "4"]  # one per checkpoint step
-    assert not (model_dir / "input_state").exists()
-
-
 def test_a_command_registers_tasks_once(in_process_cli, monkeypatch, capsys):
     """Registration goes through catalog.load_tasks, once per command (after gin, whose bindings shape the tasks)."""
     from flan_jax.commands import catalog

@@ -94,6 +94,9 @@ def test_killed_after_a_save_resumes_with_the_same_batches(uninterrupted, killed
     assert "reading and dropping" not in resumed.stderr  # restored, not re-read
     assert _batches(log) == {p: uninterrupted[p] for p in _batches(log)}
     assert set(range(1, 5)) <= set(_batches(log))
+    held = sorted((model_dir / "checkpoints").glob("*/input_state/process_0/spec.json"))
+    assert [p.parts[-4] for p in held] == ["2", "4"]  # one per checkpoint step, the resumed run's too
+    assert not (model_dir / "input_state").exists()  # nowhere else
 
 
 def test_a_run_with_the_old_input_state_directory_resumes(uninterrupted, killed_at_2, tmp_path):
