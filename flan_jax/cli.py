@@ -12,6 +12,8 @@
   flan-jax bench collection --dir=DIR [--generate_gb=2 --format=jsonl]
   flan-jax bench train --gin_file=models/flan_t5_base.gin [--batch_size=32 --lengths=1024,256 --compare_hf]
                        [--compile_only --devices=8]   (plan: compile on shapes alone, per-device memory)
+  flan-jax bench attention_check --gin_file=models/flan_t5_base.gin --kernel=pallas|cudnn [--shapes=tiny]
+  flan-jax bench kernels [--models=base,large --lengths=1024,256]   (Pallas kernels to PTX; needs triton, no GPU)
   flan-jax data list | show TASK_MIXTURE_OR_FAMILY [--variant=fs_cot] [-n 3] | stats TASK_OR_MIXTURE
 
 `--gin_file` is searched relative to the working directory, then the gin

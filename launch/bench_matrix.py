@@ -8,7 +8,11 @@ as the budget allows (groups a later model did not measure take the first
 model's pick); phase 2 runs each model's best combination
 (per group of exclusive variants, the fastest that beat the baseline by more
 than 1% with a last-step loss within 2% of the baseline's) and XL with
-large's best. Each run is its own `flan-jax bench train` process (XLA
+large's best. Before an attention variant is timed, `flan-jax bench
+attention_check` compares its output and gradients (dq, dk, dv, bias table)
+with the einsum reference at that model's shapes (a wrong backward pass can
+leave the loss within 2%); a variant that fails is not timed, and no best
+combination takes it. Each run is its own `flan-jax bench train` process (XLA
 flags apply at start-up, and a crash or hang costs one run), with a time
 limit; phase 1 stops early to leave phase 2 its time, so
 the whole stays within BUDGET_S. After every run OUT_DIR/matrix.json is
@@ -16,8 +20,9 @@ rewritten (a time-out loses nothing); the end prints a table.
 
 Environment: MODELS ("model:batch ..."), XL ("model:batch", "" for none),
 LENGTHS (inputs,targets), STEPS, BUDGET_S (default 470), RUN_TIMEOUT_S
-(default 150), VARIANTS (names to run, default all). Only the standard
-library here; the runs need jax, flax, optax, orbax and gin-config.
+(default 150), CHECK_TIMEOUT_S (the gradient check's, default 120), VARIANTS
+(names to run, default all). Only the standard library here; the runs need
+jax, flax, optax, orbax and gin-config.
 """
 
 from __future__ import annotations
@@ -53,38 +58,76 @@ BETTER_BY = 0.01  # a variant joins the best combination if it beats the baselin
 # Every run takes the same steps on the same batch from the same weights, so a
 # last-step loss this far (relative) from the baseline's flags a wrong variant.
 LOSS_TOLERANCE = 0.02
+CHECKED_GROUP = "attention"  # variants whose gradients are checked before they are timed
+EXCLUDED = "gradients differ from the reference: excluded"
 
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
-def _run(out_dir: Path, model: str, batch: int, variant: str, preset: str, bindings: list[str]) -> dict:
-    """One `flan-jax bench train` process; its figures, or its failure."""
-    name = f"{model}_{variant}"
+def _subprocess(
+    what: list[str], name: str, out_dir: Path, preset: str, timeout_env: str, timeout: str
+) -> tuple[int | str, float, Path]:
+    """`flan-jax WHAT... --json_out=OUT_DIR/NAME.json`, its output in NAME.log: (exit code or
+    "timeout", seconds, the JSON's path)."""
     json_path = out_dir / f"{name}.json"
-    command = [
-        sys.executable, "-m", "flan_jax.cli", "bench", "train", f"--gin_file=models/{model}.gin",
-        f"--batch_size={batch}", f"--lengths={_env('LENGTHS', '1024,256')}", f"--steps={_env('STEPS', '6')}",
-        f"--json_out={json_path}", *(f"--gin.{b}" for b in bindings),
-    ]
+    command = [sys.executable, "-m", "flan_jax.cli", *what, f"--json_out={json_path}"]
     env = xla_presets.with_flags(dict(os.environ), preset)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
-    record = {"model": model, "batch": batch, "variant": variant, "xla_preset": preset, "bindings": bindings}
-    print(f"== {model} batch {batch}: {variant}", flush=True)
     start = time.perf_counter()
     json_path.unlink(missing_ok=True)
     with open(out_dir / f"{name}.log", "w") as log:
         try:
             rc = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                timeout=float(_env("RUN_TIMEOUT_S", "150"))).returncode
+                                timeout=float(_env(timeout_env, timeout))).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
-    record["wall_s"] = round(time.perf_counter() - start, 1)
+    return rc, round(time.perf_counter() - start, 1), json_path
+
+
+def _log_tail(out_dir: Path, name: str) -> str:
+    return ((out_dir / f"{name}.log").read_text(errors="replace").strip().splitlines()[-1:] or [""])[0][:500]
+
+
+def check_variant(out_dir: Path, model: str, batch: int, variant: str, preset: str, bindings: list[str]) -> dict:
+    """`flan-jax bench attention_check` on the variant's kernel at the model's shapes:
+    {"passed", "wall_s", and the check's cases or its failure}."""
+    name = f"{model}_{variant}_check"
+    print(f"== {model} batch {batch}: {variant}: gradients against the reference", flush=True)
+    what = ["bench", "attention_check", f"--gin_file=models/{model}.gin", f"--batch_size={batch}",
+            f"--lengths={_env('LENGTHS', '1024,256')}", *(f"--gin.{b}" for b in bindings)]
+    rc, wall_s, json_path = _subprocess(what, name, out_dir, preset, "CHECK_TIMEOUT_S", "120")
+    if rc not in (0, 1) or not json_path.exists():  # 1: it ran and the gradients differ
+        print(f"   check failed ({rc}): {_log_tail(out_dir, name)[:200]}", flush=True)
+        return {"passed": False, "wall_s": wall_s, "status": f"failed ({rc})", "error": _log_tail(out_dir, name)}
+    check = {**json.loads(json_path.read_text()), "wall_s": wall_s}
+    routes = sorted({c["route"] for c in check["cases"]})
+    print(f"   {'agree' if check['passed'] else 'DIFFER'} ({wall_s} s; ran as {'; '.join(routes)})", flush=True)
+    return check
+
+
+def checked(record: dict, check: dict) -> dict:
+    """`record` with its gradient check; if that did not pass, status EXCLUDED (or
+    why the check did not finish) and the variant is not timed."""
+    if check["passed"]:
+        return {**record, "gradient_check": check}
+    status = f"gradient check {check['status']}: excluded" if "status" in check else EXCLUDED
+    return {**record, "gradient_check": check, "status": status}
+
+
+def run_variant(out_dir: Path, model: str, batch: int, variant: str, preset: str, bindings: list[str]) -> dict:
+    """One `flan-jax bench train` process; its figures, or its failure."""
+    name = f"{model}_{variant}"
+    what = ["bench", "train", f"--gin_file=models/{model}.gin", f"--batch_size={batch}",
+            f"--lengths={_env('LENGTHS', '1024,256')}", f"--steps={_env('STEPS', '6')}", *(f"--gin.{b}" for b in bindings)]
+    record = {"model": model, "batch": batch, "variant": variant, "xla_preset": preset, "bindings": bindings}
+    print(f"== {model} batch {batch}: {variant}", flush=True)
+    rc, record["wall_s"], json_path = _subprocess(what, name, out_dir, preset, "RUN_TIMEOUT_S", "150")
     if rc != 0 or not json_path.exists():
-        tail = (out_dir / f"{name}.log").read_text(errors="replace").strip().splitlines()[-1:] or [""]
-        print(f"   failed ({rc}): {tail[0][:200]}", flush=True)
-        return {**record, "status": f"failed ({rc})", "error": tail[0][:500]}
+        tail = _log_tail(out_dir, name)
+        print(f"   failed ({rc}): {tail[:200]}", flush=True)
+        return {**record, "status": f"failed ({rc})", "error": tail}
     result = json.loads(json_path.read_text())[0]
     record.update(
         status="ok", compile_s=round(result["compile_seconds"], 1), step_ms=round(result["step_seconds"] * 1e3, 1),
@@ -100,6 +143,13 @@ def loss_agrees(record: dict, baseline: dict) -> bool:
     return abs(record["loss"] - baseline["loss"]) <= LOSS_TOLERANCE * abs(baseline["loss"])
 
 
+def gradients_agree(record: dict) -> bool:
+    """True unless the variant is one whose gradients are checked and its check did not pass."""
+    if VARIANTS.get(record["variant"], ("",))[0] != CHECKED_GROUP:
+        return True
+    return record.get("gradient_check", {}).get("passed") is True
+
+
 def phase1_order(names: list[str], models: list[tuple[str, int]]) -> list[tuple[str, tuple[str, int]]]:
     """(variant, model) pairs, most telling first: the EVERY_MODEL variants on every
     model, then the others on the first model, then on the rest (what the budget allows)."""
@@ -110,14 +160,15 @@ def phase1_order(names: list[str], models: list[tuple[str, int]]) -> list[tuple[
 
 def best_combination(records: list[dict], model: str) -> list[str]:
     """Per group, the fastest variant beating `model`'s baseline by more than
-    BETTER_BY with a loss that agrees with the baseline's."""
+    BETTER_BY with a loss that agrees with the baseline's (and, for attention,
+    gradients that agree with the reference's)."""
     ok = {r["variant"]: r for r in records if r["model"] == model and r["status"] == "ok"}
     if "baseline" not in ok:
         return []
     limit = ok["baseline"]["step_ms"] * (1 - BETTER_BY)
     picks: dict[str, dict] = {}
     for variant, r in ok.items():
-        if variant in VARIANTS and r["step_ms"] < limit and loss_agrees(r, ok["baseline"]):
+        if variant in VARIANTS and r["step_ms"] < limit and loss_agrees(r, ok["baseline"]) and gradients_agree(r):
             group = VARIANTS[variant][0]
             if group not in picks or r["step_ms"] < picks[group]["step_ms"]:
                 picks[group] = r
@@ -141,6 +192,8 @@ def table(records: list[dict]) -> str:
         if r["model"] in base:
             ratio = f"{base[r['model']]['step_ms'] / r['step_ms']:.2f}x"
             loss += "" if loss_agrees(r, base[r["model"]]) else " (differs from the baseline's: excluded)"
+        if not gradients_agree(r):
+            loss += " (gradients not checked against the reference: excluded)"
         lines.append(f"| {r['model']}, {r['batch']} | {r['variant']} | {r['compile_s']} | {r['step_ms']} | "
                      f"{r['mfu']:.1%} | {ratio} | {r['peak_memory_gib']} | {loss} |")
     return "\n".join(lines)
@@ -163,19 +216,32 @@ def main(out_dir: Path) -> int:
         (out_dir / "matrix.json").write_text(json.dumps(records, indent=1))
 
     def mean_run_s() -> float:
-        walls = [r["wall_s"] for r in records] or [60.0]
+        walls = [r["wall_s"] for r in records if "wall_s" in r] or [60.0]  # variants excluded untimed have none
+        return sum(walls) / len(walls)
+
+    def mean_check_s() -> float:
+        walls = [r["gradient_check"]["wall_s"] for r in records if "gradient_check" in r] or [60.0]
         return sum(walls) / len(walls)
 
     phase2_runs = len(models) + bool(xl)
     for model, batch in models:
-        record(_run(out_dir, model, batch, "baseline", "", []))
+        record(run_variant(out_dir, model, batch, "baseline", "", []))
     for variant, (model, batch) in phase1_order(names, models):
+        group, preset, bindings = VARIANTS[variant]
+        checks = group == CHECKED_GROUP
         left = budget - (time.perf_counter() - start)
-        if left < mean_run_s() * (1 + phase2_runs):
+        if left < mean_run_s() * (1 + phase2_runs) + (mean_check_s() if checks else 0):
             print(f"== skipping {variant} on {model}: {left:.0f} s left is kept for the best combinations", flush=True)
             continue
-        _, preset, bindings = VARIANTS[variant]
-        record(_run(out_dir, model, batch, variant, preset, list(bindings)))
+        if not checks:
+            record(run_variant(out_dir, model, batch, variant, preset, list(bindings)))
+            continue
+        check = check_variant(out_dir, model, batch, variant, preset, list(bindings))
+        if not check["passed"]:
+            untimed = {"model": model, "batch": batch, "variant": variant, "xla_preset": preset, "bindings": list(bindings)}
+            record(checked(untimed, check))
+            continue
+        record(checked(run_variant(out_dir, model, batch, variant, preset, list(bindings)), check))
     picks: dict[str, list[str]] = {}
     for model, _ in models:  # groups a later model did not measure take the first model's pick
         measured = {VARIANTS[r["variant"]][0] for r in records if r["model"] == model and r["variant"] in VARIANTS}
@@ -194,7 +260,7 @@ def main(out_dir: Path) -> int:
         alone = variants[0] if len(variants) == 1 else "baseline" if not variants else None
         if any(r["model"] == model and r["variant"] == alone for r in records):
             continue  # already measured
-        record(_run(out_dir, model, batch, name, preset, bindings))
+        record(run_variant(out_dir, model, batch, name, preset, bindings))
     print(f"\n{table(records)}\n\nbest per model: {json.dumps(picks)}; {time.perf_counter() - start:.0f} s in all")
     return 0 if any(r["status"] == "ok" for r in records) else 1
 

@@ -6,6 +6,8 @@
              plan.py (`--compile_only`) and peft.py (`--peft_compare`)
   common.py  what the train modes share (batches, the compiled step, timing, memory, output)
   kernels.py `bench kernels`: the Pallas attention kernels compiled to PTX (no GPU)
+  attention_check.py `bench attention_check`: an attention kernel's output and
+             gradients against the einsum path (launch/bench_matrix.py runs it first)
 
 `bench collection` reads a Flan Collection export through tasks/, so it lives
 there (tasks/collection_bench.py). Importing this package imports nothing heavy;

@@ -1,4 +1,4 @@
-"""`flan-jax bench decode | data | train | collection | kernels`: benchmarks that print figures, each with its own flags."""
+"""`flan-jax bench decode | data | train | collection | kernels | attention_check`: benchmarks that print figures, each with its own flags."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ LENGTHS_HELP = "inputs,targets lengths"
 TRAIN_DEFAULTS = {"batch_size": 32, "task_feature_lengths": {"inputs": 1024, "targets": 256}, "num_microbatches": 1}
 # bench kernels' shapes (flan_jax/bench/kernels.py MODELS), named here so that --help imports no JAX.
 KERNEL_MODELS = ("base", "large")
+# bench attention_check's kernels and shape sets (flan_jax/bench/attention_check.py), likewise.
+CHECK_KERNELS = ("pallas", "cudnn")
+CHECK_SHAPES = ("model", "tiny")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -73,6 +76,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     kernels.add_argument("--models", default="base", help=f"comma-separated, of {', '.join(KERNEL_MODELS)}")
     kernels.add_argument("--lengths", default="1024,256", help=LENGTHS_HELP)
     kernels.set_defaults(check=check_kernels, run=run_kernels)
+
+    check = benchmarks.add_parser(
+        "attention_check", help="an attention kernel's output and gradients (dq, dk, dv, bias table) against the "
+                                "einsum reference at the gin-configured model's shapes; exits 1 if they differ")
+    check.add_argument("--kernel", choices=CHECK_KERNELS,
+                       help="the kernel to check (default: T5Config.attention_kernel as gin binds it)")
+    check.add_argument("--batch_size", type=int, default=TRAIN_DEFAULTS["batch_size"], help="rows (default %(default)s)")
+    check.add_argument("--lengths", default="1024,256", help=LENGTHS_HELP)
+    check.add_argument("--shapes", choices=CHECK_SHAPES, default="model",
+                       help="tiny: small shapes for a CPU, where Pallas runs in its (slow) interpreter")
+    check.add_argument("--json_out", help="also write the result to this JSON file")
+    check.set_defaults(check=check_attention_check, run=run_attention_check)
 
 
 def _positive_ints(flag: str, text: str, example: str, count: int | None = None) -> list[int]:
@@ -230,3 +245,25 @@ def run_kernels(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
     from flan_jax.bench import kernels
 
     kernels.bench_kernels(_kernel_models(args), _lengths(args))
+
+
+def check_attention_check(args: argparse.Namespace) -> None:
+    errors.require("--batch_size", args.batch_size, errors.POSITIVE_INT)
+    _lengths(args)
+
+
+def run_attention_check(args: argparse.Namespace, gin: gin_flags.GinFlags) -> None:
+    """JAX and the model alone, no data stack; exits 1 when the gradients differ."""
+    gin_flags.parse(gin, with_data=False)
+    from flan_jax.bench import attention_check
+    from flan_jax.model import T5Config
+
+    config = T5Config()
+    kernel = args.kernel or config.attention_kernel
+    if kernel not in CHECK_KERNELS:
+        raise UserError(f"bench attention_check: kernel {kernel!r} is the reference itself; "
+                        f"pass --kernel (one of {', '.join(CHECK_KERNELS)}) or bind T5Config.attention_kernel")
+    shapes = (attention_check.TINY if args.shapes == "tiny"
+              else attention_check.model_shapes(config, args.batch_size, _lengths(args)))
+    if not attention_check.bench_attention_check(kernel, shapes, args.json_out):
+        raise SystemExit(1)

@@ -31,7 +31,7 @@ from flan_jax.model.lora import LoraConfig
 from flan_jax.model.relpos import relative_bias
 
 # Large but finite, so that fully masked rows stay NaN-free.
-_MASK_VALUE = -1e10
+MASK_VALUE = -1e10
 # The decoding collection of cross-attention's projected encoder keys and values.
 CROSS_CACHE = "cross_cache"
 
@@ -143,6 +143,26 @@ def cudnn_segment_attention(
     return fused_dot_product_attention(query, key, value, segments_mask(segments, causal), bias)
 
 
+def kernel_attention(
+    kernel: str, query: Array, key: Array, value: Array, segments: Segments, table: Array | None, *,
+    causal: bool, num_buckets: int, max_distance: int, max_segments: int = 0,
+) -> Array:
+    """Attention outside decoding through `kernel`, "pallas" or "cudnn": query
+    [b, q, h, d], key/value [b, k, h, d], the bias as the [h, n] bucket table
+    (None: cross-attention), bidirectional unless causal (T5: encoder vs
+    decoder self-attention) -> [b, q, h, d]. `max_segments` as in
+    `cudnn_attention.segment_bound`."""
+    if kernel == "pallas":
+        return pallas_attention.t5_attention(
+            query, key, value, segments.query, segments.key, table,
+            causal=causal, num_buckets=num_buckets, max_distance=max_distance,
+        )
+    bias = None
+    if table is not None:
+        bias = relative_bias(table, query.shape[1], key.shape[1], not causal, num_buckets, max_distance)
+    return cudnn_segment_attention(query, key, value, segments, bias, causal, max_segments)
+
+
 class MultiHeadDotProductAttention(nn.Module):
     """T5 attention with fused-head kernels [e, h*d] ('embed', 'joined_kv').
 
@@ -240,7 +260,7 @@ class MultiHeadDotProductAttention(nn.Module):
 
         attention_bias = None
         if mask is not None:
-            attention_bias = jnp.where(mask, 0.0, _MASK_VALUE).astype(jnp.float32)
+            attention_bias = jnp.where(mask, 0.0, MASK_VALUE).astype(jnp.float32)
         if bias is not None:
             attention_bias = bias if attention_bias is None else attention_bias + bias
 
@@ -250,20 +270,13 @@ class MultiHeadDotProductAttention(nn.Module):
         return self._output(x, inputs_q.shape[-1], deterministic)
 
     def _kernel_attention(self, query: Array, key: Array, value: Array, segments: Segments, table: Array | None):
-        """[b, q, h, d], [b, k, h, d] x2 -> [b, q, h, d] through the Pallas or cuDNN route.
-        The bias is bidirectional unless causal (T5: encoder vs decoder self-attention)."""
+        """[b, q, h, d], [b, k, h, d] x2 -> [b, q, h, d] through the Pallas or cuDNN route."""
         if not isinstance(segments, Segments):
             raise TypeError(f"attention kernel {self.kernel!r} takes the mask as Segments, got {type(segments).__name__}")
-        if self.kernel == "pallas":
-            return pallas_attention.t5_attention(
-                query, key, value, segments.query, segments.key, table,
-                causal=self.causal, num_buckets=self.num_buckets, max_distance=self.max_distance,
-            )
-        bias = None
-        if table is not None:
-            lq, lk = query.shape[1], key.shape[1]
-            bias = relative_bias(table, lq, lk, not self.causal, self.num_buckets, self.max_distance)
-        return cudnn_segment_attention(query, key, value, segments, bias, self.causal, self.max_segments)
+        return kernel_attention(
+            self.kernel, query, key, value, segments, table, causal=self.causal, num_buckets=self.num_buckets,
+            max_distance=self.max_distance, max_segments=self.max_segments,
+        )
 
     def _value_dropout(self, batch_and_length: tuple[int, int], deterministic: bool) -> Array | None:
         """Attention dropout as scaled keep-masks [b, h, k, 1] on the value vectors.
