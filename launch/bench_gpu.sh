@@ -16,9 +16,11 @@
 # TIMEOUT_S seconds (default 240), so one slow compile cannot eat the rest.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# python3 where there is no `python` (a bare GPU image); PYTHON overrides.
+PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 if [ "${1:-}" = --matrix ]; then
   export PYTHONUNBUFFERED=1
-  exec python "$ROOT/launch/bench_matrix.py" "${2:?usage: bench_gpu.sh --matrix OUT_DIR}"
+  exec "$PYTHON" "$ROOT/launch/bench_matrix.py" "${2:?usage: bench_gpu.sh --matrix OUT_DIR}"
 fi
 OUT_DIR="${1:-$ROOT/runs/bench_gpu}"
 shift || true
@@ -27,12 +29,12 @@ cd "$ROOT"
 export PYTHONUNBUFFERED=1
 # Models and batches of the issue that set the targets (docs: README "Benchmarks").
 RUNS="${RUNS:-flan_t5_base:32 flan_t5_large:16 flan_t5_xl:8}"
-if [ "${COMPARE_HF:-1}" = 1 ] && python -c "import torch, transformers" 2>/dev/null; then
+if [ "${COMPARE_HF:-1}" = 1 ] && "$PYTHON" -c "import torch, transformers" 2>/dev/null; then
   compare=1
 else
   compare=0
 fi
-if command -v flan-jax >/dev/null; then cli=(flan-jax); else cli=(python -m flan_jax.cli); fi
+if command -v flan-jax >/dev/null; then cli=(flan-jax); else cli=("$PYTHON" -m flan_jax.cli); fi
 status=0
 for run in $RUNS; do
   model="${run%%:*}"

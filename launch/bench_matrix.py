@@ -14,23 +14,29 @@ with the einsum reference at that model's shapes (a wrong backward pass can
 leave the loss within 2%); a variant that fails is not timed, and no best
 combination takes it. Each run is its own `flan-jax bench train` process (XLA
 flags apply at start-up, and a crash or hang costs one run), with a time
-limit; phase 1 stops early to leave phase 2 its time, so
+limit, never past what is left of BUDGET_S; phase 1 stops early to leave
+phase 2 its time, and no run or check starts once the budget is spent, so
 the whole stays within BUDGET_S. After every run OUT_DIR/matrix.json is
 rewritten (a time-out loses nothing); the end prints a table.
 
 Environment: MODELS ("model:batch ..."), XL ("model:batch", "" for none),
 LENGTHS (inputs,targets), STEPS, BUDGET_S (default 470), RUN_TIMEOUT_S
 (default 150), CHECK_TIMEOUT_S (the gradient check's, default 120), VARIANTS
-(names to run, default all). Only the standard library here; the runs need
-jax, flax, optax, orbax and gin-config.
+(names to run, default all). RUNS_DIR: where each run's NAME.json and
+NAME.log go (default OUT_DIR); LOGS_TAR: a .tar.gz of RUNS_DIR rewritten
+after every run; REUSE_CHECKS=1: a gradient check whose JSON is already in
+RUNS_DIR (e.g. from launch/gpu_check.sh) is read, not run again. Only the
+standard library here; the runs need jax, flax, optax, orbax and gin-config.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -60,6 +66,8 @@ BETTER_BY = 0.01  # a variant joins the best combination if it beats the baselin
 LOSS_TOLERANCE = 0.02
 CHECKED_GROUP = "attention"  # variants whose gradients are checked before they are timed
 EXCLUDED = "gradients differ from the reference: excluded"
+MIN_RUN_S = 1.0  # a run or check is not started with less of the budget left than this
+_deadline = math.inf  # time.perf_counter() at which BUDGET_S is spent (main sets it)
 
 
 def _env(name: str, default: str) -> str:
@@ -69,9 +77,13 @@ def _env(name: str, default: str) -> str:
 def _subprocess(
     what: list[str], name: str, out_dir: Path, preset: str, timeout_env: str, timeout: str
 ) -> tuple[int | str, float, Path]:
-    """`flan-jax WHAT... --json_out=OUT_DIR/NAME.json`, its output in NAME.log: (exit code or
-    "timeout", seconds, the JSON's path)."""
+    """`flan-jax WHAT... --json_out=OUT_DIR/NAME.json`, its output in NAME.log: (exit code,
+    "timeout" or "budget spent", seconds, the JSON's path). Its time limit is `timeout_env`'s
+    (else `timeout`) seconds, or what is left of the budget if less."""
     json_path = out_dir / f"{name}.json"
+    limit = min(float(_env(timeout_env, timeout)), _deadline - time.perf_counter())
+    if limit < MIN_RUN_S:
+        return "budget spent", 0.0, json_path
     command = [sys.executable, "-m", "flan_jax.cli", *what, f"--json_out={json_path}"]
     env = xla_presets.with_flags(dict(os.environ), preset)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
@@ -79,15 +91,33 @@ def _subprocess(
     json_path.unlink(missing_ok=True)
     with open(out_dir / f"{name}.log", "w") as log:
         try:
-            rc = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                timeout=float(_env(timeout_env, timeout))).returncode
+            rc = subprocess.run(command, check=False, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                timeout=limit).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
     return rc, round(time.perf_counter() - start, 1), json_path
 
 
 def _log_tail(out_dir: Path, name: str) -> str:
-    return ((out_dir / f"{name}.log").read_text(errors="replace").strip().splitlines()[-1:] or [""])[0][:500]
+    log = out_dir / f"{name}.log"
+    if not log.exists():  # not started
+        return ""
+    return (log.read_text(errors="replace").strip().splitlines()[-1:] or [""])[0][:500]
+
+
+def archive(runs_dir: Path, tar_path: Path) -> None:
+    """Every file of `runs_dir` into the .tar.gz `tar_path`, replaced in one step (a kill leaves the last one)."""
+    partial = tar_path.with_name(f".{tar_path.name}.partial")
+    with tarfile.open(partial, "w:gz") as tar:
+        for path in sorted(runs_dir.iterdir()):
+            if path.is_file():
+                tar.add(path, arcname=path.name)
+    os.replace(partial, tar_path)
+
+
+def reusable_check(out_dir: Path, model: str, variant: str) -> bool:
+    """True if REUSE_CHECKS=1 and the variant's check on `model` is already in `out_dir`."""
+    return _env("REUSE_CHECKS", "") == "1" and (out_dir / f"{model}_{variant}_check.json").exists()
 
 
 def check_variant(out_dir: Path, model: str, batch: int, variant: str, preset: str, bindings: list[str]) -> dict:
@@ -95,6 +125,10 @@ def check_variant(out_dir: Path, model: str, batch: int, variant: str, preset: s
     {"passed", "wall_s", and the check's cases or its failure}."""
     name = f"{model}_{variant}_check"
     print(f"== {model} batch {batch}: {variant}: gradients against the reference", flush=True)
+    if reusable_check(out_dir, model, variant):
+        check = {**json.loads((out_dir / f"{name}.json").read_text()), "reused": True}
+        print(f"   {'agree' if check['passed'] else 'DIFFER'} (the check already in {out_dir})", flush=True)
+        return check
     what = ["bench", "attention_check", f"--gin_file=models/{model}.gin", f"--batch_size={batch}",
             f"--lengths={_env('LENGTHS', '1024,256')}", *(f"--gin.{b}" for b in bindings)]
     rc, wall_s, json_path = _subprocess(what, name, out_dir, preset, "CHECK_TIMEOUT_S", "120")
@@ -200,7 +234,11 @@ def table(records: list[dict]) -> str:
 
 
 def main(out_dir: Path) -> int:
+    global _deadline
     out_dir.mkdir(parents=True, exist_ok=True)
+    runs_dir = Path(_env("RUNS_DIR", str(out_dir)))
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    logs_tar = _env("LOGS_TAR", "")
     models = [(m, int(b)) for m, b in (s.split(":") for s in _env("MODELS", "flan_t5_base:32 flan_t5_large:16").split())]
     xl = _env("XL", "flan_t5_xl:8")
     names = _env("VARIANTS", " ".join(VARIANTS)).split()
@@ -209,39 +247,44 @@ def main(out_dir: Path) -> int:
         sys.exit(f"VARIANTS: unknown {unknown}; known: {' '.join(VARIANTS)}")
     budget = float(_env("BUDGET_S", "470"))
     start = time.perf_counter()
+    _deadline = start + budget
     records: list[dict] = []
 
     def record(r: dict) -> None:
         records.append(r)
         (out_dir / "matrix.json").write_text(json.dumps(records, indent=1))
+        if logs_tar:
+            archive(runs_dir, Path(logs_tar))
 
     def mean_run_s() -> float:
         walls = [r["wall_s"] for r in records if "wall_s" in r] or [60.0]  # variants excluded untimed have none
         return sum(walls) / len(walls)
 
     def mean_check_s() -> float:
-        walls = [r["gradient_check"]["wall_s"] for r in records if "gradient_check" in r] or [60.0]
+        walls = [r["gradient_check"]["wall_s"] for r in records
+                 if "wall_s" in r.get("gradient_check", {})] or [60.0]  # a reused check has none
         return sum(walls) / len(walls)
 
     phase2_runs = len(models) + bool(xl)
     for model, batch in models:
-        record(run_variant(out_dir, model, batch, "baseline", "", []))
+        record(run_variant(runs_dir, model, batch, "baseline", "", []))
     for variant, (model, batch) in phase1_order(names, models):
         group, preset, bindings = VARIANTS[variant]
         checks = group == CHECKED_GROUP
         left = budget - (time.perf_counter() - start)
-        if left < mean_run_s() * (1 + phase2_runs) + (mean_check_s() if checks else 0):
+        check_s = mean_check_s() if checks and not reusable_check(runs_dir, model, variant) else 0
+        if left < mean_run_s() * (1 + phase2_runs) + check_s:
             print(f"== skipping {variant} on {model}: {left:.0f} s left is kept for the best combinations", flush=True)
             continue
         if not checks:
-            record(run_variant(out_dir, model, batch, variant, preset, list(bindings)))
+            record(run_variant(runs_dir, model, batch, variant, preset, list(bindings)))
             continue
-        check = check_variant(out_dir, model, batch, variant, preset, list(bindings))
+        check = check_variant(runs_dir, model, batch, variant, preset, list(bindings))
         if not check["passed"]:
             untimed = {"model": model, "batch": batch, "variant": variant, "xla_preset": preset, "bindings": list(bindings)}
             record(checked(untimed, check))
             continue
-        record(checked(run_variant(out_dir, model, batch, variant, preset, list(bindings)), check))
+        record(checked(run_variant(runs_dir, model, batch, variant, preset, list(bindings)), check))
     picks: dict[str, list[str]] = {}
     for model, _ in models:  # groups a later model did not measure take the first model's pick
         measured = {VARIANTS[r["variant"]][0] for r in records if r["model"] == model and r["variant"] in VARIANTS}
@@ -252,7 +295,7 @@ def main(out_dir: Path) -> int:
         model, batch = xl.split(":")
         finals.append((model, int(batch), picks[models[-1][0]]))
     for model, batch, variants in finals:
-        if time.perf_counter() - start > budget:
+        if _deadline - time.perf_counter() < MIN_RUN_S:
             print(f"== budget spent: {model} best not run", flush=True)
             continue
         preset, bindings = combined(variants)
@@ -260,7 +303,7 @@ def main(out_dir: Path) -> int:
         alone = variants[0] if len(variants) == 1 else "baseline" if not variants else None
         if any(r["model"] == model and r["variant"] == alone for r in records):
             continue  # already measured
-        record(run_variant(out_dir, model, batch, name, preset, bindings))
+        record(run_variant(runs_dir, model, batch, name, preset, bindings))
     print(f"\n{table(records)}\n\nbest per model: {json.dumps(picks)}; {time.perf_counter() - start:.0f} s in all")
     return 0 if any(r["status"] == "ok" for r in records) else 1
 
